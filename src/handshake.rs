@@ -1,0 +1,502 @@
+//! The handshake: PRODUCT.md's ordered checks, the request shaped for the upstream, and — only
+//! once the upstream has accepted — the 101 to the client and the relay task.
+//!
+//! Order: route (404) → WebSocket upgrade (426/400) → origin (403) → capacity (503) →
+//! token (401) → identity rules (403) → upstream (502/504/its status) → 101.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::Shared;
+use crate::auth::token_source::{self, SUBPROTOCOL_PREFIX};
+use crate::auth::{FoundToken, Identity, TokenSource};
+use crate::refusal::Refusal;
+use crate::relay;
+use crate::route::{PathMatch, Route, UpstreamTarget};
+use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
+
+/// What the accept loop knows about the client's connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Identity headers stripped from every client request, whatever a route injects: a chat core
+/// that trusts `x-user-id` must never see a client's own copy.
+const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-tenant-id", "x-conversation-id"];
+
+/// The request's path with any query replaced, for logs (query strings carry tokens).
+pub fn redacted_target(uri: &http::Uri) -> String {
+    match uri.query() {
+        Some(_) => format!("{}?<redacted>", uri.path()),
+        None => uri.path().to_owned(),
+    }
+}
+
+pub async fn handle(
+    mut request: Request<Incoming>,
+    conn: ClientConn,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(request.headers());
+    let target = redacted_target(request.uri());
+    match prepare(&mut request, conn, &shared, &request_id).await {
+        Ok(response) => Ok(response),
+        Err(refusal) => {
+            shared.stats.refused();
+            tracing::info!(
+                request_id = %request_id,
+                client = %conn.peer,
+                target = %target,
+                status = refusal.status.as_u16(),
+                reason = refusal.reason,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "refused"
+            );
+            let mut response = refusal.into_response();
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert("x-request-id", value);
+            }
+            Ok(response)
+        }
+    }
+}
+
+async fn prepare(
+    request: &mut Request<Incoming>,
+    conn: ClientConn,
+    shared: &Arc<Shared>,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let config = shared.config.load_full();
+    let headers = request.headers();
+    let host = request_host(request);
+    let path = request.uri().path();
+    let query = request.uri().query();
+
+    let route = config
+        .router
+        .find(host.as_deref(), path)
+        .ok_or_else(Refusal::no_route)?;
+    let client_key = check_upgrade(request.method(), headers)?;
+    if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
+        return Err(Refusal::origin());
+    }
+    if shared.shutdown.is_cancelled() {
+        return Err(Refusal::draining());
+    }
+    let permit = shared
+        .connection_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::full())?;
+
+    let (identity, token) = match &route.auth {
+        None => (Identity::default(), None),
+        Some(policy) => {
+            let (identity, token) = policy
+                .authenticate(headers, query)
+                .map_err(|error| Refusal::auth(&error))?;
+            (identity, Some(token))
+        }
+    };
+    let query_conversation =
+        token_source::query_param(query, "conversation_id").filter(|c| !c.is_empty());
+    let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
+
+    let upstream_request =
+        shape_upstream_request(request, route, &identity, token.as_ref(), conn, request_id)?;
+    let ws_config = websocket_config(route);
+    let connect_started = Instant::now();
+    let (upstream, upstream_url) =
+        connect_any(route, &upstream_request, ws_config, request_id).await?;
+    let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
+
+    let response = switching_protocols(
+        &client_key,
+        &upstream,
+        token.as_ref(),
+        request_id,
+        route.forward_token,
+    );
+    let on_upgrade = hyper::upgrade::on(request);
+    let route_label = route.label.clone();
+    let relay_shutdown = shared.shutdown.child_token();
+    let stats = shared.stats.clone();
+    stats.opened();
+    tracing::info!(
+        request_id = %request_id,
+        client = %conn.peer,
+        route = %route_label,
+        upstream = %upstream_url,
+        user = %identity.user,
+        tenant = identity.tenant.as_deref().unwrap_or(""),
+        conversation = identity.conversation.as_deref().unwrap_or(""),
+        connect_ms,
+        "connected"
+    );
+    let request_id = request_id.to_owned();
+    let open = stats.open_guard();
+    shared.tasks.spawn(async move {
+        let _open = open;
+        let _permit = permit;
+        let started = Instant::now();
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(request_id = %request_id, %error, "client vanished during the upgrade");
+                let mut upstream = upstream.ws;
+                let _ = upstream.close(None).await;
+                return;
+            }
+        };
+        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
+        let report = relay::relay(client, upstream.ws, relay_shutdown).await;
+        tracing::info!(
+            request_id = %request_id,
+            route = %route_label,
+            ended_by = ?report.ended_by,
+            client_close = report.client_close,
+            upstream_close = report.upstream_close,
+            messages_up = report.client_to_upstream.messages,
+            bytes_up = report.client_to_upstream.bytes,
+            messages_down = report.upstream_to_client.messages,
+            bytes_down = report.upstream_to_client.bytes,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "disconnected"
+        );
+    });
+    Ok(response)
+}
+
+/// tungstenite's buffers sized for chat: the 128 KiB defaults would cost ~134 KiB per socket.
+fn websocket_config(route: &Route) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(route.max_message_size + 64 * 1024)
+        .max_message_size(Some(route.max_message_size))
+        .max_frame_size(Some(route.max_message_size))
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    let raw = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().host())?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.rsplit_once(':').map_or(raw, |(host, _port)| host),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
+fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal> {
+    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    if !is_upgrade {
+        return Err(Refusal::not_websocket());
+    }
+    if method != Method::GET {
+        return Err(Refusal::bad_handshake("a WebSocket upgrade must be a GET"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Refusal::not_websocket());
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|key| key.len() == 24)
+        .ok_or_else(|| Refusal::bad_handshake("missing or malformed Sec-WebSocket-Key"))?;
+    Ok(key.to_owned())
+}
+
+/// Builds what goes upstream: the client's headers minus handshake, hop-by-hop, identity and
+/// token-carrying ones; the injected identity; forwarding headers; the rewritten query.
+fn shape_upstream_request(
+    request: &Request<Incoming>,
+    route: &Route,
+    identity: &Identity,
+    token: Option<&FoundToken>,
+    conn: ClientConn,
+    request_id: &str,
+) -> Result<ShapedRequest, Refusal> {
+    let headers = request.headers();
+    let strip_token = !route.forward_token;
+    let token_source = token.map(|t| &t.source);
+
+    // Headers the client's Connection header nominates are hop-by-hop too (RFC 9110 §7.6.1).
+    let nominated: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let injected: Vec<&HeaderName> = route.inject.iter().map(|(name, _)| name).collect();
+
+    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(headers.len() + 6);
+    for (name, value) in headers {
+        let lower = name.as_str();
+        let dropped = crate::route::is_reserved_header(name)
+            || IDENTITY_HEADERS.contains(&lower)
+            || injected.contains(&name)
+            || nominated.iter().any(|n| n == lower)
+            || matches!(
+                lower,
+                "keep-alive"
+                    | "proxy-connection"
+                    | "proxy-authorization"
+                    | "x-request-id"
+                    | "forwarded"
+            )
+            || lower.starts_with("x-forwarded-")
+            || (strip_token
+                && token_source == Some(&TokenSource::Header)
+                && name == header::AUTHORIZATION)
+            || (strip_token
+                && matches!(token_source, Some(TokenSource::Cookie(_)))
+                && name == header::COOKIE);
+        if !dropped {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    if strip_token
+        && let Some(TokenSource::Cookie(cookie_name)) = token_source
+        && let Some(rest) = token_source::cookie_header_without(headers, cookie_name)
+        && let Ok(value) = HeaderValue::from_str(&rest)
+    {
+        out.push((header::COOKIE, value));
+    }
+
+    for (name, template) in &route.inject {
+        if let Some(value) = template.render(identity) {
+            let value = HeaderValue::from_str(&value).map_err(|_| {
+                Refusal::auth(&crate::auth::AuthError::Invalid(
+                    "a claim cannot be carried in a header",
+                ))
+            })?;
+            out.push((name.clone(), value));
+        }
+    }
+    let client_ip = conn.peer.ip().to_string();
+    out.push((
+        HeaderName::from_static("x-forwarded-for"),
+        header_value(&client_ip),
+    ));
+    out.push((
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    ));
+    out.push((
+        HeaderName::from_static("x-request-id"),
+        header_value(request_id),
+    ));
+
+    let offered: Vec<&str> = token_source::offered_subprotocols(headers)
+        .filter(|entry| {
+            !(strip_token
+                && token_source == Some(&TokenSource::Subprotocol)
+                && entry.starts_with(SUBPROTOCOL_PREFIX))
+        })
+        .collect();
+    let subprotocols = (!offered.is_empty()).then(|| offered.join(", "));
+
+    Ok(ShapedRequest {
+        remainder: match &route.path {
+            PathMatch::Prefix(prefix) => request.uri().path()[prefix.len()..].to_owned(),
+            PathMatch::Exact(_) => String::new(),
+        },
+        query: upstream_query(
+            request.uri().query(),
+            route,
+            identity,
+            token_source,
+            strip_token,
+        ),
+        headers: out,
+        subprotocols,
+    })
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The client query as it goes upstream: minus the token (unless forwarded) and minus keys the
+/// route sets itself, plus the route's `upstream_query`.
+fn upstream_query(
+    client_query: Option<&str>,
+    route: &Route,
+    identity: &Identity,
+    token_source: Option<&TokenSource>,
+    strip_token: bool,
+) -> String {
+    let token_param = match token_source {
+        Some(TokenSource::Query(name)) if strip_token => Some(name.as_str()),
+        _ => None,
+    };
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (key, value) in form_urlencoded::parse(client_query.unwrap_or("").as_bytes()) {
+        if Some(key.as_ref()) == token_param || route.upstream_query.iter().any(|(k, _)| *k == key)
+        {
+            continue;
+        }
+        query.append_pair(&key, &value);
+    }
+    for (key, template) in &route.upstream_query {
+        if let Some(value) = template.render(identity) {
+            query.append_pair(key, &value);
+        }
+    }
+    query.finish()
+}
+
+/// The upstream request before a target is chosen: each target has its own path and query.
+struct ShapedRequest {
+    /// What follows a prefix route's path in the client's path.
+    remainder: String,
+    query: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    subprotocols: Option<String>,
+}
+
+impl ShapedRequest {
+    fn for_target(&self, target: &UpstreamTarget) -> UpstreamRequest {
+        let mut path = target.path.clone();
+        let remainder = self.remainder.as_str();
+        match (path.ends_with('/'), remainder.strip_prefix('/')) {
+            (_, None) if remainder.is_empty() => {}
+            (true, Some(rest)) => path.push_str(rest),
+            (false, None) => {
+                path.push('/');
+                path.push_str(remainder);
+            }
+            _ => path.push_str(remainder),
+        }
+        if path.is_empty() {
+            path.push('/');
+        }
+        let mut path_and_query = path;
+        let target_query = target.query.as_deref().filter(|q| !q.is_empty());
+        for (i, part) in target_query
+            .into_iter()
+            .chain((!self.query.is_empty()).then_some(self.query.as_str()))
+            .enumerate()
+        {
+            path_and_query.push(if i == 0 { '?' } else { '&' });
+            path_and_query.push_str(part);
+        }
+        UpstreamRequest {
+            path_and_query,
+            headers: self.headers.clone(),
+            subprotocols: self.subprotocols.clone(),
+        }
+    }
+}
+
+/// Tries the route's targets in round-robin order until one accepts.
+async fn connect_any(
+    route: &Route,
+    request: &ShapedRequest,
+    ws_config: WebSocketConfig,
+    request_id: &str,
+) -> Result<(UpstreamConnection, String), Refusal> {
+    let mut last = Refusal::upstream_unreachable();
+    for target in route.targets_in_order() {
+        let request = request.for_target(target);
+        match upstream::connect(target, &request, ws_config, route.connect_timeout).await {
+            Ok(connection) => return Ok((connection, target.url.clone())),
+            Err(error) => {
+                tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
+                last = match error {
+                    ConnectError::Unreachable(_) => Refusal::upstream_unreachable(),
+                    ConnectError::Timeout => Refusal::upstream_timeout(),
+                    ConnectError::BadResponse(_) => Refusal::upstream_bad_response(),
+                    // A deliberate refusal is the upstream's answer, not a failure to try elsewhere.
+                    ConnectError::Refused(status) => return Err(Refusal::upstream_refused(status)),
+                };
+            }
+        }
+    }
+    Err(last)
+}
+
+fn switching_protocols(
+    client_key: &str,
+    upstream: &UpstreamConnection,
+    token: Option<&FoundToken>,
+    request_id: &str,
+    forward_token: bool,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        header_value(&derive_accept_key(client_key.as_bytes())),
+    );
+    headers.insert("x-request-id", header_value(request_id));
+    match (&upstream.protocol, token) {
+        (Some(chosen), _) => {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen.clone());
+        }
+        // Browsers fail a socket whose offered subprotocols all go unanswered. When the only
+        // thing to answer with is the token entry the browser itself sent, echo it back.
+        (
+            None,
+            Some(FoundToken {
+                token,
+                source: TokenSource::Subprotocol,
+            }),
+        ) if !forward_token => {
+            headers.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                header_value(&format!("{SUBPROTOCOL_PREFIX}{token}")),
+            );
+        }
+        _ => {}
+    }
+    response
+}

@@ -1,0 +1,43 @@
+//! wsedge: a WebSocket reverse proxy and authentication edge for real-time chat.
+//!
+//! The binary is a thin shell over [`Edge`]: tests bind it on port 0, drive it with real
+//! sockets, and stop it through the same cancellation token the signal handlers use.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod handshake;
+pub mod refusal;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod stats;
+pub mod template;
+pub mod tls;
+pub mod units;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError};
+pub use server::{Edge, EdgeHandle};
+pub use stats::Stats;
+
+/// State shared by every connection of one running edge.
+pub struct Shared {
+    /// The live config; handshakes load it once each, so a reload affects only new connections.
+    pub config: ArcSwap<Config>,
+    pub stats: Arc<Stats>,
+    /// Cancelled when the edge begins to drain; relays close their clients with 1001.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so that shutdown can wait for them all.
+    pub tasks: TaskTracker,
+    /// One permit per proxied connection, sized by `server.max_connections`.
+    pub connection_slots: Arc<Semaphore>,
+}

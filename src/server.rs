@@ -1,0 +1,195 @@
+//! Listeners, the accept loop, TLS termination, HTTP/1.1 up to the upgrade, and drain.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handshake::{self, ClientConn};
+use crate::{Config, Shared, Stats};
+
+/// A bound, not yet running edge.
+pub struct Edge {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+}
+
+/// Controls a running edge from outside: stats, reload, shutdown.
+#[derive(Clone)]
+pub struct EdgeHandle {
+    shared: Arc<Shared>,
+}
+
+impl EdgeHandle {
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Swaps in a validated config: new handshakes use it, open connections keep theirs.
+    pub fn reload(&self, config: Config) {
+        let old = self.shared.config.load();
+        if old.server.listen != config.server.listen {
+            tracing::warn!("listen addresses changed; they take effect on restart, not on reload");
+        }
+        if config.server.max_connections != old.server.max_connections {
+            tracing::warn!("max_connections changed; it takes effect on restart, not on reload");
+        }
+        self.shared.config.store(Arc::new(config));
+    }
+
+    /// Stops accepting, closes every client with 1001, and lets `run` return once all
+    /// connections have closed or the drain timeout has passed.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+impl Edge {
+    /// Binds every listen address of the config.
+    pub async fn bind(config: Config) -> io::Result<Edge> {
+        let mut listeners = Vec::new();
+        for address in &config.server.listen {
+            let listener = TcpListener::bind(address).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+            })?;
+            listeners.push(listener);
+        }
+        let shared = Arc::new(Shared {
+            connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            config: ArcSwap::from_pointee(config),
+            stats: Arc::new(Stats::default()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        Ok(Edge { shared, listeners })
+    }
+
+    /// The bound addresses (with real ports where the config said 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn handle(&self) -> EdgeHandle {
+        EdgeHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until [`EdgeHandle::shutdown`], then drains.
+    pub async fn run(self) {
+        let shared = self.shared;
+        for listener in self.listeners {
+            tokio::spawn(accept_loop(listener, shared.clone()));
+        }
+        shared.shutdown.cancelled().await;
+        let drain_timeout = shared.config.load().server.drain_timeout;
+        tracing::info!(
+            open = shared.stats.open_connections(),
+            "draining: no new connections, closing clients with 1001"
+        );
+        shared.tasks.close();
+        if tokio::time::timeout(drain_timeout, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = shared.stats.open_connections(),
+                "drain timeout passed with connections still open"
+            );
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let shared_for_task = shared.clone();
+                shared
+                    .tasks
+                    .spawn(serve_connection(tcp, peer, shared_for_task));
+            }
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let config = shared.config.load();
+    let handshake_timeout = config.server.handshake_timeout;
+    let tls = config.server.tls.clone();
+    drop(config);
+    match tls {
+        None => serve_http(tcp, ClientConn { peer, tls: false }, shared).await,
+        Some(tls) => {
+            match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(tls).accept(tcp)).await
+            {
+                Ok(Ok(stream)) => {
+                    serve_http(
+                        Either::Right::<TcpStream, _>(stream),
+                        ClientConn { peer, tls: true },
+                        shared,
+                    )
+                    .await
+                }
+                Ok(Err(error)) => tracing::debug!(client = %peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_http<I>(io: I, conn: ClientConn, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = shared.config.load();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.handshake_timeout)
+        .max_buf_size(config.server.max_header_size);
+    drop(config);
+    let service_shared = shared.clone();
+    let service =
+        service_fn(move |request| handshake::handle(request, conn, service_shared.clone()));
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(client = %conn.peer, %error, "HTTP connection ended with an error");
+            }
+        }
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+        }
+    }
+}
