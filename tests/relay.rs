@@ -1,0 +1,225 @@
+//! The relay: frames arrive complete and in order both ways, close codes pass through, the
+//! edge's own closes use PRODUCT.md's codes, and nothing stays open afterwards.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+async fn setup(route_extra: &str) -> (Upstream, TestEdge) {
+    let upstream = Upstream::start().await;
+    let edge = TestEdge::start(&basic_config(&upstream.url("/ws/chat"), "", route_extra)).await;
+    (upstream, edge)
+}
+
+fn chat_url(edge: &TestEdge) -> String {
+    edge.url(&format!("/ws/chat?token={}", token_for("alice")))
+}
+
+#[tokio::test]
+async fn ten_thousand_streamed_messages_arrive_complete_and_in_order() {
+    let (_upstream, edge) = setup("").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    ws.send(Message::text("stream 10000")).await.unwrap();
+    for expected in 0..10_000 {
+        assert_eq!(next_text(&mut ws).await, expected.to_string());
+    }
+    ws.close(None).await.unwrap();
+    edge.wait_idle().await;
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn client_messages_reach_the_upstream_in_order() {
+    let (_upstream, edge) = setup("").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    for i in 0..2000 {
+        ws.feed(Message::text(format!("msg {i}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 0..2000 {
+        assert_eq!(next_text(&mut ws).await, format!("msg {i}"));
+    }
+    drop(ws);
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn binary_payloads_from_one_byte_to_256_kib_are_intact_both_ways() {
+    let (_upstream, edge) = setup("max_message_size = \"1MiB\"").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    for size in [
+        1usize,
+        2,
+        125,
+        126,
+        127,
+        65535,
+        65536,
+        65537,
+        100_000,
+        256 * 1024,
+    ] {
+        // Client → upstream → (echo) → client.
+        ws.send(binary(pattern(size))).await.unwrap();
+        match next_message(&mut ws).await {
+            Message::Binary(data) => assert!(
+                data[..] == pattern(size)[..],
+                "echo of {size} bytes corrupted"
+            ),
+            other => panic!("expected binary, got {other:?}"),
+        }
+        // Upstream-originated.
+        ws.send(Message::text(format!("binary {size}")))
+            .await
+            .unwrap();
+        match next_message(&mut ws).await {
+            Message::Binary(data) => assert!(
+                data[..] == pattern(size)[..],
+                "{size} bytes from upstream corrupted"
+            ),
+            other => panic!("expected binary, got {other:?}"),
+        }
+    }
+    ws.close(None).await.unwrap();
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_client_close_code_and_reason_reach_the_upstream() {
+    let (mut upstream, edge) = setup("").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    upstream.next_request().await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye now".into(),
+    }))
+    .await
+    .unwrap();
+    // The client gets its close echoed and the connection ends.
+    while let Some(Ok(message)) = ws.next().await {
+        if let Message::Close(Some(frame)) = message {
+            assert_eq!(u16::from(frame.code), 4000);
+        }
+    }
+    assert_eq!(
+        upstream.next_close().await,
+        Some((4000, "bye now".to_owned()))
+    );
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn an_upstream_close_code_and_reason_reach_the_client() {
+    let (_upstream, edge) = setup("").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    ws.send(Message::text("close 4003 conversation archived"))
+        .await
+        .unwrap();
+    match next_message(&mut ws).await {
+        Message::Close(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 4003);
+            assert_eq!(frame.reason.as_str(), "conversation archived");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_dies_gives_the_client_1014() {
+    let (_upstream, edge) = setup("").await;
+    let started = std::time::Instant::now();
+    let token = token_for("alice");
+    let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    raw.send_text("stream 100").await;
+    raw.send_text("die").await;
+    assert_eq!(raw.read_close_code().await, Some(1014));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "1014 took {:?}",
+        started.elapsed()
+    );
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_message_over_max_message_size_gets_1009_and_the_upstream_is_told() {
+    let (mut upstream, edge) = setup("max_message_size = \"64KiB\"").await;
+    let token = token_for("alice");
+    let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    upstream.next_request().await;
+    // Exactly at the limit passes.
+    raw.send_frame(true, 2, &pattern(64 * 1024)).await;
+    let echoed = raw
+        .read_frame()
+        .await
+        .expect("echo of a message at the limit");
+    assert_eq!(echoed.payload.len(), 64 * 1024);
+    // One byte over does not.
+    raw.send_frame(true, 2, &pattern(64 * 1024 + 1)).await;
+    assert_eq!(raw.read_close_code().await, Some(1009));
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(1001)
+    );
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_releases_its_upstream() {
+    let (mut upstream, edge) = setup("").await;
+    let token = token_for("alice");
+    let raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    upstream.next_request().await;
+    assert_eq!(edge.handle.stats().open_connections(), 1);
+    raw.vanish();
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(1001)
+    );
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn pings_are_answered_per_hop_and_not_forwarded() {
+    let (_upstream, edge) = setup("").await;
+    let token = token_for("alice");
+    let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    raw.send_frame(true, 9, b"are you there").await;
+    let pong = raw.read_frame().await.expect("a pong");
+    assert_eq!(pong.opcode, 10);
+    assert_eq!(pong.payload, b"are you there");
+    // The upstream echoes data; had the ping been forwarded, its pong would come back as a second frame.
+    raw.send_text("after ping").await;
+    let next = raw.read_frame().await.expect("the echo");
+    assert_eq!(
+        (next.opcode, next.payload.as_slice()),
+        (1, &b"after ping"[..])
+    );
+}
+
+#[tokio::test]
+async fn invalid_utf8_from_the_client_is_closed_with_1007() {
+    let (_upstream, edge) = setup("").await;
+    let token = token_for("alice");
+    let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    raw.send_frame(true, 1, &[0xff, 0xfe, 0xfd]).await;
+    assert_eq!(raw.read_close_code().await, Some(1007));
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_1001() {
+    let (_upstream, edge) = setup("").await;
+    let token = token_for("alice");
+    let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+    raw.send_text("ping me").await;
+    raw.read_frame().await.expect("echo");
+    edge.handle.shutdown();
+    assert_eq!(raw.read_close_code().await, Some(1001));
+    edge.wait_idle().await;
+}
