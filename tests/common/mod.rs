@@ -171,7 +171,6 @@ async fn upstream_session<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut seen = None;
     let callback = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         let mut headers: HashMap<String, Vec<String>> = HashMap::new();
         for (name, value) in request.headers() {
@@ -184,7 +183,8 @@ async fn upstream_session<S>(
             .uri()
             .path_and_query()
             .map_or("/".into(), |pq| pq.as_str().to_owned());
-        seen = Some(SeenRequest { target, headers });
+        // Recorded before the 101 is written, so a client that got its 101 can rely on it.
+        let _ = seen_tx.try_send(SeenRequest { target, headers });
         if let UpstreamMode::Refuse(status) = mode {
             let mut refusal = ErrorResponse::new(Some("refused by upstream".into()));
             *refusal.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -211,9 +211,6 @@ async fn upstream_session<S>(
         .max_frame_size(Some(64 << 20));
     let result =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
-    if let Some(seen) = seen {
-        let _ = seen_tx.send(seen).await;
-    }
     let Ok(ws) = result else { return };
     let (mut tx, mut rx) = ws.split();
     let ending = loop {
@@ -462,11 +459,16 @@ impl TestCa {
         (ca, cert_path, key_path)
     }
 
-    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+    pub fn roots(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
+        roots
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let roots = self.roots();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         Arc::new(
             rustls::ClientConfig::builder_with_provider(provider)
