@@ -118,8 +118,7 @@ async fn prepare(
         token_source::query_param(query, "conversation_id").filter(|c| !c.is_empty());
     let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
 
-    let upstream_request =
-        shape_upstream_request(request, route, &identity, token.as_ref(), conn, request_id)?;
+    let upstream_request = shape_upstream_request(request, route, &identity, conn, request_id)?;
     let ws_config = websocket_config(route);
     let connect_started = Instant::now();
     let (upstream, upstream_url) =
@@ -256,13 +255,25 @@ fn shape_upstream_request(
     request: &Request<Incoming>,
     route: &Route,
     identity: &Identity,
-    token: Option<&FoundToken>,
     conn: ClientConn,
     request_id: &str,
 ) -> Result<ShapedRequest, Refusal> {
     let headers = request.headers();
     let strip_token = !route.forward_token;
-    let token_source = token.map(|t| &t.source);
+    // Every place the policy reads tokens from is cleared, not only the one that held the
+    // token used: a second copy elsewhere must not reach the upstream either.
+    let sources: &[TokenSource] = match (&route.auth, strip_token) {
+        (Some(policy), true) => &policy.token_from,
+        _ => &[],
+    };
+    let strip_authorization = sources.contains(&TokenSource::Header);
+    let token_cookies: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Cookie(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
 
     // Headers the client's Connection header nominates are hop-by-hop too (RFC 9110 §7.6.1).
     let nominated: Vec<String> = headers
@@ -290,19 +301,14 @@ fn shape_upstream_request(
                     | "forwarded"
             )
             || lower.starts_with("x-forwarded-")
-            || (strip_token
-                && token_source == Some(&TokenSource::Header)
-                && name == header::AUTHORIZATION)
-            || (strip_token
-                && matches!(token_source, Some(TokenSource::Cookie(_)))
-                && name == header::COOKIE);
+            || (strip_authorization && name == header::AUTHORIZATION)
+            || (!token_cookies.is_empty() && name == header::COOKIE);
         if !dropped {
             out.push((name.clone(), value.clone()));
         }
     }
-    if strip_token
-        && let Some(TokenSource::Cookie(cookie_name)) = token_source
-        && let Some(rest) = token_source::cookie_header_without(headers, cookie_name)
+    if !token_cookies.is_empty()
+        && let Some(rest) = token_source::cookie_header_without(headers, &token_cookies)
         && let Ok(value) = HeaderValue::from_str(&rest)
     {
         out.push((header::COOKIE, value));
@@ -334,9 +340,7 @@ fn shape_upstream_request(
 
     let offered: Vec<&str> = token_source::offered_subprotocols(headers)
         .filter(|entry| {
-            !(strip_token
-                && token_source == Some(&TokenSource::Subprotocol)
-                && entry.starts_with(SUBPROTOCOL_PREFIX))
+            !(sources.contains(&TokenSource::Subprotocol) && entry.starts_with(SUBPROTOCOL_PREFIX))
         })
         .collect();
     let subprotocols = (!offered.is_empty()).then(|| offered.join(", "));
@@ -346,13 +350,7 @@ fn shape_upstream_request(
             PathMatch::Prefix(prefix) => request.uri().path()[prefix.len()..].to_owned(),
             PathMatch::Exact(_) => String::new(),
         },
-        query: upstream_query(
-            request.uri().query(),
-            route,
-            identity,
-            token_source,
-            strip_token,
-        ),
+        query: upstream_query(request.uri().query(), route, identity, sources),
         headers: out,
         subprotocols,
     })
@@ -368,17 +366,16 @@ fn upstream_query(
     client_query: Option<&str>,
     route: &Route,
     identity: &Identity,
-    token_source: Option<&TokenSource>,
-    strip_token: bool,
+    token_sources: &[TokenSource],
 ) -> String {
-    let token_param = match token_source {
-        Some(TokenSource::Query(name)) if strip_token => Some(name.as_str()),
-        _ => None,
+    let is_token_param = |key: &str| {
+        token_sources
+            .iter()
+            .any(|s| matches!(s, TokenSource::Query(name) if name == key))
     };
     let mut query = form_urlencoded::Serializer::new(String::new());
     for (key, value) in form_urlencoded::parse(client_query.unwrap_or("").as_bytes()) {
-        if Some(key.as_ref()) == token_param || route.upstream_query.iter().any(|(k, _)| *k == key)
-        {
+        if is_token_param(&key) || route.upstream_query.iter().any(|(k, _)| *k == key) {
             continue;
         }
         query.append_pair(&key, &value);

@@ -123,8 +123,8 @@ pub fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|entry| !entry.is_empty())
 }
 
-/// The `Cookie` header without the named cookie; `None` when nothing else is left.
-pub fn cookie_header_without(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The `Cookie` header without the named cookies; `None` when nothing else is left.
+pub fn cookie_header_without(headers: &HeaderMap, names: &[&str]) -> Option<String> {
     let kept: Vec<&str> = headers
         .get_all(COOKIE)
         .iter()
@@ -135,7 +135,7 @@ pub fn cookie_header_without(headers: &HeaderMap, name: &str) -> Option<String> 
             !pair.is_empty()
                 && pair
                     .split_once('=')
-                    .is_none_or(|(key, _)| key.trim() != name)
+                    .is_none_or(|(key, _)| !names.contains(&key.trim()))
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("; "))
@@ -198,10 +198,10 @@ mod tests {
     fn cookie_removal_keeps_the_others() {
         let h = headers(&[("cookie", "a=1; session=secret"), ("cookie", "b=2")]);
         assert_eq!(
-            cookie_header_without(&h, "session").as_deref(),
+            cookie_header_without(&h, &["session"]).as_deref(),
             Some("a=1; b=2")
         );
         let h = headers(&[("cookie", "session=secret")]);
-        assert_eq!(cookie_header_without(&h, "session"), None);
+        assert_eq!(cookie_header_without(&h, &["session"]), None);
     }
 }

@@ -1,0 +1,762 @@
+//! The `wsedge` binary as an operator meets it: `check` with file:line:col diagnostics and exit
+//! code 64, `token` minting verifiable JWTs, the edge itself run as a process (real sockets,
+//! SIGTERM drain with 1001, no token in the logs), and `demo --once`.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
+/// How long a short-lived command (`check`, `token`) may take before the test fails.
+const COMMAND_WAIT: Duration = Duration::from_secs(30);
+const UNSET_VAR: &str = "WSEDGE_TEST_UNSET_VAR_XYZ";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A finished command: exit status and everything it printed.
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Kills (and reaps) a child process when the test ends, even by a panic.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Polls a child until it exits or the deadline passes (`None`).
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary to completion, stdout and stderr captured through files (no pipe can fill).
+fn wsedge_with_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Run {
+    let scratch = tempfile::tempdir().unwrap();
+    let out_path = scratch.path().join("stdout");
+    let err_path = scratch.path().join("stderr");
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove(UNSET_VAR)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = ChildGuard(command.spawn().expect("cannot start wsedge"));
+    let status = wait_for_exit(&mut child.0, timeout);
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    let Some(status) = status else {
+        panic!(
+            "wsedge {args:?} did not exit within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+    };
+    Run {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn wsedge(args: &[&str]) -> Run {
+    wsedge_with_env(args, &[], COMMAND_WAIT)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// A scratch folder holding `jwt.key` (the harness's SECRET) and configs written into it.
+fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // A trailing newline, as `echo` writes it: the secret is the line without it.
+    std::fs::write(dir.path().join("jwt.key"), format!("{SECRET}\n")).unwrap();
+    dir
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A config that validates: HS256 with the secret in `jwt.key` next to the config.
+/// `route_extra` lines end the route; `{port}` is the listen port.
+fn valid_config(port: u16, upstream: &str, route_extra: &str) -> String {
+    format!(
+        r#"# wsedge test config
+[server]
+listen = ["127.0.0.1:{port}"]
+handshake_timeout = "10s"
+max_connections = 1000
+drain_timeout = "5s"
+
+[auth.main]
+kind = "jwt"
+algorithms = ["HS256"]
+secret = {{ file = "jwt.key" }}
+token_from = ["header", "query:token"]
+
+[[route]]
+path = "/ws/chat"
+upstream = "{upstream}"
+auth = "main"
+max_message_size = "1MiB"
+{route_extra}
+"#
+    )
+}
+
+fn base_config() -> String {
+    valid_config(0, "ws://127.0.0.1:9/ws/chat", "")
+}
+
+/// The 1-based line and column (in characters) where `needle` starts; it must occur once.
+fn position_of(text: &str, needle: &str) -> (usize, usize) {
+    let offset = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} is not in the config:\n{text}"));
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "{needle:?} occurs more than once in the config"
+    );
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Runs `wsedge check` on `text` and asserts exit code 64 and a first diagnostic that starts
+/// with `FILE:LINE:COL: ` for the place where `at` starts, and that mentions `mentions`.
+fn assert_check_refuses(text: &str, at: &str, mentions: &str) {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", text);
+    let run = wsedge(&["check", "--config", path_str(&config)]);
+    assert_eq!(
+        run.code(),
+        Some(64),
+        "check should exit with 64\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        !run.stdout.contains("ok"),
+        "a refused config printed {:?}",
+        run.stdout
+    );
+    let (line, column) = position_of(text, at);
+    let prefix = format!("{}:{line}:{column}: ", config.display());
+    let first = run.stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with(&prefix),
+        "expected the first stderr line to start with {prefix:?} (at {at:?}), got:\n{}",
+        run.stderr
+    );
+    assert!(
+        first.contains(mentions),
+        "expected the diagnostic to mention {mentions:?}, got:\n{}",
+        run.stderr
+    );
+}
+
+/// Decodes and verifies a token (signature, algorithm, exp) and returns its claims.
+fn verify(
+    token: &str,
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::DecodingKey,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut validation = jsonwebtoken::Validation::new(alg);
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+        token,
+        key,
+        &validation,
+    ) {
+        Ok(data) => {
+            assert_eq!(data.header.alg, alg);
+            data.claims
+        }
+        Err(error) => panic!("token {token:?} does not verify: {error}"),
+    }
+}
+
+fn assert_identity_claims(claims: &serde_json::Map<String, serde_json::Value>, ttl: u64) {
+    assert_eq!(claims["sub"], "alice", "{claims:?}");
+    assert_eq!(claims["tenant_id"], "acme", "{claims:?}");
+    assert_eq!(claims["conversation_id"], "c42", "{claims:?}");
+    let exp = claims["exp"].as_u64().expect("exp is a number");
+    let expected = now() + ttl;
+    assert!(
+        exp.abs_diff(expected) <= 5,
+        "exp {exp} should be about now + {ttl}s = {expected}"
+    );
+}
+
+/// The single line `wsedge token` printed, checked to look like a compact JWT.
+fn printed_token(run: &Run) -> String {
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "token should succeed\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let token = run.stdout.trim().to_owned();
+    assert_eq!(
+        token.split('.').count(),
+        3,
+        "stdout should be one JWT, got {:?}",
+        run.stdout
+    );
+    token
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Whether `word` occurs in `text` as a word of its own (so "disconnected" is not "connected").
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
+/// Reads until a close frame and returns it (pings and pongs skipped), failing after `WAIT`.
+async fn expect_close(ws: &mut Client) -> Option<(CloseCode, String)> {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no close frame in time")
+            .expect("the connection ended without a close frame")
+            .expect("the connection failed before a close frame");
+        match message {
+            Message::Close(frame) => return frame.map(|f| (f.code, f.reason.to_string())),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Lets tungstenite send its close reply and see the connection end.
+async fn finish_close(ws: &mut Client) {
+    let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// wsedge check
+
+#[test]
+fn check_accepts_a_valid_config_with_a_secret_file() {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", &base_config());
+    let run = wsedge(&["check", "--config", path_str(&config)]);
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(contains_word(&run.stdout, "ok"), "stdout: {:?}", run.stdout);
+    assert!(
+        !run.stderr.contains("inline"),
+        "a secret file must not be warned about as inline: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn check_resolves_a_relative_secret_file_against_the_config_folder_not_the_cwd() {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", &base_config());
+    // Run from a folder without jwt.key: the file must be found next to the config.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["check", "--config", path_str(&config)])
+            .current_dir(elsewhere.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_for_exit(&mut child.0, COMMAND_WAIT).expect("check did not exit");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn check_reports_a_toml_syntax_error_where_it_is() {
+    // A doubled `=`: the error is at the second one.
+    let text = base_config().replace("drain_timeout = \"5s\"", "drain_timeout = = \"5s\"");
+    assert_check_refuses(&text, "= \"5s\"", "=");
+}
+
+#[test]
+fn check_reports_an_unknown_key_where_it_is() {
+    let text = valid_config(0, "ws://127.0.0.1:9/ws/chat", "colour = \"blue\"");
+    assert_check_refuses(&text, "colour = \"blue\"", "colour");
+}
+
+#[test]
+fn check_reports_a_wrong_type_at_the_value() {
+    let text = base_config().replace("max_connections = 1000", "max_connections = \"many\"");
+    assert_check_refuses(&text, "\"many\"", "");
+}
+
+#[test]
+fn check_reports_a_bad_duration_at_the_value() {
+    let text = base_config().replace(
+        "handshake_timeout = \"10s\"",
+        "handshake_timeout = \"10 parsecs\"",
+    );
+    assert_check_refuses(&text, "\"10 parsecs\"", "10 parsecs");
+}
+
+#[test]
+fn check_reports_a_bad_size_at_the_value() {
+    let text = base_config().replace(
+        "max_message_size = \"1MiB\"",
+        "max_message_size = \"1 parsec\"",
+    );
+    assert_check_refuses(&text, "\"1 parsec\"", "1 parsec");
+}
+
+#[test]
+fn check_reports_a_missing_secret_file_at_the_secret() {
+    let text = base_config().replace(
+        "secret = { file = \"jwt.key\" }",
+        "secret = { file = \"missing.key\" }",
+    );
+    assert_check_refuses(&text, "{ file = \"missing.key\" }", "missing.key");
+}
+
+#[test]
+fn check_reports_a_route_naming_an_unknown_policy_at_the_name() {
+    let text = base_config().replace("auth = \"main\"", "auth = \"nope\"");
+    assert_check_refuses(&text, "\"nope\"", "nope");
+}
+
+#[test]
+fn check_reports_an_unset_secret_variable_at_the_secret() {
+    let text = base_config().replace(
+        "secret = { file = \"jwt.key\" }",
+        &format!("secret = {{ env = \"{UNSET_VAR}\" }}"),
+    );
+    assert_check_refuses(&text, &format!("{{ env = \"{UNSET_VAR}\" }}"), UNSET_VAR);
+}
+
+#[test]
+fn check_reads_a_secret_from_a_set_variable() {
+    let dir = scratch();
+    let text = base_config().replace(
+        "secret = { file = \"jwt.key\" }",
+        "secret = { env = \"WSEDGE_TEST_SET_VAR_XYZ\" }",
+    );
+    let config = write_config(dir.path(), "proxy.toml", &text);
+    let run = wsedge_with_env(
+        &["check", "--config", path_str(&config)],
+        &[("WSEDGE_TEST_SET_VAR_XYZ", SECRET)],
+        COMMAND_WAIT,
+    );
+    assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn check_passes_an_inline_secret_with_a_located_warning() {
+    let dir = scratch();
+    let text = base_config().replace(
+        "secret = { file = \"jwt.key\" }",
+        &format!("secret = \"{SECRET}\""),
+    );
+    let config = write_config(dir.path(), "proxy.toml", &text);
+    let run = wsedge(&["check", "--config", path_str(&config)]);
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(contains_word(&run.stdout, "ok"), "stdout: {:?}", run.stdout);
+    let (line, column) = position_of(&text, &format!("\"{SECRET}\""));
+    let warning = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("inline"))
+        .unwrap_or_else(|| panic!("no warning mentions \"inline\":\n{}", run.stderr));
+    assert!(
+        warning.starts_with(&format!("{}:{line}:{column}: warning", config.display())),
+        "{warning}"
+    );
+    assert!(
+        !run.stderr.contains(SECRET) && !run.stdout.contains(SECRET),
+        "the secret itself must not be printed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// wsedge token
+
+#[test]
+fn token_mints_a_verifiable_hs256_jwt_with_the_identity_and_ttl() {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", &base_config());
+    let run = wsedge(&[
+        "token",
+        "--config",
+        path_str(&config),
+        "--sub",
+        "alice",
+        "--tenant",
+        "acme",
+        "--conversation",
+        "c42",
+        "--ttl",
+        "10m",
+    ]);
+    let token = printed_token(&run);
+    let claims = verify(
+        &token,
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+    );
+    assert_identity_claims(&claims, 600);
+}
+
+#[test]
+fn token_is_refused_by_another_secret() {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", &base_config());
+    let run = wsedge(&["token", "--config", path_str(&config), "--sub", "alice"]);
+    let token = printed_token(&run);
+    let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    let other = jsonwebtoken::DecodingKey::from_secret(b"another-secret-0123456789abcdef-0123");
+    assert!(
+        jsonwebtoken::decode::<serde_json::Value>(&token, &other, &validation).is_err(),
+        "a token must only verify with the configured secret"
+    );
+}
+
+fn asymmetric_config(algorithm: &str) -> String {
+    base_config()
+        .replace("[\"HS256\"]", &format!("[\"{algorithm}\"]"))
+        .replace(
+            "secret = { file = \"jwt.key\" }",
+            "public_key = { file = \"pub.pem\" }",
+        )
+}
+
+fn check_asymmetric_token(
+    rcgen_alg: &'static rcgen::SignatureAlgorithm,
+    algorithm: &str,
+    jwt_alg: jsonwebtoken::Algorithm,
+    decoding_key: fn(&[u8]) -> jsonwebtoken::errors::Result<jsonwebtoken::DecodingKey>,
+) {
+    let dir = scratch();
+    let (private_pem, public_pem) = key_pair(rcgen_alg);
+    std::fs::write(dir.path().join("pub.pem"), &public_pem).unwrap();
+    let private_path = dir.path().join("priv.pem");
+    std::fs::write(&private_path, &private_pem).unwrap();
+    let config = write_config(dir.path(), "proxy.toml", &asymmetric_config(algorithm));
+
+    let check = wsedge(&["check", "--config", path_str(&config)]);
+    assert_eq!(check.code(), Some(0), "stderr:\n{}", check.stderr);
+
+    let mut args = vec![
+        "token",
+        "--config",
+        path_str(&config),
+        "--sub",
+        "alice",
+        "--tenant",
+        "acme",
+        "--conversation",
+        "c42",
+        "--ttl",
+        "10m",
+    ];
+    let without_key = wsedge(&args);
+    assert_ne!(
+        without_key.code(),
+        Some(0),
+        "{algorithm} without --key should fail, printed {:?}",
+        without_key.stdout
+    );
+    assert!(
+        without_key.stderr.contains("--key"),
+        "the failure should mention --key: {}",
+        without_key.stderr
+    );
+    assert!(
+        without_key.stdout.trim().is_empty(),
+        "no token should be printed: {:?}",
+        without_key.stdout
+    );
+
+    args.extend(["--key", path_str(&private_path)]);
+    let with_key = wsedge(&args);
+    let token = printed_token(&with_key);
+    let key = decoding_key(public_pem.as_bytes()).unwrap();
+    let claims = verify(&token, jwt_alg, &key);
+    assert_identity_claims(&claims, 600);
+}
+
+#[test]
+fn token_signs_eddsa_with_a_private_key_and_demands_key_without_one() {
+    check_asymmetric_token(
+        &rcgen::PKCS_ED25519,
+        "EdDSA",
+        jsonwebtoken::Algorithm::EdDSA,
+        jsonwebtoken::DecodingKey::from_ed_pem,
+    );
+}
+
+#[test]
+fn token_signs_es256_with_a_private_key_and_demands_key_without_one() {
+    check_asymmetric_token(
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        "ES256",
+        jsonwebtoken::Algorithm::ES256,
+        jsonwebtoken::DecodingKey::from_ec_pem,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the edge
+
+/// Waits until something accepts TCP connections on `port`, failing early if the edge exits.
+async fn wait_listening(port: u16, edge: &mut ChildGuard, log: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if let Some(status) = edge.0.try_wait().unwrap() {
+            panic!(
+                "wsedge exited with {status} before listening:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "wsedge did not listen on 127.0.0.1:{port} within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_edge_serves_query_and_header_tokens_then_drains_with_1001_on_sigterm() {
+    let mut upstream = Upstream::start().await;
+    let dir = scratch();
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        "proxy.toml",
+        &valid_config(port, &upstream.url("/ws/chat"), ""),
+    );
+    let config_arg = path_str(&config).to_owned();
+
+    let minted = wsedge(&[
+        "token",
+        "--config",
+        &config_arg,
+        "--sub",
+        "alice",
+        "--tenant",
+        "acme",
+        "--conversation",
+        "c42",
+        "--ttl",
+        "10m",
+    ]);
+    let token = printed_token(&minted);
+
+    let log = dir.path().join("wsedge.log");
+    let mut edge = ChildGuard(
+        Command::new(BIN)
+            .args(["--config", &config_arg])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start wsedge"),
+    );
+    wait_listening(port, &mut edge, &log).await;
+
+    let base = format!("ws://127.0.0.1:{port}/ws/chat");
+    let mut by_query = connect_ok(&format!("{base}?token={token}"), &[]).await;
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.header("x-user-id"), Some("alice"));
+    assert_eq!(seen.header("x-tenant-id"), Some("acme"));
+    assert_eq!(seen.header("x-conversation-id"), Some("c42"));
+    assert!(
+        !seen.target.contains(&token),
+        "the token went upstream: {}",
+        seen.target
+    );
+    by_query
+        .send(Message::text("hello by query"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut by_query).await, "hello by query");
+
+    let bearer = format!("Bearer {token}");
+    let mut by_header = connect_ok(&base, &[("Authorization", &bearer)]).await;
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.header("x-user-id"), Some("alice"));
+    assert_eq!(
+        seen.header("authorization"),
+        None,
+        "the Authorization header went upstream"
+    );
+    by_header
+        .send(Message::text("hello by header"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut by_header).await, "hello by header");
+
+    let pid = edge.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success(), "kill -TERM {pid} failed");
+
+    for (name, ws) in [("query", &mut by_query), ("header", &mut by_header)] {
+        let close = expect_close(ws).await;
+        let (code, _reason) =
+            close.unwrap_or_else(|| panic!("{name} client: close frame without a code"));
+        assert_eq!(
+            code,
+            CloseCode::Away,
+            "{name} client: expected 1001 going away"
+        );
+        finish_close(ws).await;
+    }
+
+    let status = wait_for_exit(&mut edge.0, Duration::from_secs(10));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let status = status.unwrap_or_else(|| {
+        panic!("wsedge did not exit within 10 s of SIGTERM; log so far:\n{logged}")
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}; log:\n{logged}"
+    );
+
+    assert!(
+        !logged.contains(&token),
+        "the token appears in the log:\n{logged}"
+    );
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(
+        !logged.contains(signature),
+        "the token's signature appears in the log:\n{logged}"
+    );
+    assert!(
+        contains_word(&logged, "connected"),
+        "the log should record the connections (\"connected\"):\n{logged}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// wsedge demo
+
+#[test]
+fn demo_once_runs_end_to_end_and_exits_0() {
+    let run = wsedge_with_env(
+        &["demo", "--once", "--port", "0", "--page-port", "0"],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("refused with 401"),
+        "stdout:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("x-user-id=alice"),
+        "stdout:\n{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("x-user-id=mallory"),
+        "the forged identity must not reach the core:\n{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn the_shipped_reference_config_validates() {
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
+    let run = wsedge(&["check", "--config", reference]);
+    assert!(
+        run.status.success(),
+        "proxy.toml does not validate:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("ok (1 route, 1 auth policy)"),
+        "{}",
+        run.stdout
+    );
+    // The only remark is the development secret, which the file's comments explain.
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("inline"), "{warnings:?}");
+}
