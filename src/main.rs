@@ -28,40 +28,12 @@ struct Cli {
     command: Option<Command>,
 }
 
-// Parsed once at start-up: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config and exit: 0 when it can serve, 64 with file:line:col errors when not.
     Check,
     /// Print a token signed with a policy's key, for development and testing.
-    Token {
-        /// The [auth.NAME] policy whose key signs the token (default: the only one).
-        #[arg(long)]
-        auth: Option<String>,
-        /// The user (the policy's user claim).
-        #[arg(long)]
-        sub: String,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long)]
-        conversation: Option<String>,
-        /// Lifetime, like "1h" or "30s".
-        #[arg(long, default_value = "1h")]
-        ttl: String,
-        /// Extra claims, `name=value` (repeatable).
-        #[arg(long = "claim", value_name = "NAME=VALUE")]
-        claims: Vec<String>,
-        /// PEM private key for RS*/PS*/ES*/EdDSA policies (HS* policies use their secret).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Issuer, when the policy requires one (default: the policy's first issuer).
-        #[arg(long)]
-        issuer: Option<String>,
-        /// Audience, when the policy requires one (default: the policy's first audience).
-        #[arg(long)]
-        audience: Option<String>,
-    },
+    Token(Box<TokenRequest>),
     /// Run a self-contained demo: the edge, a streaming chat core and a browser page, on loopback.
     Demo {
         /// Port for the edge's WebSocket listener.
@@ -91,30 +63,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => runtime.block_on(run(&cli.config)),
         Some(Command::Check) => return check(&cli.config),
-        Some(Command::Token {
-            auth,
-            sub,
-            tenant,
-            conversation,
-            ttl,
-            claims,
-            key,
-            issuer,
-            audience,
-        }) => {
-            let request = TokenRequest {
-                auth,
-                sub,
-                tenant,
-                conversation,
-                ttl,
-                claims,
-                key,
-                issuer,
-                audience,
-            };
-            token(&cli.config, request)
-        }
+        Some(Command::Token(request)) => token(&cli.config, *request),
         Some(Command::Demo {
             port,
             page_port,
@@ -236,15 +185,32 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
     tokio::signal::unix::signal(kind).context("cannot install a signal handler")
 }
 
+#[derive(clap::Args)]
 struct TokenRequest {
+    /// The [auth.NAME] policy whose key signs the token (default: the only one).
+    #[arg(long)]
     auth: Option<String>,
+    /// The user (the policy's user claim).
+    #[arg(long)]
     sub: String,
+    #[arg(long)]
     tenant: Option<String>,
+    #[arg(long)]
     conversation: Option<String>,
+    /// Lifetime, like "1h" or "30s".
+    #[arg(long, default_value = "1h")]
     ttl: String,
+    /// Extra claims, `name=value` (repeatable).
+    #[arg(long = "claim", value_name = "NAME=VALUE")]
     claims: Vec<String>,
+    /// PEM private key for RS*/PS*/ES*/EdDSA policies (HS* policies use their secret).
+    #[arg(long)]
     key: Option<PathBuf>,
+    /// Issuer, when the policy requires one (default: the policy's first issuer).
+    #[arg(long)]
     issuer: Option<String>,
+    /// Audience, when the policy requires one (default: the policy's first audience).
+    #[arg(long)]
     audience: Option<String>,
 }
 
