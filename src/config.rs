@@ -20,6 +20,7 @@ use crate::auth::{AuthPolicy, ClaimNames, TokenSource};
 use crate::route::{
     ConversationMode, HostMatch, PathMatch, Route, Router, TenantRule, UpstreamTarget,
 };
+use crate::relay::{Lifecycle, RateLimit};
 use crate::template::Template;
 use crate::tls;
 use crate::units::{parse_duration, parse_size};
@@ -45,6 +46,9 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub drain_timeout: Duration,
     pub max_header_size: usize,
+    /// Concurrent connections one user (per tenant) may hold; `None` = unlimited.
+    pub max_connections_per_user: Option<u32>,
+    pub handshake_rate_per_ip: Option<RateLimit>,
 }
 
 pub struct AdminSettings {
@@ -110,6 +114,10 @@ impl Config {
     }
 }
 
+/// Why 32: a person with a few devices and tabs stays far below it, while one leaked token
+/// cannot take a meaningful share of the edge.
+const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 32;
+
 // ---------------------------------------------------------------------------------------------
 // Raw file structs
 
@@ -134,6 +142,8 @@ struct RawServer {
     max_connections: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
+    max_connections_per_user: Option<Spanned<i64>>,
+    handshake_rate_per_ip: Option<Spanned<RawRate>>,
 }
 
 #[derive(Deserialize)]
@@ -216,13 +226,31 @@ struct RawRoute {
     connect_timeout: Option<Spanned<String>>,
     max_message_size: Option<Spanned<String>>,
     http: Option<Spanned<String>>,
-    // Lifecycle and resume keys of PRODUCT.md; validated now, enforced by later versions.
     ping_interval: Option<Spanned<String>>,
     pong_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_session: Option<Spanned<String>>,
     token_expiry: Option<Spanned<String>>,
+    token_expiry_grace: Option<Spanned<String>>,
+    message_rate: Option<Spanned<RawRate>>,
+    upstream_cooldown: Option<Spanned<String>>,
+    // Validated now, enforced by a later version.
     resume: Option<Spanned<RawResume>>,
+}
+
+/// A rate: `{ per_second = N, burst = M }`, or `"off"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawRate {
+    Off(String),
+    Limit(RawRateLimit),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: f64,
+    burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +388,34 @@ impl Ctx<'_> {
                     default
                 }
             },
+        }
+    }
+
+    /// A duration that may be switched off with `"off"` (or `"0s"`).
+    fn optional_duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        match value {
+            None => default,
+            Some(text) if text.get_ref() == "off" => None,
+            Some(_) => Some(self.duration(value, Duration::ZERO)).filter(|d| !d.is_zero()),
+        }
+    }
+
+    fn rate(&mut self, value: &Option<Spanned<RawRate>>, default: Option<RateLimit>) -> Option<RateLimit> {
+        let Some(value) = value else { return default };
+        match value.get_ref() {
+            RawRate::Off(off) if off == "off" => None,
+            RawRate::Limit(limit) if limit.per_second > 0.0 && limit.per_second.is_finite() => {
+                let burst = limit.burst.unwrap_or(limit.per_second.ceil() as u32).max(1);
+                Some(RateLimit { per_second: limit.per_second, burst })
+            }
+            _ => {
+                self.error(value.span(), "expected { per_second = N, burst = M } with N > 0, or \"off\"");
+                default
+            }
         }
     }
 
@@ -537,6 +593,21 @@ impl Ctx<'_> {
                 1
             }
         };
+        let max_connections_per_user = match &raw.max_connections_per_user {
+            None => Some(DEFAULT_MAX_CONNECTIONS_PER_USER),
+            Some(value) if *value.get_ref() == 0 => None,
+            Some(value) if (1..=i64::from(u32::MAX)).contains(value.get_ref()) => {
+                Some(*value.get_ref() as u32)
+            }
+            Some(value) => {
+                self.error(value.span(), "max_connections_per_user must be 0 (unlimited) or more");
+                None
+            }
+        };
+        let handshake_rate_per_ip = self.rate(
+            &raw.handshake_rate_per_ip,
+            Some(RateLimit { per_second: 20.0, burst: 40 }),
+        );
         let max_header_size = self.size(&raw.max_header_size, 16 * 1024);
         if let Some(value) = &raw.max_header_size
             && !(8192..=1024 * 1024).contains(&max_header_size)
@@ -553,6 +624,8 @@ impl Ctx<'_> {
             max_connections,
             drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30)),
             max_header_size: max_header_size as usize,
+            max_connections_per_user,
+            handshake_rate_per_ip,
         })
     }
 
@@ -925,27 +998,34 @@ impl Ctx<'_> {
                 ),
             }
         }
-        for (key, value) in [
-            ("ping_interval", &raw.ping_interval),
-            ("pong_timeout", &raw.pong_timeout),
-            ("idle_timeout", &raw.idle_timeout),
-            ("max_session", &raw.max_session),
-        ] {
-            if let Some(value) = value {
-                self.duration(&Some(value.clone()), Duration::ZERO);
-                self.warn(
-                    value.span(),
-                    format!("{key} is not enforced by this version yet"),
-                );
-            }
+        let defaults = Lifecycle::default();
+        let lifecycle = Lifecycle {
+            ping_interval: self.optional_duration(&raw.ping_interval, defaults.ping_interval),
+            pong_timeout: self.duration(&raw.pong_timeout, defaults.pong_timeout),
+            idle_timeout: self.optional_duration(&raw.idle_timeout, defaults.idle_timeout),
+            max_session: self.optional_duration(&raw.max_session, defaults.max_session),
+            close_on_token_expiry: match raw.token_expiry.as_ref().map(|e| e.get_ref().as_str()) {
+                None | Some("close") => true,
+                Some("ignore") => false,
+                Some(other) => {
+                    let span = raw.token_expiry.as_ref().map_or(route_span.clone(), |e| e.span());
+                    self.error(span, format!("unknown token_expiry {other:?}: expected \"close\" or \"ignore\""));
+                    true
+                }
+            },
+            token_expiry_grace: self.duration(&raw.token_expiry_grace, defaults.token_expiry_grace),
+            message_rate: self.rate(&raw.message_rate, defaults.message_rate),
+        };
+        if let Some(value) = &raw.pong_timeout
+            && lifecycle.pong_timeout.is_zero()
+        {
+            self.error(value.span(), "pong_timeout must be more than 0s");
         }
-        if let Some(expiry) = &raw.token_expiry {
-            match expiry.get_ref().as_str() {
-                "close" => self.warn(expiry.span(), "token_expiry = \"close\" is not enforced by this version yet: sessions outlive their token"),
-                "ignore" => {}
-                other => self.error(expiry.span(), format!("unknown token_expiry {other:?}: expected \"close\" or \"ignore\"")),
-            }
+        if lifecycle.close_on_token_expiry && auth.is_none() && raw.token_expiry.is_some() {
+            let span = raw.token_expiry.as_ref().map_or(route_span.clone(), |e| e.span());
+            self.warn(span, "token_expiry has no effect on a route with auth = \"none\"");
         }
+        let upstream_cooldown = self.duration(&raw.upstream_cooldown, Duration::from_secs(10));
         if let Some(resume) = &raw.resume {
             let span = resume.span();
             let resume = resume.get_ref();
@@ -976,6 +1056,8 @@ impl Ctx<'_> {
             forward_token: raw.forward_token.unwrap_or(false),
             connect_timeout,
             max_message_size: max_message_size as usize,
+            lifecycle,
+            upstream_cooldown,
         }))
     }
 

@@ -117,6 +117,15 @@ async fn prepare(
     let query_conversation =
         token_source::query_param(query, "conversation_id").filter(|c| !c.is_empty());
     let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
+    let user_slot = match config.server.max_connections_per_user {
+        Some(max) if !identity.user.is_empty() => Some(
+            shared
+                .user_connections
+                .acquire(identity.tenant.as_deref().unwrap_or(""), &identity.user, max)
+                .ok_or_else(Refusal::too_many_connections)?,
+        ),
+        _ => None,
+    };
 
     let upstream_request = shape_upstream_request(request, route, &identity, conn, request_id)?;
     let ws_config = websocket_config(route);
@@ -134,6 +143,10 @@ async fn prepare(
     );
     let on_upgrade = hyper::upgrade::on(request);
     let route_label = route.label.clone();
+    let lifecycle = route.lifecycle.clone();
+    let token_expires_at = identity
+        .expires_at
+        .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp));
     let relay_shutdown = shared.shutdown.child_token();
     let stats = shared.stats.clone();
     stats.opened();
@@ -153,6 +166,7 @@ async fn prepare(
     shared.tasks.spawn(async move {
         let _open = open;
         let _permit = permit;
+        let _user_slot = user_slot;
         let started = Instant::now();
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -164,11 +178,11 @@ async fn prepare(
             }
         };
         let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-        let report = relay::relay(client, upstream.ws, relay_shutdown).await;
+        let report = relay::relay(client, upstream.ws, &lifecycle, token_expires_at, relay_shutdown).await;
         tracing::info!(
             request_id = %request_id,
             route = %route_label,
-            ended_by = ?report.ended_by,
+            reason = report.reason,
             client_close = report.client_close,
             upstream_close = report.upstream_close,
             messages_up = report.client_to_upstream.messages,
@@ -442,9 +456,15 @@ async fn connect_any(
     for target in route.targets_in_order() {
         let request = request.for_target(target);
         match upstream::connect(target, &request, ws_config, route.connect_timeout).await {
-            Ok(connection) => return Ok((connection, target.url.clone())),
+            Ok(connection) => {
+                target.mark_up();
+                return Ok((connection, target.url.clone()));
+            }
             Err(error) => {
                 tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
+                if !matches!(error, ConnectError::Refused(_)) {
+                    target.mark_down(route.upstream_cooldown);
+                }
                 last = match error {
                     ConnectError::Unreachable(_) => Refusal::upstream_unreachable(),
                     ConnectError::Timeout => Refusal::upstream_timeout(),

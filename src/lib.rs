@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod handshake;
+pub mod limits;
 pub mod refusal;
 pub mod relay;
 pub mod route;
@@ -40,4 +41,6 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// One permit per proxied connection, sized by `server.max_connections`.
     pub connection_slots: Arc<Semaphore>,
+    pub user_connections: Arc<limits::UserConnections>,
+    pub handshake_rate: Option<limits::HandshakeRate>,
 }

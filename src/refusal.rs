@@ -75,6 +75,22 @@ impl Refusal {
         )
     }
 
+    pub fn handshake_rate() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many handshakes from this address",
+        )
+    }
+
+    pub fn too_many_connections() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            "this user already holds the maximum number of connections",
+        )
+    }
+
     pub fn draining() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +138,9 @@ impl Refusal {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // One request per connection: a refused client must not keep an idle connection open
+        // (hyper's header timeout only covers the wait for a connection's first request).
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         match self.reason {
             "token_missing" => {
                 headers.insert(
@@ -141,9 +160,12 @@ impl Refusal {
                     HeaderValue::from_static("Bearer realm=\"wsedge\", error=\"invalid_token\""),
                 );
             }
+            "rate_limited" | "too_many_connections" => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             "upgrade_required" => {
                 headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, close"));
                 headers.insert(
                     header::SEC_WEBSOCKET_VERSION,
                     HeaderValue::from_static("13"),

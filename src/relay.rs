@@ -1,18 +1,27 @@
-//! The frame pump: messages both ways, in order, with backpressure, and the closing of both
-//! sides with codes that say what happened.
+//! The frame pump: messages both ways, in order, with backpressure; heartbeats, timeouts,
+//! token expiry and the message rate; and the closing of both sides with codes that say what
+//! happened.
 //!
 //! Each direction reads from one socket and writes to the other with no queue in between:
 //! when the reader of one side is slow, its writes stall, the pump stops reading the other
-//! side, and TCP pushes back on the sender. Whatever is already readable is fed before a
+//! side, and TCP pushes back on the sender. What the edge holds per direction is bounded by
+//! tungstenite's read buffer and one message. Whatever is already readable is fed before a
 //! single flush, so a burst of LLM tokens costs one write, not one per token.
 //!
-//! Pings and pongs are per hop: tungstenite answers each side's pings itself, and the pump
-//! never forwards control frames (forwarding would produce duplicate pongs).
+//! Pings and pongs are per hop: tungstenite answers each side's pings itself, the pump never
+//! forwards control frames (forwarding would produce duplicate pongs), and the edge sends its
+//! own pings to each side. A watchdog future beside the two pumps owns every deadline.
 
-use std::time::Duration;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -35,6 +44,58 @@ pub mod codes {
 
 /// How long the edge waits for a peer to answer its close frame before dropping the socket.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the edge tries to deliver a close frame to a peer that stopped responding.
+const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A batch of messages fed before one flush is cut at this many messages or bytes, so that a
+/// source that is always ready cannot delay delivery or starve the heartbeat.
+const BATCH_MESSAGES: usize = 64;
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// The per-route rules of a connection's life after the upgrade.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifecycle {
+    /// The edge pings each side this often (`None`: no heartbeats).
+    pub ping_interval: Option<Duration>,
+    /// A side that has not answered a ping within this is closed.
+    pub pong_timeout: Duration,
+    /// No data message either way for this long closes both sides.
+    pub idle_timeout: Option<Duration>,
+    /// A session longer than this is closed.
+    pub max_session: Option<Duration>,
+    /// Close the client with 4001 when its token's `exp` (+ grace) passes.
+    pub close_on_token_expiry: bool,
+    pub token_expiry_grace: Duration,
+    /// Client → upstream messages per connection.
+    pub message_rate: Option<RateLimit>,
+}
+
+impl Default for Lifecycle {
+    /// The defaults, and why: a 30 s ping keeps NAT and load-balancer mappings alive (most
+    /// drop idle flows after 60–350 s) and finds a vanished phone within 40 s; an idle chat tab
+    /// is legitimate, so there is no idle or session limit unless a route asks; 100 messages/s
+    /// with a burst of 200 is far above a person typing and below a runaway client loop.
+    fn default() -> Self {
+        Self {
+            ping_interval: Some(Duration::from_secs(30)),
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_session: None,
+            close_on_token_expiry: true,
+            token_expiry_grace: Duration::ZERO,
+            message_rate: Some(RateLimit {
+                per_second: 100.0,
+                burst: 200,
+            }),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -42,7 +103,16 @@ pub enum Side {
     Upstream,
 }
 
-/// Why one direction of the pump stopped.
+impl Side {
+    fn index(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Upstream => 1,
+        }
+    }
+}
+
+/// Why the relay stopped.
 #[derive(Debug)]
 enum End {
     /// The source sent a close frame (passed on to the other side).
@@ -55,6 +125,18 @@ enum End {
     Protocol(u16),
     /// Writing to the destination failed: the destination is gone.
     DestinationLost,
+    /// The client sent faster than `message_rate`.
+    RateLimited,
+}
+
+/// What the watchdog decided.
+#[derive(Debug)]
+enum Deadline {
+    /// A side did not answer a ping, or read nothing, in time.
+    Unresponsive(Side),
+    Idle,
+    SessionLimit,
+    TokenExpired,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -66,14 +148,51 @@ pub struct Traffic {
 /// What happened to a relayed connection, for logs and metrics.
 #[derive(Debug, Clone)]
 pub struct RelayReport {
-    /// The side whose action ended the session (`None` when the edge shut down).
+    /// The side whose action ended the session (`None` when the edge ended it).
     pub ended_by: Option<Side>,
+    /// A short reason: "client closed", "upstream lost", "token expired", …
+    pub reason: &'static str,
     /// The close code sent to (or passed on to) the client, if any.
     pub client_close: Option<u16>,
     /// The close code sent to (or passed on to) the upstream, if any.
     pub upstream_close: Option<u16>,
     pub client_to_upstream: Traffic,
     pub upstream_to_client: Traffic,
+}
+
+/// Timestamps shared by the two pumps and the watchdog, in ms since the relay started (+1, so
+/// that 0 means "none"). Atomics only so that the futures are `Send`; nothing contends.
+struct Liveness {
+    start: Instant,
+    /// Per side: when an unanswered ping was sent.
+    ping_outstanding: [AtomicU64; 2],
+    /// Per side: since when a write to it has been blocked.
+    write_blocked: [AtomicU64; 2],
+    /// The last data message either way.
+    last_data: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            ping_outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
+            write_blocked: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_data: AtomicU64::new(1),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    fn at(&self, since_start: Duration) -> u64 {
+        since_start.as_millis() as u64 + 1
+    }
+
+    fn get(slot: &AtomicU64) -> Option<u64> {
+        Some(slot.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
 }
 
 fn frame(code: u16, reason: &'static str) -> Option<CloseFrame> {
@@ -87,10 +206,137 @@ fn code_of(frame: &Option<CloseFrame>) -> Option<u16> {
     frame.as_ref().map(|f| u16::from(f.code))
 }
 
-/// Relays until either side ends or `shutdown` fires, then closes both sides.
+/// How to end one side.
+enum Finish {
+    /// The connection is gone: nothing to send or wait for.
+    Gone,
+    /// It sent its close, which tungstenite answered: wait for the end.
+    Drain,
+    /// Send this close (a frame without a code when `None`), then wait for the answer.
+    Close(Option<CloseFrame>),
+}
+
+impl Finish {
+    fn code(&self) -> Option<u16> {
+        match self {
+            Finish::Close(close) => code_of(close),
+            Finish::Gone | Finish::Drain => None,
+        }
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Finish {
+    Finish::Close(frame(code, reason))
+}
+
+struct Plan {
+    to_client: Finish,
+    to_upstream: Finish,
+    ended_by: Option<Side>,
+    reason: &'static str,
+    unresponsive: Option<Side>,
+}
+
+fn plan_for_end(side: Side, end: End) -> Plan {
+    use codes::*;
+    use Finish::{Drain, Gone};
+    let (to_source, to_other, reason) = match (side, end) {
+        (Side::Client, End::Closed(frame)) => (Drain, Finish::Close(frame), "client closed"),
+        (Side::Upstream, End::Closed(frame)) => (Drain, Finish::Close(frame), "upstream closed"),
+        (Side::Client, End::Lost) => (Gone, close(GOING_AWAY, "client went away"), "client lost"),
+        (Side::Upstream, End::Lost) => (Gone, close(BAD_GATEWAY, "upstream failed"), "upstream lost"),
+        (Side::Client, End::TooBig) => (
+            close(TOO_BIG, "message too big"),
+            close(GOING_AWAY, "client went away"),
+            "client message too big",
+        ),
+        (Side::Upstream, End::TooBig) => (
+            close(TOO_BIG, "message too big"),
+            close(BAD_GATEWAY, "upstream failed"),
+            "upstream message too big",
+        ),
+        (Side::Client, End::Protocol(code)) => (
+            close(code, "protocol error"),
+            close(GOING_AWAY, "client went away"),
+            "client protocol error",
+        ),
+        (Side::Upstream, End::Protocol(code)) => (
+            close(code, "protocol error"),
+            close(BAD_GATEWAY, "upstream failed"),
+            "upstream protocol error",
+        ),
+        // The destination is gone: tell the source why, as if the destination had been lost.
+        (Side::Client, End::DestinationLost) => (close(BAD_GATEWAY, "upstream failed"), Gone, "upstream lost"),
+        (Side::Upstream, End::DestinationLost) => (close(GOING_AWAY, "client went away"), Gone, "client lost"),
+        (_, End::RateLimited) => (
+            close(POLICY, "message rate exceeded"),
+            close(GOING_AWAY, "client went away"),
+            "client message rate exceeded",
+        ),
+    };
+    let (to_client, to_upstream) = match side {
+        Side::Client => (to_source, to_other),
+        Side::Upstream => (to_other, to_source),
+    };
+    Plan {
+        to_client,
+        to_upstream,
+        ended_by: Some(side),
+        reason,
+        unresponsive: None,
+    }
+}
+
+fn plan_for_deadline(deadline: Deadline) -> Plan {
+    use codes::*;
+    let (to_client, to_upstream, reason, unresponsive) = match deadline {
+        Deadline::Unresponsive(Side::Client) => (
+            close(GOING_AWAY, "heartbeat timeout"),
+            close(GOING_AWAY, "client went away"),
+            "client unresponsive",
+            Some(Side::Client),
+        ),
+        Deadline::Unresponsive(Side::Upstream) => (
+            close(BAD_GATEWAY, "upstream not responding"),
+            close(GOING_AWAY, "heartbeat timeout"),
+            "upstream unresponsive",
+            Some(Side::Upstream),
+        ),
+        Deadline::Idle => (
+            close(GOING_AWAY, "idle timeout"),
+            close(GOING_AWAY, "idle timeout"),
+            "idle timeout",
+            None,
+        ),
+        Deadline::SessionLimit => (
+            close(GOING_AWAY, "session time limit"),
+            close(GOING_AWAY, "session time limit"),
+            "session time limit",
+            None,
+        ),
+        Deadline::TokenExpired => (
+            close(TOKEN_EXPIRED, "token expired"),
+            close(NORMAL, "token expired"),
+            "token expired",
+            None,
+        ),
+    };
+    Plan {
+        to_client,
+        to_upstream,
+        ended_by: None,
+        reason,
+        unresponsive,
+    }
+}
+
+/// Relays until either side ends, a deadline passes, or `shutdown` fires; then closes both.
+/// `token_expires_at` is the token's `exp` (ignored unless the lifecycle closes on expiry).
 pub async fn relay<C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
+    lifecycle: &Lifecycle,
+    token_expires_at: Option<SystemTime>,
     shutdown: CancellationToken,
 ) -> RelayReport
 where
@@ -101,113 +347,158 @@ where
     let (mut upstream_tx, mut upstream_rx) = upstream.split();
     let mut up = Traffic::default();
     let mut down = Traffic::default();
+    let liveness = Liveness::new();
+    let token_deadline = token_expires_at
+        .filter(|_| lifecycle.close_on_token_expiry)
+        .map(|exp| {
+            let remaining = exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            liveness.at(liveness.start.elapsed() + remaining + lifecycle.token_expiry_grace)
+        });
 
-    let outcome = {
-        let client_to_upstream = pump(&mut client_rx, &mut upstream_tx, &mut up);
-        let upstream_to_client = pump(&mut upstream_rx, &mut client_tx, &mut down);
+    let plan = {
+        let client_to_upstream = pump(
+            &mut client_rx,
+            &mut upstream_tx,
+            Side::Client,
+            &liveness,
+            lifecycle,
+            &mut up,
+        );
+        let upstream_to_client = pump(
+            &mut upstream_rx,
+            &mut client_tx,
+            Side::Upstream,
+            &liveness,
+            lifecycle,
+            &mut down,
+        );
+        let deadlines = watchdog(&liveness, lifecycle, token_deadline);
         tokio::select! {
-            end = client_to_upstream => Some((Side::Client, end)),
-            end = upstream_to_client => Some((Side::Upstream, end)),
-            () = shutdown.cancelled() => None,
+            end = client_to_upstream => plan_for_end(Side::Client, end),
+            end = upstream_to_client => plan_for_end(Side::Upstream, end),
+            deadline = deadlines => plan_for_deadline(deadline),
+            () = shutdown.cancelled() => Plan {
+                to_client: close(codes::GOING_AWAY, "edge shutting down"),
+                to_upstream: close(codes::GOING_AWAY, "edge shutting down"),
+                ended_by: None,
+                reason: "edge shutting down",
+                unresponsive: None,
+            },
         }
     };
 
-    // Each tuple: (close to send to the client, close to send upstream); `None` = that side is gone.
-    let (to_client, to_upstream, ended_by): (
-        Option<Option<CloseFrame>>,
-        Option<Option<CloseFrame>>,
-        _,
-    ) = match outcome {
-        None => (
-            Some(frame(codes::GOING_AWAY, "edge shutting down")),
-            Some(frame(codes::GOING_AWAY, "edge shutting down")),
-            None,
-        ),
-        Some((side, end)) => {
-            let (to_source, to_other) = match (side, end) {
-                // The source's close was already answered by tungstenite; pass it on as is.
-                (_, End::Closed(close)) => (None, Some(close)),
-                (Side::Client, End::Lost) => {
-                    (None, Some(frame(codes::GOING_AWAY, "client went away")))
-                }
-                (Side::Upstream, End::Lost) => {
-                    (None, Some(frame(codes::BAD_GATEWAY, "upstream failed")))
-                }
-                (Side::Client, End::TooBig) => (
-                    Some(frame(codes::TOO_BIG, "message too big")),
-                    Some(frame(codes::GOING_AWAY, "client went away")),
-                ),
-                (Side::Upstream, End::TooBig) => (
-                    Some(frame(codes::TOO_BIG, "message too big")),
-                    Some(frame(codes::BAD_GATEWAY, "upstream failed")),
-                ),
-                (Side::Client, End::Protocol(code)) => (
-                    Some(frame(code, "protocol error")),
-                    Some(frame(codes::GOING_AWAY, "client went away")),
-                ),
-                (Side::Upstream, End::Protocol(code)) => (
-                    Some(frame(code, "protocol error")),
-                    Some(frame(codes::BAD_GATEWAY, "upstream failed")),
-                ),
-                // The destination is gone: tell the source why, as if the destination had been lost.
-                (Side::Client, End::DestinationLost) => {
-                    (Some(frame(codes::BAD_GATEWAY, "upstream failed")), None)
-                }
-                (Side::Upstream, End::DestinationLost) => {
-                    (Some(frame(codes::GOING_AWAY, "client went away")), None)
-                }
-            };
-            match side {
-                Side::Client => (to_source, to_other, Some(Side::Client)),
-                Side::Upstream => (to_other, to_source, Some(Side::Upstream)),
-            }
-        }
-    };
-
-    let mut report = RelayReport {
-        ended_by,
-        client_close: to_client.as_ref().and_then(code_of),
-        upstream_close: to_upstream.as_ref().and_then(code_of),
+    let report = RelayReport {
+        ended_by: plan.ended_by,
+        reason: plan.reason,
+        client_close: plan.to_client.code(),
+        upstream_close: plan.to_upstream.code(),
         client_to_upstream: up,
         upstream_to_client: down,
     };
-    let client = client_rx.reunite(client_tx);
-    let upstream = upstream_rx.reunite(upstream_tx);
-    match (client, upstream) {
-        (Ok(mut client), Ok(mut upstream)) => {
-            tokio::join!(
-                finish(&mut client, to_client),
-                finish(&mut upstream, to_upstream)
-            );
+    let wait = |side: Side| {
+        if plan.unresponsive == Some(side) {
+            UNRESPONSIVE_CLOSE_TIMEOUT
+        } else {
+            CLOSE_TIMEOUT
         }
-        // Cannot happen (each pair was split from one stream); dropping closes both sockets.
-        _ => {
-            report.client_close = None;
-            report.upstream_close = None;
-        }
+    };
+    // Each pair was split from one stream, so reuniting cannot fail; if it did, dropping the
+    // halves still closes both sockets.
+    if let (Ok(mut client), Ok(mut upstream)) = (
+        client_rx.reunite(client_tx),
+        upstream_rx.reunite(upstream_tx),
+    ) {
+        tokio::join!(
+            finish(&mut client, plan.to_client, wait(Side::Client)),
+            finish(&mut upstream, plan.to_upstream, wait(Side::Upstream)),
+        );
     }
     report
 }
 
 /// Sends our close (if any), then waits briefly for the peer's close or EOF so that the close
 /// handshake completes and the peer sees a clean end rather than a reset.
-async fn finish<S>(ws: &mut WebSocketStream<S>, close: Option<Option<CloseFrame>>)
+async fn finish<S>(ws: &mut WebSocketStream<S>, how: Finish, wait: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        if let Some(close) = close {
-            if ws.close(close).await.is_err() {
-                return;
-            }
+    let send = match how {
+        Finish::Gone => return,
+        Finish::Drain => None,
+        Finish::Close(frame) => Some(frame),
+    };
+    let _ = tokio::time::timeout(wait, async {
+        if let Some(frame) = send
+            && ws.close(frame).await.is_err()
+        {
+            return;
         }
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
 }
 
+/// Owns every deadline of the connection. It wakes at the next one that could fire, so an
+/// idle connection costs one timer, not a tick per second.
+async fn watchdog(liveness: &Liveness, lifecycle: &Lifecycle, token_deadline: Option<u64>) -> Deadline {
+    let pong_timeout = lifecycle.pong_timeout.as_millis() as u64;
+    let session_deadline = lifecycle.max_session.map(|max| liveness.at(max));
+    loop {
+        let now = liveness.now();
+        let mut next = u64::MAX;
+        let mut due = |deadline: u64, what: Deadline| -> Option<Deadline> {
+            if now >= deadline {
+                return Some(what);
+            }
+            next = next.min(deadline);
+            None
+        };
+        if let Some(deadline) = token_deadline
+            && let Some(what) = due(deadline, Deadline::TokenExpired)
+        {
+            return what;
+        }
+        if let Some(deadline) = session_deadline
+            && let Some(what) = due(deadline, Deadline::SessionLimit)
+        {
+            return what;
+        }
+        if let Some(idle) = lifecycle.idle_timeout {
+            let last = liveness.last_data.load(Ordering::Relaxed);
+            if let Some(what) = due(last + idle.as_millis() as u64, Deadline::Idle) {
+                return what;
+            }
+        }
+        if let Some(interval) = lifecycle.ping_interval {
+            let interval = interval.as_millis() as u64;
+            for side in [Side::Client, Side::Upstream] {
+                let i = side.index();
+                if let Some(sent) = Liveness::get(&liveness.ping_outstanding[i])
+                    && let Some(what) = due(sent + pong_timeout, Deadline::Unresponsive(side))
+                {
+                    return what;
+                }
+                // A side that reads nothing would have had a ping within the interval and
+                // the pong timeout to answer it.
+                if let Some(since) = Liveness::get(&liveness.write_blocked[i])
+                    && let Some(what) = due(since + interval + pong_timeout, Deadline::Unresponsive(side))
+                {
+                    return what;
+                }
+            }
+            // Pings and blocked writes start without waking us; the next ping is sent at the
+            // next multiple of the interval, so by then + pong_timeout we look again.
+            let next_ping = (now / interval + 1) * interval;
+            next = next.min(next_ping + pong_timeout);
+        }
+        let sleep_ms = next.saturating_sub(now).min(24 * 3600 * 1000);
+        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+    }
+}
+
 enum Item {
     Data(Message),
+    Pong,
     Control,
     End(End),
 }
@@ -215,7 +506,8 @@ enum Item {
 fn classify(item: Option<Result<Message, WsError>>) -> Item {
     match item {
         Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => Item::Data(message),
-        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Item::Control,
+        Some(Ok(Message::Pong(_))) => Item::Pong,
+        Some(Ok(Message::Ping(_) | Message::Frame(_))) => Item::Control,
         Some(Ok(Message::Close(close))) => Item::End(End::Closed(close)),
         None => Item::End(End::Lost),
         Some(Err(error)) => Item::End(match error {
@@ -227,36 +519,121 @@ fn classify(item: Option<Result<Message, WsError>>) -> Item {
     }
 }
 
-fn count(traffic: &mut Traffic, message: &Message) {
-    traffic.messages += 1;
-    traffic.bytes += message.len() as u64;
+struct TokenBucket {
+    limit: RateLimit,
+    tokens: f64,
+    last: Instant,
 }
 
-async fn pump<S, K>(source: &mut S, destination: &mut K, traffic: &mut Traffic) -> End
+impl TokenBucket {
+    fn new(limit: RateLimit) -> Self {
+        Self {
+            limit,
+            tokens: f64::from(limit.burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.limit.per_second;
+        self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Awaits a write; if it does not complete at once, records that writes to `side` are blocked
+/// until it does (the watchdog closes a side that reads nothing for too long).
+async fn tracked<F: Future>(write: F, side: Side, liveness: &Liveness) -> F::Output {
+    let mut write = pin!(write);
+    if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return output;
+    }
+    liveness.write_blocked[side.index()].store(liveness.now(), Ordering::Relaxed);
+    let output = write.await;
+    liveness.write_blocked[side.index()].store(0, Ordering::Relaxed);
+    output
+}
+
+/// One direction: reads from `source_side`, writes to the other side.
+async fn pump<S, K>(
+    source: &mut S,
+    destination: &mut K,
+    source_side: Side,
+    liveness: &Liveness,
+    lifecycle: &Lifecycle,
+    traffic: &mut Traffic,
+) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
     K: Sink<Message, Error = WsError> + Unpin,
 {
+    let destination_side = match source_side {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    // Only what the client sends is rate limited; the upstream is trusted to stream.
+    let mut bucket = match source_side {
+        Side::Client => lifecycle.message_rate.map(TokenBucket::new),
+        Side::Upstream => None,
+    };
+    let mut ping_timer = lifecycle.ping_interval.map(|interval| {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        timer
+    });
+    let outstanding = &liveness.ping_outstanding[destination_side.index()];
+
     loop {
-        match classify(source.next().await) {
-            Item::Data(message) => {
-                count(traffic, &message);
-                if destination.feed(message).await.is_err() {
-                    return End::DestinationLost;
+        let item = match ping_timer.as_mut() {
+            None => source.next().await,
+            Some(timer) => tokio::select! {
+                biased;
+                _ = timer.tick() => {
+                    // One ping at a time: an unanswered one is the watchdog's business.
+                    if outstanding.load(Ordering::Relaxed) == 0 {
+                        outstanding.store(liveness.now(), Ordering::Relaxed);
+                        let ping = destination.send(Message::Ping(Bytes::new()));
+                        if tracked(ping, destination_side, liveness).await.is_err() {
+                            return End::DestinationLost;
+                        }
+                    }
+                    continue;
                 }
-            }
-            Item::Control => continue,
-            Item::End(end) => return end,
-        }
-        // Feed whatever is already readable, then flush once.
+                item = source.next() => item,
+            },
+        };
+
+        let mut batch_messages = 0;
+        let mut batch_bytes = 0;
+        let mut next = Some(item);
         let mut ended = None;
-        while let Some(item) = source.next().now_or_never() {
+        while let Some(item) = next.take() {
             match classify(item) {
                 Item::Data(message) => {
-                    count(traffic, &message);
-                    if destination.feed(message).await.is_err() {
+                    if let Some(bucket) = bucket.as_mut()
+                        && !bucket.allow()
+                    {
+                        ended = Some(End::RateLimited);
+                        break;
+                    }
+                    traffic.messages += 1;
+                    batch_messages += 1;
+                    let len = message.len();
+                    traffic.bytes += len as u64;
+                    batch_bytes += len;
+                    if tracked(destination.feed(message), destination_side, liveness).await.is_err() {
                         return End::DestinationLost;
                     }
+                }
+                Item::Pong => {
+                    liveness.ping_outstanding[source_side.index()].store(0, Ordering::Relaxed);
                 }
                 Item::Control => {}
                 Item::End(end) => {
@@ -264,9 +641,16 @@ where
                     break;
                 }
             }
+            // Feed whatever is already readable, then flush once.
+            if batch_messages < BATCH_MESSAGES && batch_bytes < BATCH_BYTES {
+                next = source.next().now_or_never();
+            }
         }
-        if destination.flush().await.is_err() {
-            return End::DestinationLost;
+        if batch_messages > 0 {
+            liveness.last_data.store(liveness.now(), Ordering::Relaxed);
+            if tracked(destination.flush(), destination_side, liveness).await.is_err() {
+                return End::DestinationLost;
+            }
         }
         if let Some(end) = ended {
             return end;

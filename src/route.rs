@@ -1,15 +1,16 @@
 //! Routes: matching a request to a route, the route's upstream targets, and its identity rules
 //! (tenant and conversation).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use http::HeaderName;
 use rustls::pki_types::ServerName;
 
 use crate::auth::{AuthPolicy, Identity};
 use crate::refusal::Refusal;
+use crate::relay::Lifecycle;
 use crate::template::Template;
 use crate::tls::UpstreamTls;
 
@@ -87,6 +88,14 @@ pub struct UpstreamTarget {
     pub path: String,
     pub query: Option<String>,
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// Passive health: until when (ms on the process clock) this target is passed over.
+    down_until: AtomicU64,
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock that fits in an atomic.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl UpstreamTarget {
@@ -143,7 +152,24 @@ impl UpstreamTarget {
             path: uri.path().to_owned(),
             query: uri.query().map(str::to_owned),
             tls,
+            down_until: AtomicU64::new(0),
         })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) <= clock_ms()
+    }
+
+    /// Passes this target over for `cooldown` after it refused or timed out.
+    pub fn mark_down(&self, cooldown: Duration) {
+        self.down_until
+            .store(clock_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn mark_up(&self) {
+        if self.down_until.load(Ordering::Relaxed) != 0 {
+            self.down_until.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -161,6 +187,9 @@ pub struct RouteSettings {
     pub forward_token: bool,
     pub connect_timeout: Duration,
     pub max_message_size: usize,
+    pub lifecycle: Lifecycle,
+    /// How long a target that failed to connect is passed over.
+    pub upstream_cooldown: Duration,
 }
 
 pub struct Route {
@@ -194,15 +223,19 @@ impl Route {
         }
     }
 
-    /// The targets in the order to try them: round-robin start, then the others as fallbacks.
-    pub fn targets_in_order(&self) -> impl Iterator<Item = &UpstreamTarget> {
+    /// The targets in the order to try them: the healthy ones from the round-robin position,
+    /// then those cooling down — a last resort is better than refusing without trying.
+    pub fn targets_in_order(&self) -> Vec<&UpstreamTarget> {
         let count = self.targets.len();
         let start = if count > 1 {
             self.next_target.fetch_add(1, Ordering::Relaxed) % count
         } else {
             0
         };
-        (0..count).map(move |i| &self.targets[(start + i) % count])
+        let rotated = (0..count).map(|i| &self.targets[(start + i) % count]);
+        let (mut order, cooling): (Vec<_>, Vec<_>) = rotated.partition(|t| t.is_healthy());
+        order.extend(cooling);
+        order
     }
 
     pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
@@ -382,6 +415,8 @@ mod tests {
             forward_token: false,
             connect_timeout: Duration::from_secs(1),
             max_message_size: 1024,
+            lifecycle: Lifecycle::default(),
+            upstream_cooldown: Duration::from_secs(10),
         })
     }
 

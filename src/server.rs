@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handshake::{self, ClientConn};
+use crate::limits::HandshakeRate;
 use crate::{Config, Shared, Stats};
 
 /// A bound, not yet running edge.
@@ -43,8 +44,12 @@ impl EdgeHandle {
         if old.server.listen != config.server.listen {
             tracing::warn!("listen addresses changed; they take effect on restart, not on reload");
         }
-        if config.server.max_connections != old.server.max_connections {
-            tracing::warn!("max_connections changed; it takes effect on restart, not on reload");
+        if config.server.max_connections != old.server.max_connections
+            || config.server.handshake_rate_per_ip != old.server.handshake_rate_per_ip
+        {
+            tracing::warn!(
+                "max_connections and handshake_rate_per_ip take effect on restart, not on reload"
+            );
         }
         self.shared.config.store(Arc::new(config));
     }
@@ -68,6 +73,8 @@ impl Edge {
         }
         let shared = Arc::new(Shared {
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            user_connections: Arc::default(),
+            handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
             config: ArcSwap::from_pointee(config),
             stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
@@ -96,6 +103,9 @@ impl Edge {
         for listener in self.listeners {
             tokio::spawn(accept_loop(listener, shared.clone()));
         }
+        if shared.handshake_rate.is_some() {
+            tokio::spawn(evict_rate_limiter_entries(shared.clone()));
+        }
         shared.shutdown.cancelled().await;
         let drain_timeout = shared.config.load().server.drain_timeout;
         tracing::info!(
@@ -111,6 +121,21 @@ impl Edge {
                 open = shared.stats.open_connections(),
                 "drain timeout passed with connections still open"
             );
+        }
+    }
+}
+
+/// Keeps the per-IP limiter's map to recently seen addresses.
+async fn evict_rate_limiter_entries(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if let Some(rate) = &shared.handshake_rate {
+                    rate.evict_idle();
+                }
+            }
+            () = shared.shutdown.cancelled() => return,
         }
     }
 }

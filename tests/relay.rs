@@ -34,7 +34,7 @@ async fn ten_thousand_streamed_messages_arrive_complete_and_in_order() {
 
 #[tokio::test]
 async fn client_messages_reach_the_upstream_in_order() {
-    let (_upstream, edge) = setup("").await;
+    let (_upstream, edge) = setup(r#"message_rate = "off""#).await;
     let mut ws = connect_ok(&chat_url(&edge), &[]).await;
     for i in 0..2000 {
         ws.feed(Message::text(format!("msg {i}"))).await.unwrap();
