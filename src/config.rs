@@ -17,10 +17,10 @@ use toml::Spanned;
 
 use crate::auth::jwt::{self, JwtSettings, VerifyingKey};
 use crate::auth::{AuthPolicy, ClaimNames, TokenSource};
+use crate::relay::{Lifecycle, RateLimit};
 use crate::route::{
     ConversationMode, HostMatch, PathMatch, Route, Router, TenantRule, UpstreamTarget,
 };
-use crate::relay::{Lifecycle, RateLimit};
 use crate::template::Template;
 use crate::tls;
 use crate::units::{parse_duration, parse_size};
@@ -404,16 +404,26 @@ impl Ctx<'_> {
         }
     }
 
-    fn rate(&mut self, value: &Option<Spanned<RawRate>>, default: Option<RateLimit>) -> Option<RateLimit> {
+    fn rate(
+        &mut self,
+        value: &Option<Spanned<RawRate>>,
+        default: Option<RateLimit>,
+    ) -> Option<RateLimit> {
         let Some(value) = value else { return default };
         match value.get_ref() {
             RawRate::Off(off) if off == "off" => None,
             RawRate::Limit(limit) if limit.per_second > 0.0 && limit.per_second.is_finite() => {
                 let burst = limit.burst.unwrap_or(limit.per_second.ceil() as u32).max(1);
-                Some(RateLimit { per_second: limit.per_second, burst })
+                Some(RateLimit {
+                    per_second: limit.per_second,
+                    burst,
+                })
             }
             _ => {
-                self.error(value.span(), "expected { per_second = N, burst = M } with N > 0, or \"off\"");
+                self.error(
+                    value.span(),
+                    "expected { per_second = N, burst = M } with N > 0, or \"off\"",
+                );
                 default
             }
         }
@@ -600,13 +610,19 @@ impl Ctx<'_> {
                 Some(*value.get_ref() as u32)
             }
             Some(value) => {
-                self.error(value.span(), "max_connections_per_user must be 0 (unlimited) or more");
+                self.error(
+                    value.span(),
+                    "max_connections_per_user must be 0 (unlimited) or more",
+                );
                 None
             }
         };
         let handshake_rate_per_ip = self.rate(
             &raw.handshake_rate_per_ip,
-            Some(RateLimit { per_second: 20.0, burst: 40 }),
+            Some(RateLimit {
+                per_second: 20.0,
+                burst: 40,
+            }),
         );
         let max_header_size = self.size(&raw.max_header_size, 16 * 1024);
         if let Some(value) = &raw.max_header_size
@@ -1008,8 +1024,14 @@ impl Ctx<'_> {
                 None | Some("close") => true,
                 Some("ignore") => false,
                 Some(other) => {
-                    let span = raw.token_expiry.as_ref().map_or(route_span.clone(), |e| e.span());
-                    self.error(span, format!("unknown token_expiry {other:?}: expected \"close\" or \"ignore\""));
+                    let span = raw
+                        .token_expiry
+                        .as_ref()
+                        .map_or(route_span.clone(), |e| e.span());
+                    self.error(
+                        span,
+                        format!("unknown token_expiry {other:?}: expected \"close\" or \"ignore\""),
+                    );
                     true
                 }
             },
@@ -1022,8 +1044,14 @@ impl Ctx<'_> {
             self.error(value.span(), "pong_timeout must be more than 0s");
         }
         if lifecycle.close_on_token_expiry && auth.is_none() && raw.token_expiry.is_some() {
-            let span = raw.token_expiry.as_ref().map_or(route_span.clone(), |e| e.span());
-            self.warn(span, "token_expiry has no effect on a route with auth = \"none\"");
+            let span = raw
+                .token_expiry
+                .as_ref()
+                .map_or(route_span.clone(), |e| e.span());
+            self.warn(
+                span,
+                "token_expiry has no effect on a route with auth = \"none\"",
+            );
         }
         let upstream_cooldown = self.duration(&raw.upstream_cooldown, Duration::from_secs(10));
         if let Some(resume) = &raw.resume {

@@ -88,6 +88,12 @@ async fn prepare(
     let path = request.uri().path();
     let query = request.uri().query();
 
+    // First, before any work: a flood from one address must not cost a JWT verification each.
+    if let Some(rate) = &shared.handshake_rate
+        && !rate.allow(conn.peer.ip())
+    {
+        return Err(Refusal::handshake_rate());
+    }
     let route = config
         .router
         .find(host.as_deref(), path)
@@ -121,7 +127,11 @@ async fn prepare(
         Some(max) if !identity.user.is_empty() => Some(
             shared
                 .user_connections
-                .acquire(identity.tenant.as_deref().unwrap_or(""), &identity.user, max)
+                .acquire(
+                    identity.tenant.as_deref().unwrap_or(""),
+                    &identity.user,
+                    max,
+                )
                 .ok_or_else(Refusal::too_many_connections)?,
         ),
         _ => None,

@@ -61,7 +61,10 @@ impl UserConnections {
     /// Takes a slot for the user unless they already hold `max`.
     pub fn acquire(self: &Arc<Self>, tenant: &str, user: &str, max: u32) -> Option<UserSlot> {
         let key = (tenant.to_owned(), user.to_owned());
-        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = counts.entry(key.clone()).or_insert(0);
         if *count >= max {
             if *count == 0 {
@@ -83,7 +86,11 @@ impl UserConnections {
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
-        let mut counts = self.owner.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = self
+            .owner
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(count) = counts.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
@@ -103,7 +110,10 @@ mod tests {
         let a = users.acquire("t", "alice", 2).unwrap();
         let b = users.acquire("t", "alice", 2).unwrap();
         assert!(users.acquire("t", "alice", 2).is_none());
-        assert!(users.acquire("other", "alice", 2).is_some(), "tenants are separate");
+        assert!(
+            users.acquire("other", "alice", 2).is_some(),
+            "tenants are separate"
+        );
         drop(a);
         let c = users.acquire("t", "alice", 2).unwrap();
         drop((b, c));
@@ -112,10 +122,16 @@ mod tests {
 
     #[test]
     fn handshake_rate_allows_the_burst_then_refuses() {
-        let rate = HandshakeRate::new(RateLimit { per_second: 0.5, burst: 3 });
+        let rate = HandshakeRate::new(RateLimit {
+            per_second: 0.2,
+            burst: 3,
+        });
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         assert!((0..3).all(|_| rate.allow(ip)));
         assert!(!rate.allow(ip));
-        assert!(rate.allow("192.0.2.8".parse().unwrap()), "addresses are separate");
+        assert!(
+            rate.allow("192.0.2.8".parse().unwrap()),
+            "addresses are separate"
+        );
     }
 }

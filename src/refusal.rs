@@ -165,7 +165,10 @@ impl Refusal {
             }
             "upgrade_required" => {
                 headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, close"));
+                headers.insert(
+                    header::CONNECTION,
+                    HeaderValue::from_static("Upgrade, close"),
+                );
                 headers.insert(
                     header::SEC_WEBSOCKET_VERSION,
                     HeaderValue::from_static("13"),

@@ -238,13 +238,15 @@ struct Plan {
 }
 
 fn plan_for_end(side: Side, end: End) -> Plan {
-    use codes::*;
     use Finish::{Drain, Gone};
+    use codes::*;
     let (to_source, to_other, reason) = match (side, end) {
         (Side::Client, End::Closed(frame)) => (Drain, Finish::Close(frame), "client closed"),
         (Side::Upstream, End::Closed(frame)) => (Drain, Finish::Close(frame), "upstream closed"),
         (Side::Client, End::Lost) => (Gone, close(GOING_AWAY, "client went away"), "client lost"),
-        (Side::Upstream, End::Lost) => (Gone, close(BAD_GATEWAY, "upstream failed"), "upstream lost"),
+        (Side::Upstream, End::Lost) => {
+            (Gone, close(BAD_GATEWAY, "upstream failed"), "upstream lost")
+        }
         (Side::Client, End::TooBig) => (
             close(TOO_BIG, "message too big"),
             close(GOING_AWAY, "client went away"),
@@ -266,8 +268,12 @@ fn plan_for_end(side: Side, end: End) -> Plan {
             "upstream protocol error",
         ),
         // The destination is gone: tell the source why, as if the destination had been lost.
-        (Side::Client, End::DestinationLost) => (close(BAD_GATEWAY, "upstream failed"), Gone, "upstream lost"),
-        (Side::Upstream, End::DestinationLost) => (close(GOING_AWAY, "client went away"), Gone, "client lost"),
+        (Side::Client, End::DestinationLost) => {
+            (close(BAD_GATEWAY, "upstream failed"), Gone, "upstream lost")
+        }
+        (Side::Upstream, End::DestinationLost) => {
+            (close(GOING_AWAY, "client went away"), Gone, "client lost")
+        }
         (_, End::RateLimited) => (
             close(POLICY, "message rate exceeded"),
             close(GOING_AWAY, "client went away"),
@@ -351,7 +357,9 @@ where
     let token_deadline = token_expires_at
         .filter(|_| lifecycle.close_on_token_expiry)
         .map(|exp| {
-            let remaining = exp.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            let remaining = exp
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             liveness.at(liveness.start.elapsed() + remaining + lifecycle.token_expiry_grace)
         });
 
@@ -440,7 +448,11 @@ where
 
 /// Owns every deadline of the connection. It wakes at the next one that could fire, so an
 /// idle connection costs one timer, not a tick per second.
-async fn watchdog(liveness: &Liveness, lifecycle: &Lifecycle, token_deadline: Option<u64>) -> Deadline {
+async fn watchdog(
+    liveness: &Liveness,
+    lifecycle: &Lifecycle,
+    token_deadline: Option<u64>,
+) -> Deadline {
     let pong_timeout = lifecycle.pong_timeout.as_millis() as u64;
     let session_deadline = lifecycle.max_session.map(|max| liveness.at(max));
     loop {
@@ -481,7 +493,10 @@ async fn watchdog(liveness: &Liveness, lifecycle: &Lifecycle, token_deadline: Op
                 // A side that reads nothing would have had a ping within the interval and
                 // the pong timeout to answer it.
                 if let Some(since) = Liveness::get(&liveness.write_blocked[i])
-                    && let Some(what) = due(since + interval + pong_timeout, Deadline::Unresponsive(side))
+                    && let Some(what) = due(
+                        since + interval + pong_timeout,
+                        Deadline::Unresponsive(side),
+                    )
                 {
                     return what;
                 }
@@ -628,7 +643,10 @@ where
                     let len = message.len();
                     traffic.bytes += len as u64;
                     batch_bytes += len;
-                    if tracked(destination.feed(message), destination_side, liveness).await.is_err() {
+                    if tracked(destination.feed(message), destination_side, liveness)
+                        .await
+                        .is_err()
+                    {
                         return End::DestinationLost;
                     }
                 }
@@ -648,7 +666,10 @@ where
         }
         if batch_messages > 0 {
             liveness.last_data.store(liveness.now(), Ordering::Relaxed);
-            if tracked(destination.flush(), destination_side, liveness).await.is_err() {
+            if tracked(destination.flush(), destination_side, liveness)
+                .await
+                .is_err()
+            {
                 return End::DestinationLost;
             }
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -83,12 +84,18 @@ pub enum UpstreamMode {
 /// A real WebSocket chat core on 127.0.0.1:0.
 ///
 /// Text commands: `stream N` sends texts `0`..`N-1`; `binary N` sends one binary message of N
-/// bytes (byte i = i % 251); `close CODE REASON` closes with that code; `die` drops the TCP
-/// connection without a close frame. Any other data message is echoed.
+/// bytes (byte i = i % 251); `flood N SIZE` sends N such messages of SIZE bytes, each awaited;
+/// `close CODE REASON` closes with that code; `die` drops the TCP connection without a close
+/// frame; `freeze` stops reading and writing but keeps the connection. Any other data message
+/// is echoed.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: mpsc::Receiver<SeenRequest>,
     closes: mpsc::Receiver<Option<(u16, String)>>,
+    /// TCP connections accepted, in every mode.
+    pub accepted: Arc<AtomicUsize>,
+    /// Payload bytes written by `flood` commands (counted as each message is handed over).
+    pub flooded: Arc<AtomicU64>,
 }
 
 impl Upstream {
@@ -106,9 +113,13 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::channel(64);
         let (close_tx, closes) = mpsc::channel(64);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let flooded = Arc::new(AtomicU64::new(0));
+        let (accepted_in_task, flooded_in_task) = (accepted.clone(), flooded.clone());
         tokio::spawn(async move {
             let mut silent = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
+                accepted_in_task.fetch_add(1, Ordering::SeqCst);
                 if mode == UpstreamMode::Silent {
                     silent.push(stream);
                     continue;
@@ -116,20 +127,27 @@ impl Upstream {
                 let seen_tx = seen_tx.clone();
                 let close_tx = close_tx.clone();
                 let tls = tls.clone();
+                let flooded = flooded_in_task.clone();
                 tokio::spawn(async move {
                     match tls {
-                        None => upstream_session(stream, mode, seen_tx, close_tx).await,
+                        None => upstream_session(stream, mode, seen_tx, close_tx, flooded).await,
                         Some(config) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(config);
                             if let Ok(stream) = acceptor.accept(stream).await {
-                                upstream_session(stream, mode, seen_tx, close_tx).await;
+                                upstream_session(stream, mode, seen_tx, close_tx, flooded).await;
                             }
                         }
                     }
                 });
             }
         });
-        Upstream { addr, seen, closes }
+        Upstream {
+            addr,
+            seen,
+            closes,
+            accepted,
+            flooded,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -168,6 +186,7 @@ async fn upstream_session<S>(
     mode: UpstreamMode,
     seen_tx: mpsc::Sender<SeenRequest>,
     close_tx: mpsc::Sender<Option<(u16, String)>>,
+    flooded: Arc<AtomicU64>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -233,6 +252,22 @@ async fn upstream_session<S>(
                             }
                         }
                         let _ = tx.flush().await;
+                    }
+                    (Some("flood"), Some(n), Some(size)) => {
+                        let (n, size): (usize, usize) = (n.parse().unwrap(), size.parse().unwrap());
+                        let payload = Bytes::from(pattern(size));
+                        for _ in 0..n {
+                            if tx.send(Message::Binary(payload.clone())).await.is_err() {
+                                break;
+                            }
+                            flooded.fetch_add(size as u64, Ordering::SeqCst);
+                        }
+                    }
+                    (Some("freeze"), None, None) => {
+                        // Stop reading and writing, keep the TCP connection: no pongs, no close.
+                        let _halves = (tx, rx);
+                        std::future::pending::<()>().await;
+                        return;
                     }
                     (Some("binary"), Some(n), None) => {
                         let n: usize = n.parse().unwrap();
@@ -644,20 +679,10 @@ impl RawClient {
     }
 
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else if len <= u16::MAX as usize {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        let mut frame = masked(opcode, payload);
+        if !fin {
+            frame[0] &= 0x7f;
         }
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         self.stream.write_all(&frame).await.unwrap();
     }
 
@@ -720,13 +745,28 @@ impl RawClient {
         })
     }
 
-    /// Reads until a close frame and returns its code (`None` when the connection ended first).
+    /// Reads until a close frame, answers it, and returns its code (`None` when the
+    /// connection ended first).
     pub async fn read_close_code(&mut self) -> Option<u16> {
         loop {
             let frame = self.read_frame().await?;
             if frame.opcode == 8 {
+                let payload = frame.payload.get(..2).unwrap_or_default().to_vec();
+                let _ = self.stream.write_all(&masked(8, &payload)).await;
                 return frame.close_code();
             }
+        }
+    }
+
+    /// The next data or close frame, answering pings on the way (as a live client would).
+    pub async fn read_answering_pings(&mut self) -> Option<RawFrame> {
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.opcode == 9 {
+                self.send_frame(true, 10, &frame.payload).await;
+                continue;
+            }
+            return Some(frame);
         }
     }
 
@@ -739,6 +779,25 @@ impl RawClient {
     pub fn vanish(self) {
         drop(self.stream);
     }
+}
+
+/// A final, masked client frame.
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    let len = payload.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }
 
 pub fn binary(data: Vec<u8>) -> Message {
