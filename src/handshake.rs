@@ -1,8 +1,9 @@
 //! The handshake: PRODUCT.md's ordered checks, the request shaped for the upstream, and — only
 //! once the upstream has accepted — the 101 to the client and the relay task.
 //!
-//! Order: route (404) → WebSocket upgrade (426/400) → origin (403) → capacity (503) →
-//! token (401) → identity rules (403) → upstream (502/504/its status) → 101.
+//! Order: per-IP rate (429) → route (404) → WebSocket upgrade (426/400) → origin (403) →
+//! capacity (503) → token (401) → identity rules (403) → per-user limit (429) →
+//! upstream (502/504/its status) → 101.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

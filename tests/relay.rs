@@ -223,3 +223,23 @@ async fn shutdown_closes_clients_with_1001() {
     assert_eq!(raw.read_close_code().await, Some(1001));
     edge.wait_idle().await;
 }
+
+#[tokio::test]
+async fn a_close_without_a_code_is_passed_on_at_once() {
+    let (mut upstream, edge) = setup("").await;
+    let mut ws = connect_ok(&chat_url(&edge), &[]).await;
+    upstream.next_request().await;
+    let started = std::time::Instant::now();
+    ws.close(None).await.unwrap();
+    // 1005 is what a close frame without a status code reads as.
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(1005)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    edge.wait_idle().await;
+}

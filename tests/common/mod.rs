@@ -23,6 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use wsedge::{Config, Edge, EdgeHandle};
 
+pub mod process;
+
 pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,109 @@
+//! Memory stays bounded under misbehaviour: a client that reads nothing while its upstream
+//! streams 100 MiB costs the edge (a separate process, measured from /proc) a bounded amount,
+//! backpressure stops the upstream, and once the client reads, every byte arrives in order.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::process::EdgeProcess;
+use common::*;
+
+const MESSAGES: usize = 1600;
+const SIZE: usize = 64 * 1024; // 1600 × 64 KiB = 100 MiB
+/// The most the edge's peak resident memory may grow while holding a stalled 100 MiB stream:
+/// what it holds is one message and its buffers, far below this.
+const BOUND_KIB: u64 = 16 * 1024;
+
+fn config(upstream: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:{{port}}"]
+
+[log]
+level = "warn"
+
+[auth.main]
+kind = "jwt"
+algorithms = ["HS256"]
+secret = "{SECRET}"
+
+[[route]]
+path = "/ws/chat"
+upstream = "{upstream}"
+auth = "main"
+ping_interval = "off"
+max_message_size = "1MiB"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
+    let upstream = Upstream::start().await;
+    let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat")), &[]).await;
+    let baseline = edge.memory_kib("VmRSS");
+
+    let mut client = RawClient::connect(
+        edge.addr(),
+        &format!("/ws/chat?token={}", token_for("alice")),
+        &[],
+    )
+    .await;
+    client.send_text(&format!("flood {MESSAGES} {SIZE}")).await;
+
+    // Wait until the upstream's writes stall: no progress for a whole second.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = u64::MAX;
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = upstream.flooded.load(Ordering::SeqCst);
+        if sent != last {
+            last = sent;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never stalled: {sent} bytes sent"
+        );
+    }
+    let total = (MESSAGES * SIZE) as u64;
+    assert!(
+        last < total / 2,
+        "backpressure did not stop the upstream: {last} of {total} bytes sent"
+    );
+    let peak = edge.memory_kib("VmHWM");
+    let growth = peak.saturating_sub(baseline);
+    println!(
+        "stalled after {} KiB of {} KiB; edge RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth} KiB",
+        last / 1024,
+        total / 1024
+    );
+    assert!(
+        growth < BOUND_KIB,
+        "the edge grew by {growth} KiB holding a stalled stream"
+    );
+
+    // Now read: everything arrives, complete and in order.
+    let expected = pattern(SIZE);
+    for i in 0..MESSAGES {
+        let frame = client
+            .read_answering_pings()
+            .await
+            .unwrap_or_else(|| panic!("stream ended at message {i}"));
+        assert_eq!(frame.opcode, 2, "message {i}");
+        assert!(frame.payload == expected, "message {i} corrupted");
+    }
+    assert_eq!(upstream.flooded.load(Ordering::SeqCst), total);
+    let peak_after = edge.memory_kib("VmHWM");
+    println!("edge peak RSS after draining 100 MiB: {peak_after} KiB");
+    assert!(
+        peak_after.saturating_sub(baseline) < BOUND_KIB,
+        "peak grew to {peak_after} KiB"
+    );
+}
