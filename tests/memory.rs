@@ -107,3 +107,56 @@ async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
         "peak grew to {peak_after} KiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_upstream_holds_the_edge_to_a_bounded_memory_too() {
+    let upstream = Upstream::start().await;
+    let text = config(&upstream.url("/ws/chat")).replace(
+        "max_message_size",
+        "message_rate = \"off\"\nmax_message_size",
+    );
+    let edge = EdgeProcess::start(&text, &[]).await;
+    let baseline = edge.memory_kib("VmRSS");
+    let mut client = RawClient::connect(
+        edge.addr(),
+        &format!("/ws/chat?token={}", token_for("alice")),
+        &[],
+    )
+    .await;
+    client.send_text("freeze").await;
+    // The client pushes 100 MiB at an upstream that reads nothing; its writes must stall.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent_in_task = sent.clone();
+    let writer = tokio::spawn(async move {
+        let payload = pattern(SIZE);
+        for _ in 0..MESSAGES {
+            client.send_frame(true, 2, &payload).await;
+            sent_in_task.fetch_add(SIZE as u64, Ordering::SeqCst);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = u64::MAX;
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now_sent = sent.load(Ordering::SeqCst);
+        if now_sent != last {
+            last = now_sent;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client never stalled");
+    }
+    assert!(
+        last < (MESSAGES * SIZE) as u64 / 2,
+        "backpressure did not stop the client: {last} bytes"
+    );
+    let growth = edge.memory_kib("VmHWM").saturating_sub(baseline);
+    println!(
+        "client stalled after {} KiB; edge grew by {growth} KiB",
+        last / 1024
+    );
+    assert!(growth < BOUND_KIB, "the edge grew by {growth} KiB");
+    writer.abort();
+}

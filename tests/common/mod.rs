@@ -88,7 +88,7 @@ pub enum UpstreamMode {
 /// Text commands: `stream N` sends texts `0`..`N-1`; `binary N` sends one binary message of N
 /// bytes (byte i = i % 251); `flood N SIZE` sends N such messages of SIZE bytes, each awaited;
 /// `close CODE REASON` closes with that code; `die` drops the TCP connection without a close
-/// frame; `freeze` stops reading and writing but keeps the connection. Any other data message
+/// frame, and `stream-then-die N` does so right after streaming N texts; `freeze` stops reading and writing but keeps the connection. Any other data message
 /// is echoed.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -281,6 +281,17 @@ async fn upstream_session<S>(
                             reason: reason.unwrap_or("").to_owned().into(),
                         };
                         let _ = tx.send(Message::Close(Some(frame))).await;
+                    }
+                    (Some("stream-then-die"), Some(n), None) => {
+                        // Mid-stream death: the messages go out, then the TCP connection ends
+                        // without a close frame.
+                        let n: usize = n.parse().unwrap();
+                        for i in 0..n {
+                            let _ = tx.feed(Message::text(i.to_string())).await;
+                        }
+                        let _ = tx.flush().await;
+                        let _ = close_tx.send(None).await;
+                        return;
                     }
                     (Some("die"), None, None) => {
                         // Drop both halves: the TCP connection ends without a close frame.
