@@ -64,6 +64,8 @@ pub enum LogFormat {
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
+    /// The JSONL audit log, if any.
+    pub audit: Option<PathBuf>,
 }
 
 /// A configuration that failed to load: every problem found, each with its location.
@@ -156,7 +158,7 @@ struct RawTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    listen: Spanned<String>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -511,14 +513,23 @@ impl Ctx<'_> {
 
     fn validate(&mut self, raw: RawConfig) -> Option<Config> {
         let server = self.server(raw.server);
-        let admin = raw.admin.and_then(|admin| {
-            let listen = admin.listen.get_ref().parse().map_err(|_| ()).ok();
-            if listen.is_none() {
-                self.error(admin.listen.span(), format!("invalid admin listen address {:?}: expected IP:PORT", admin.listen.get_ref()));
-            } else {
-                self.warn(admin.listen.span(), "the admin listener (/metrics, /healthz, /readyz) is not served by this version yet");
-            }
-            listen.map(|listen| AdminSettings { listen })
+        let admin = raw.admin.and_then(|admin| match admin.listen {
+            None => Some(AdminSettings {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            }),
+            Some(listen) => match listen.get_ref().parse() {
+                Ok(listen) => Some(AdminSettings { listen }),
+                Err(_) => {
+                    self.error(
+                        listen.span(),
+                        format!(
+                            "invalid admin listen address {:?}: expected IP:PORT",
+                            listen.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
         });
         let log = self.log(raw.log);
 
@@ -649,6 +660,7 @@ impl Ctx<'_> {
         let mut settings = LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
+            audit: None,
         };
         let Some(raw) = raw else { return settings };
         if let Some(format) = raw.format {
@@ -672,10 +684,16 @@ impl Ctx<'_> {
             }
         }
         if let Some(audit) = raw.audit {
-            self.warn(
-                audit.span(),
-                "the audit log is not written by this version yet",
-            );
+            let path = self.path(audit.get_ref());
+            match path.parent() {
+                Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {
+                    settings.audit = Some(path)
+                }
+                _ => self.error(
+                    audit.span(),
+                    format!("the audit log's folder does not exist: {}", path.display()),
+                ),
+            }
         }
         settings
     }

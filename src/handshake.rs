@@ -16,6 +16,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{Map, Value};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -47,6 +49,33 @@ pub fn redacted_target(uri: &http::Uri) -> String {
     }
 }
 
+/// What the handshake has learned so far, for the refusal's log line, metric and audit event.
+#[derive(Default)]
+struct Known {
+    route: Option<String>,
+    identity: Option<Identity>,
+}
+
+impl Known {
+    fn route(&self) -> &str {
+        self.route.as_deref().unwrap_or("-")
+    }
+}
+
+/// Audit fields describing who connected (never the token, never the raw query).
+fn identity_fields(fields: &mut Map<String, Value>, identity: Option<&Identity>) {
+    let Some(identity) = identity else { return };
+    if !identity.user.is_empty() {
+        fields.insert("user".into(), identity.user.clone().into());
+    }
+    if let Some(tenant) = &identity.tenant {
+        fields.insert("tenant".into(), tenant.clone().into());
+    }
+    if let Some(conversation) = &identity.conversation {
+        fields.insert("conversation".into(), conversation.clone().into());
+    }
+}
+
 pub async fn handle(
     mut request: Request<Incoming>,
     conn: ClientConn,
@@ -54,20 +83,35 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let request_id = request_id(request.headers());
-    let target = redacted_target(request.uri());
-    match prepare(&mut request, conn, &shared, &request_id).await {
+    let mut known = Known::default();
+    match prepare(&mut request, conn, &shared, &request_id, &mut known).await {
         Ok(response) => Ok(response),
         Err(refusal) => {
             shared.stats.refused();
+            let status = refusal.status.as_u16();
+            shared
+                .metrics
+                .handshake(known.route(), status, refusal.reason);
+            if let Some(kind) = refusal.limit_kind() {
+                shared.metrics.limit_hit(kind);
+            }
             tracing::info!(
                 request_id = %request_id,
                 client = %conn.peer,
-                target = %target,
-                status = refusal.status.as_u16(),
+                target = %redacted_target(request.uri()),
+                status,
                 reason = refusal.reason,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "refused"
             );
+            let mut fields = Map::new();
+            fields.insert("request_id".into(), request_id.clone().into());
+            fields.insert("route".into(), known.route().into());
+            fields.insert("client".into(), conn.peer.to_string().into());
+            fields.insert("status".into(), status.into());
+            fields.insert("reason".into(), refusal.reason.into());
+            identity_fields(&mut fields, known.identity.as_ref());
+            shared.audit.record("refusal", fields);
             let mut response = refusal.into_response();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert("x-request-id", value);
@@ -82,6 +126,7 @@ async fn prepare(
     conn: ClientConn,
     shared: &Arc<Shared>,
     request_id: &str,
+    known: &mut Known,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let config = shared.config.load_full();
     let headers = request.headers();
@@ -99,6 +144,7 @@ async fn prepare(
         .router
         .find(host.as_deref(), path)
         .ok_or_else(Refusal::no_route)?;
+    known.route = Some(route.label.clone());
     let client_key = check_upgrade(request.method(), headers)?;
     if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
         return Err(Refusal::origin());
@@ -121,9 +167,11 @@ async fn prepare(
             (identity, Some(token))
         }
     };
+    known.identity = Some(identity.clone());
     let query_conversation =
         token_source::query_param(query, "conversation_id").filter(|c| !c.is_empty());
     let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
+    known.identity = Some(identity.clone());
     let user_slot = match config.server.max_connections_per_user {
         Some(max) if !identity.user.is_empty() => Some(
             shared
@@ -143,7 +191,9 @@ async fn prepare(
     let connect_started = Instant::now();
     let (upstream, upstream_url) =
         connect_any(route, &upstream_request, ws_config, request_id).await?;
-    let connect_ms = connect_started.elapsed().as_secs_f64() * 1000.0;
+    let connect_took = connect_started.elapsed();
+    shared.metrics.observe_connect(&route.label, connect_took);
+    shared.metrics.handshake(&route.label, 101, "ok");
 
     let response = switching_protocols(
         &client_key,
@@ -152,47 +202,129 @@ async fn prepare(
         request_id,
         route.forward_token,
     );
-    let on_upgrade = hyper::upgrade::on(request);
-    let route_label = route.label.clone();
-    let lifecycle = route.lifecycle.clone();
-    let token_expires_at = identity
-        .expires_at
-        .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp));
-    let relay_shutdown = shared.shutdown.child_token();
-    let stats = shared.stats.clone();
-    stats.opened();
     tracing::info!(
         request_id = %request_id,
         client = %conn.peer,
-        route = %route_label,
+        route = %route.label,
         upstream = %upstream_url,
         user = %identity.user,
         tenant = identity.tenant.as_deref().unwrap_or(""),
         conversation = identity.conversation.as_deref().unwrap_or(""),
-        connect_ms,
+        connect_ms = connect_took.as_secs_f64() * 1000.0,
         "connected"
     );
-    let request_id = request_id.to_owned();
-    let open = stats.open_guard();
+    let mut fields = Map::new();
+    fields.insert("request_id".into(), request_id.into());
+    fields.insert("route".into(), route.label.clone().into());
+    fields.insert("client".into(), conn.peer.to_string().into());
+    fields.insert("upstream".into(), upstream_url.into());
+    fields.insert("status".into(), 101.into());
+    identity_fields(&mut fields, Some(&identity));
+    shared.audit.record("connect", fields.clone());
+
+    let session = Session {
+        request_id: request_id.to_owned(),
+        route: route.label.clone(),
+        lifecycle: route.lifecycle.clone(),
+        token_expires_at: identity
+            .expires_at
+            .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp)),
+        ws_config,
+        audit_fields: fields,
+    };
+    shared.stats.opened();
+    let holds = (
+        shared.stats.open_guard(),
+        permit,
+        user_slot,
+        GaugeGuard::new(shared.metrics.open_gauge(&route.label)),
+    );
+    let on_upgrade = hyper::upgrade::on(request);
+    let shared_for_task = shared.clone();
     shared.tasks.spawn(async move {
-        let _open = open;
-        let _permit = permit;
-        let _user_slot = user_slot;
+        let _holds = holds;
+        session.run(on_upgrade, upstream, shared_for_task).await;
+    });
+    Ok(response)
+}
+
+/// Counts a connection in a gauge for as long as the guard lives.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One upgraded connection, from the client's upgrade to the last close.
+struct Session {
+    request_id: String,
+    route: String,
+    lifecycle: relay::Lifecycle,
+    token_expires_at: Option<std::time::SystemTime>,
+    ws_config: WebSocketConfig,
+    audit_fields: Map<String, Value>,
+}
+
+impl Session {
+    async fn run(
+        self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        upstream: UpstreamConnection,
+        shared: Arc<Shared>,
+    ) {
         let started = Instant::now();
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                tracing::debug!(request_id = %request_id, %error, "client vanished during the upgrade");
+                tracing::debug!(request_id = %self.request_id, %error, "client vanished during the upgrade");
                 let mut upstream = upstream.ws;
                 let _ = upstream.close(None).await;
                 return;
             }
         };
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config)).await;
-        let report = relay::relay(client, upstream.ws, &lifecycle, token_expires_at, relay_shutdown).await;
+        let client = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(self.ws_config),
+        )
+        .await;
+        let counters = relay::Counters {
+            client_to_upstream: shared.metrics.direction(&self.route, "client_to_upstream"),
+            upstream_to_client: shared.metrics.direction(&self.route, "upstream_to_client"),
+        };
+        let report = relay::relay(
+            client,
+            upstream.ws,
+            &self.lifecycle,
+            self.token_expires_at,
+            &counters,
+            shared.shutdown.child_token(),
+        )
+        .await;
+        let lasted = started.elapsed();
+        let metrics = &shared.metrics;
+        metrics.observe_session(&self.route, lasted);
+        if let Some(code) = report.client_close {
+            metrics.close("client", code);
+        }
+        if let Some(code) = report.upstream_close {
+            metrics.close("upstream", code);
+        }
+        if let Some(kind) = report.limit_kind() {
+            metrics.limit_hit(kind);
+        }
         tracing::info!(
-            request_id = %request_id,
-            route = %route_label,
+            request_id = %self.request_id,
+            route = %self.route,
             reason = report.reason,
             client_close = report.client_close,
             upstream_close = report.upstream_close,
@@ -200,11 +332,31 @@ async fn prepare(
             bytes_up = report.client_to_upstream.bytes,
             messages_down = report.upstream_to_client.messages,
             bytes_down = report.upstream_to_client.bytes,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = lasted.as_millis() as u64,
             "disconnected"
         );
-    });
-    Ok(response)
+        let mut fields = self.audit_fields;
+        fields.remove("status");
+        fields.insert("reason".into(), report.reason.into());
+        fields.insert(
+            "ended_by".into(),
+            report.ended_by.map(relay::Side::name).into(),
+        );
+        fields.insert("client_close".into(), report.client_close.into());
+        fields.insert("upstream_close".into(), report.upstream_close.into());
+        fields.insert("duration_ms".into(), (lasted.as_millis() as u64).into());
+        fields.insert(
+            "messages_up".into(),
+            report.client_to_upstream.messages.into(),
+        );
+        fields.insert("bytes_up".into(), report.client_to_upstream.bytes.into());
+        fields.insert(
+            "messages_down".into(),
+            report.upstream_to_client.messages.into(),
+        );
+        fields.insert("bytes_down".into(), report.upstream_to_client.bytes.into());
+        shared.audit.record("disconnect", fields);
+    }
 }
 
 /// tungstenite's buffers sized for chat: the 128 KiB defaults would cost ~134 KiB per socket.

@@ -4,16 +4,20 @@
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod handshake;
 pub mod limits;
+pub mod metrics;
 pub mod refusal;
 pub mod relay;
 pub mod route;
 pub mod server;
 pub mod stats;
+pub mod systemd;
 pub mod template;
 pub mod tls;
 pub mod units;
@@ -43,4 +47,6 @@ pub struct Shared {
     pub connection_slots: Arc<Semaphore>,
     pub user_connections: Arc<limits::UserConnections>,
     pub handshake_rate: Option<limits::HandshakeRate>,
+    pub metrics: metrics::Metrics,
+    pub audit: audit::AuditLog,
 }

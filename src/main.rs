@@ -6,9 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::SignalKind;
+use tokio_util::sync::CancellationToken;
 use wsedge::auth::jwt::{self, SigningKey};
 use wsedge::config::{LogFormat, LogSettings};
-use wsedge::{Config, Edge};
+use wsedge::{Config, Edge, systemd};
 
 /// Exit status for a configuration that does not validate (EX_USAGE... sysexits' EX_DATAERR
 /// is 65, but 64 is what operators script against for "fix your input").
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
             init_logging(&LogSettings {
                 format: LogFormat::Text,
                 level: "warn".into(),
+                audit: None,
             });
             runtime.block_on(wsedge::demo::run(port, page_port, once))
         }
@@ -143,45 +146,53 @@ fn init_logging(settings: &LogSettings) {
 async fn run(path: &Path) -> anyhow::Result<()> {
     let config = load_config(path)?;
     init_logging(&config.log);
-    let listen = config.server.listen.clone();
+    // Signal handlers first: a SIGHUP or SIGTERM that arrives while binding must not kill us.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let edge = Edge::bind(config).await?;
     let handle = edge.handle();
-    tracing::info!(listen = ?edge.local_addrs(), config = %path.display(), "wsedge serving");
+    tracing::info!(
+        listen = ?edge.local_addrs(),
+        admin = ?edge.admin_addr(),
+        config = %path.display(),
+        "wsedge serving"
+    );
     let server = tokio::spawn(edge.run());
+    systemd::ready("serving");
+    let watchdog_stop = CancellationToken::new();
+    systemd::spawn_watchdog(watchdog_stop.clone());
 
-    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => match Config::load(path) {
-                Ok(config) => {
-                    for warning in &config.warnings {
-                        tracing::warn!("{warning}");
+            _ = hangup.recv() => {
+                systemd::reloading();
+                match handle.reload_from(path).await {
+                    Ok(()) => {
+                        tracing::info!(config = %path.display(), "config reloaded");
+                        systemd::ready("serving (reloaded)");
                     }
-                    if config.server.listen != listen {
-                        tracing::warn!("listen addresses changed; restart to apply them");
-                    }
-                    handle.reload(config);
-                    tracing::info!(config = %path.display(), "config reloaded");
-                }
-                Err(error) => {
-                    for line in &error.diagnostics {
-                        tracing::error!("reload refused, still serving the previous config: {line}");
+                    Err(error) => {
+                        for line in &error.diagnostics {
+                            tracing::error!("reload refused, still serving the previous config: {line}");
+                        }
+                        systemd::ready("serving (reload refused: see the log)");
                     }
                 }
-            },
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
+    systemd::stopping();
     handle.shutdown();
     server.await.context("the edge task failed")?;
+    watchdog_stop.cancel();
     tracing::info!("stopped");
     Ok(())
 }
 
-fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
+fn signal(kind: SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(kind).context("cannot install a signal handler")
 }
 

@@ -128,6 +128,16 @@ impl Refusal {
         Self::new(status, "upstream_refused", "upstream refused the upgrade")
     }
 
+    /// The limit this refusal enforces, for `wsedge_limit_hits_total`.
+    pub fn limit_kind(&self) -> Option<&'static str> {
+        match self.reason {
+            "rate_limited" => Some("handshake_rate_per_ip"),
+            "too_many_connections" => Some("max_connections_per_user"),
+            "capacity" => Some("max_connections"),
+            _ => None,
+        }
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({ "error": self.reason, "message": self.message });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));

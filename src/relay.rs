@@ -28,6 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::DirectionCounters;
+
 /// Close codes the edge itself sends (PRODUCT.md).
 pub mod codes {
     pub const NORMAL: u16 = 1000;
@@ -104,6 +106,13 @@ pub enum Side {
 }
 
 impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+
     fn index(self) -> usize {
         match self {
             Side::Client => 0,
@@ -158,6 +167,25 @@ pub struct RelayReport {
     pub upstream_close: Option<u16>,
     pub client_to_upstream: Traffic,
     pub upstream_to_client: Traffic,
+}
+
+impl RelayReport {
+    /// The limit that ended the session, for `wsedge_limit_hits_total`.
+    pub fn limit_kind(&self) -> Option<&'static str> {
+        match self.reason {
+            "client message rate exceeded" => Some("message_rate"),
+            "client message too big" | "upstream message too big" => Some("max_message_size"),
+            "idle timeout" => Some("idle_timeout"),
+            "session time limit" => Some("max_session"),
+            _ => None,
+        }
+    }
+}
+
+/// The metric counters of one connection, resolved before the relay starts.
+pub struct Counters {
+    pub client_to_upstream: DirectionCounters,
+    pub upstream_to_client: DirectionCounters,
 }
 
 /// Timestamps shared by the two pumps and the watchdog, in ms since the relay started (+1, so
@@ -343,6 +371,7 @@ pub async fn relay<C, U>(
     upstream: WebSocketStream<U>,
     lifecycle: &Lifecycle,
     token_expires_at: Option<SystemTime>,
+    counters: &Counters,
     shutdown: CancellationToken,
 ) -> RelayReport
 where
@@ -371,6 +400,7 @@ where
             &liveness,
             lifecycle,
             &mut up,
+            &counters.client_to_upstream,
         );
         let upstream_to_client = pump(
             &mut upstream_rx,
@@ -379,6 +409,7 @@ where
             &liveness,
             lifecycle,
             &mut down,
+            &counters.upstream_to_client,
         );
         let deadlines = watchdog(&liveness, lifecycle, token_deadline);
         tokio::select! {
@@ -584,6 +615,7 @@ async fn pump<S, K>(
     liveness: &Liveness,
     lifecycle: &Lifecycle,
     traffic: &mut Traffic,
+    counters: &DirectionCounters,
 ) -> End
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -665,6 +697,7 @@ where
             }
         }
         if batch_messages > 0 {
+            counters.add(batch_messages as u64, batch_bytes as u64);
             liveness.last_data.store(liveness.now(), Ordering::Relaxed);
             if tracked(destination.flush(), destination_side, liveness)
                 .await

@@ -17,14 +17,17 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
 use crate::handshake::{self, ClientConn};
 use crate::limits::HandshakeRate;
-use crate::{Config, Shared, Stats};
+use crate::metrics::Metrics;
+use crate::{Config, ConfigError, Shared, Stats};
 
 /// A bound, not yet running edge.
 pub struct Edge {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
 }
 
 /// Controls a running edge from outside: stats, reload, shutdown.
@@ -38,11 +41,18 @@ impl EdgeHandle {
         &self.shared.stats
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
     /// Swaps in a validated config: new handshakes use it, open connections keep theirs.
-    pub fn reload(&self, config: Config) {
-        let old = self.shared.config.load();
+    pub async fn reload(&self, config: Config) {
+        let old = self.shared.config.load_full();
         if old.server.listen != config.server.listen {
             tracing::warn!("listen addresses changed; they take effect on restart, not on reload");
+        }
+        if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
+            tracing::warn!("the admin address changed; it takes effect on restart, not on reload");
         }
         if config.server.max_connections != old.server.max_connections
             || config.server.handshake_rate_per_ip != old.server.handshake_rate_per_ip
@@ -51,7 +61,28 @@ impl EdgeHandle {
                 "max_connections and handshake_rate_per_ip take effect on restart, not on reload"
             );
         }
+        // Reopened even when unchanged, so that SIGHUP after log rotation moves to the new file.
+        self.shared.audit.reopen(config.log.audit.clone()).await;
         self.shared.config.store(Arc::new(config));
+        self.shared.metrics.reload(true);
+    }
+
+    /// Reads, validates and swaps in the config at `path`; on any error the running config
+    /// stays and the error is returned.
+    pub async fn reload_from(&self, path: &std::path::Path) -> Result<(), ConfigError> {
+        match Config::load(path) {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    tracing::warn!("{warning}");
+                }
+                self.reload(config).await;
+                Ok(())
+            }
+            Err(error) => {
+                self.shared.metrics.reload(false);
+                Err(error)
+            }
+        }
     }
 
     /// Stops accepting, closes every client with 1001, and lets `run` return once all
@@ -71,7 +102,20 @@ impl Edge {
             })?;
             listeners.push(listener);
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(admin) => Some(TcpListener::bind(admin.listen).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} (admin): {e}", admin.listen),
+                )
+            })?),
+        };
+        let metrics = Metrics::new();
+        let audit = AuditLog::start(config.log.audit.clone(), metrics.audit_dropped.clone())?;
         let shared = Arc::new(Shared {
+            metrics,
+            audit,
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
             user_connections: Arc::default(),
             handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
@@ -80,7 +124,11 @@ impl Edge {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        Ok(Edge { shared, listeners })
+        Ok(Edge {
+            shared,
+            listeners,
+            admin,
+        })
     }
 
     /// The bound addresses (with real ports where the config said 0).
@@ -89,6 +137,11 @@ impl Edge {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// The admin listener's address, when the config has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn handle(&self) -> EdgeHandle {
@@ -100,6 +153,14 @@ impl Edge {
     /// Serves until [`EdgeHandle::shutdown`], then drains.
     pub async fn run(self) {
         let shared = self.shared;
+        let admin_stop = CancellationToken::new();
+        if let Some(admin) = self.admin {
+            tokio::spawn(crate::admin::serve(
+                admin,
+                shared.clone(),
+                admin_stop.clone(),
+            ));
+        }
         for listener in self.listeners {
             tokio::spawn(accept_loop(listener, shared.clone()));
         }
@@ -122,6 +183,7 @@ impl Edge {
                 "drain timeout passed with connections still open"
             );
         }
+        admin_stop.cancel();
     }
 }
 
@@ -182,7 +244,10 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
                     .await
                 }
                 Ok(Err(error)) => tracing::debug!(client = %peer, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                Err(_) => {
+                    shared.metrics.limit_hit("handshake_timeout");
+                    tracing::debug!(client = %peer, "TLS handshake timed out");
+                }
             }
         }
     }
@@ -209,6 +274,11 @@ where
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
+                if error.is_timeout() {
+                    shared.metrics.limit_hit("handshake_timeout");
+                } else if error.is_parse_too_large() {
+                    shared.metrics.limit_hit("max_header_size");
+                }
                 tracing::debug!(client = %conn.peer, %error, "HTTP connection ended with an error");
             }
         }

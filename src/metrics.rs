@@ -1,0 +1,267 @@
+//! Typed metrics in Prometheus text format (prometheus-client, rather than hand-formatting:
+//! escaping, histogram buckets and `# TYPE` lines are easy to get subtly wrong).
+//!
+//! Handles are resolved once per connection (a label lookup takes a lock); per batch of
+//! frames the relay only adds to atomics it already holds.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub route: String,
+    /// 101 for an upgrade, else the refusal status.
+    pub status: u16,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub route: String,
+    /// "client_to_upstream" or "upstream_to_client".
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// The side the close was sent to: "client" or "upstream".
+    pub side: &'static str,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub open_connections: Family<RouteLabels, Gauge>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub messages: Family<DirectionLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub session_duration: HistogramFamily<RouteLabels>,
+    pub upstream_connect: HistogramFamily<RouteLabels>,
+    pub closes: Family<CloseLabels, Counter>,
+    pub limit_hits: Family<LimitLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub audit_dropped: Counter,
+}
+
+/// The two counters of one direction of one connection.
+#[derive(Clone, Default)]
+pub struct DirectionCounters {
+    pub messages: Counter,
+    pub bytes: Counter,
+}
+
+impl DirectionCounters {
+    pub fn add(&self, messages: u64, bytes: u64) {
+        self.messages.inc_by(messages);
+        self.bytes.inc_by(bytes);
+    }
+}
+
+fn session_buckets() -> Histogram {
+    // 1 s to ~9 h.
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+fn connect_buckets() -> Histogram {
+    // 0.25 ms to ~8 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsedge");
+        let metrics = Metrics {
+            open_connections: Family::default(),
+            handshakes: Family::default(),
+            messages: Family::default(),
+            bytes: Family::default(),
+            session_duration: Family::new_with_constructor(session_buckets as fn() -> Histogram),
+            upstream_connect: Family::new_with_constructor(connect_buckets as fn() -> Histogram),
+            closes: Family::default(),
+            limit_hits: Family::default(),
+            reloads: Family::default(),
+            audit_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "open_connections",
+            "Proxied WebSocket connections open now",
+            metrics.open_connections.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "Handshakes by outcome: status 101 for an upgrade, else the refusal status and reason",
+            metrics.handshakes.clone(),
+        );
+        registry.register(
+            "messages",
+            "Data messages relayed, by direction",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Payload bytes relayed, by direction",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Length of proxied sessions",
+            metrics.session_duration.clone(),
+        );
+        registry.register(
+            "upstream_connect_seconds",
+            "Time to connect to the upstream and complete its handshake",
+            metrics.upstream_connect.clone(),
+        );
+        registry.register(
+            "closes",
+            "Close frames sent or passed on, by the side they went to and their code",
+            metrics.closes.clone(),
+        );
+        registry.register(
+            "limit_hits",
+            "Requests or connections stopped by a limit, by kind",
+            metrics.limit_hits.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            metrics.reloads.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit events dropped because the audit writer fell behind",
+            metrics.audit_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn direction(&self, route: &str, direction: &'static str) -> DirectionCounters {
+        let labels = DirectionLabels {
+            route: route.to_owned(),
+            direction,
+        };
+        DirectionCounters {
+            messages: self.messages.get_or_create_owned(&labels),
+            bytes: self.bytes.get_or_create_owned(&labels),
+        }
+    }
+
+    pub fn handshake(&self, route: &str, status: u16, reason: &str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                route: route.to_owned(),
+                status,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn limit_hit(&self, kind: &'static str) {
+        self.limit_hits.get_or_create(&LimitLabels { kind }).inc();
+    }
+
+    pub fn close(&self, side: &'static str, code: u16) {
+        self.closes.get_or_create(&CloseLabels { side, code }).inc();
+    }
+
+    pub fn observe_connect(&self, route: &str, took: Duration) {
+        self.upstream_connect
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_session(&self, route: &str, lasted: Duration) {
+        self.session_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(lasted.as_secs_f64());
+    }
+
+    pub fn open_gauge(&self, route: &str) -> Gauge {
+        self.open_connections.get_or_create_owned(&RouteLabels {
+            route: route.to_owned(),
+        })
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_families_and_values() {
+        let metrics = Metrics::new();
+        metrics.handshake("/ws/chat", 401, "token_missing");
+        metrics
+            .direction("/ws/chat", "upstream_to_client")
+            .add(3, 96);
+        metrics.open_gauge("/ws/chat").inc();
+        let text = metrics.encode();
+        assert!(text.contains("wsedge_handshakes_total{route=\"/ws/chat\",status=\"401\",reason=\"token_missing\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "wsedge_messages_total{route=\"/ws/chat\",direction=\"upstream_to_client\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "wsedge_bytes_total{route=\"/ws/chat\",direction=\"upstream_to_client\"} 96"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsedge_open_connections{route=\"/ws/chat\"} 1"),
+            "{text}"
+        );
+    }
+}
