@@ -332,6 +332,8 @@ pub fn pattern(len: usize) -> Vec<u8> {
 
 pub struct TestEdge {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
     pub handle: EdgeHandle,
     pub dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
@@ -353,10 +355,12 @@ impl TestEdge {
         };
         let edge = Edge::bind(config).await.unwrap();
         let addr = edge.local_addrs()[0];
+        let admin = edge.admin_addr();
         let handle = edge.handle();
         let task = tokio::spawn(edge.run());
         TestEdge {
             addr,
+            admin,
             handle,
             dir,
             task,
@@ -365,6 +369,18 @@ impl TestEdge {
 
     pub fn url(&self, path_and_query: &str) -> String {
         format!("ws://{}{path_and_query}", self.addr)
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("the config has no [admin]"), path).await
+    }
+
+    /// The value of one sample in /metrics, e.g. `wsedge_open_connections{route="/ws/chat"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200);
+        sample_value(&text, sample)
     }
 
     /// Waits until the edge reports no open connections (fails the test after `WAIT`).
@@ -411,6 +427,51 @@ auth = "main"
 {route_extra}
 "#
     )
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("no HTTP response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .expect("an HTTP status line");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // The admin listener may answer chunked.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.push_str(&tail[..size]);
+            rest = &tail[size + 2..];
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+/// The value of a sample line in Prometheus text (`name{labels} value`).
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------------

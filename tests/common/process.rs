@@ -27,6 +27,13 @@ impl EdgeProcess {
     /// Writes `config` (with `{port}` and `{dir}` filled in) and starts `wsedge --config` on it,
     /// returning once the port accepts connections.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> Self {
+        let mut edge = Self::spawn(config, env);
+        edge.wait_listening().await;
+        edge
+    }
+
+    /// Starts the process without waiting for it to listen.
+    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let text = config
@@ -46,18 +53,16 @@ impl EdgeProcess {
             command.env(name, value);
         }
         let child = command.spawn().expect("cannot start wsedge");
-        let mut edge = EdgeProcess {
+        EdgeProcess {
             port,
             dir,
             config_path,
             log_path,
             child,
-        };
-        edge.wait_listening().await;
-        edge
+        }
     }
 
-    async fn wait_listening(&mut self) {
+    pub async fn wait_listening(&mut self) {
         let deadline = Instant::now() + WAIT;
         loop {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
@@ -95,6 +100,27 @@ impl EdgeProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text` (fails the test after `WAIT`).
+    pub async fn wait_log(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replaces the config file (`{port}` and `{dir}` filled in as at start).
+    pub fn rewrite_config(&self, config: &str) {
+        let text = config
+            .replace("{port}", &self.port.to_string())
+            .replace("{dir}", self.dir.path().to_str().unwrap());
+        std::fs::write(&self.config_path, text).unwrap();
     }
 
     /// A field of /proc/PID/status in KiB (e.g. "VmRSS", "VmHWM").

@@ -1,0 +1,547 @@
+//! Running the edge: /metrics moving with traffic, /healthz and /readyz through a drain, the
+//! JSONL audit log, SIGHUP reloads (good and broken), SIGTERM within drain_timeout, the
+//! systemd notify protocol, and the unit file.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::process::{BIN, EdgeProcess};
+use common::*;
+use futures_util::SinkExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const ROUTE: &str = "route=\"/ws/chat\"";
+
+fn with_admin(config: String) -> String {
+    format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+}
+
+/// Polls a metric until it has `expected` (metrics of a closing connection land a moment later).
+async fn wait_metric(edge: &TestEdge, sample: &str, expected: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = edge.metric(sample).await;
+        if value == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} is {value:?}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_follow_refusals_connections_messages_and_closes() {
+    let upstream = Upstream::start().await;
+    let edge = TestEdge::start(&with_admin(basic_config(&upstream.url("/ws/chat"), "", ""))).await;
+    let (status, text) = edge.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("# TYPE wsedge_audit_dropped counter"),
+        "{text}"
+    );
+
+    connect_refused(&edge.url("/ws/chat"), &[]).await;
+    connect_refused(&edge.url("/ws/chat"), &[]).await;
+    connect_refused(&edge.url("/nowhere"), &[]).await;
+    let handshakes = |status: u16, reason: &str, route: &str| {
+        format!(
+            "wsedge_handshakes_total{{route=\"{route}\",status=\"{status}\",reason=\"{reason}\"}}"
+        )
+    };
+    assert_eq!(
+        edge.metric(&handshakes(401, "token_missing", "/ws/chat"))
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        edge.metric(&handshakes(404, "no_route", "-")).await,
+        Some(1.0)
+    );
+    assert!(
+        edge.admin_get("/metrics")
+            .await
+            .1
+            .contains("# TYPE wsedge_handshakes counter")
+    );
+
+    let mut ws = connect_ok(
+        &edge.url(&format!("/ws/chat?token={}", token_for("alice"))),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        edge.metric(&handshakes(101, "ok", "/ws/chat")).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        edge.metric(&format!("wsedge_open_connections{{{ROUTE}}}"))
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        edge.metric(&format!("wsedge_upstream_connect_seconds_count{{{ROUTE}}}"))
+            .await,
+        Some(1.0)
+    );
+    for text in ["one", "two", "three"] {
+        ws.send(Message::text(text)).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, text);
+    }
+    let direction = |name: &str, direction: &str| {
+        format!("wsedge_{name}_total{{{ROUTE},direction=\"{direction}\"}}")
+    };
+    wait_metric(&edge, &direction("messages", "client_to_upstream"), 3.0).await;
+    wait_metric(&edge, &direction("messages", "upstream_to_client"), 3.0).await;
+    assert_eq!(
+        edge.metric(&direction("bytes", "client_to_upstream")).await,
+        Some(11.0)
+    );
+
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    drop(ws);
+    edge.wait_idle().await;
+    wait_metric(&edge, &format!("wsedge_open_connections{{{ROUTE}}}"), 0.0).await;
+    wait_metric(
+        &edge,
+        "wsedge_closes_total{side=\"upstream\",code=\"4000\"}",
+        1.0,
+    )
+    .await;
+    wait_metric(
+        &edge,
+        &format!("wsedge_session_duration_seconds_count{{{ROUTE}}}"),
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn limit_hits_are_counted_by_kind() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(
+        &upstream.url("/ws/chat"),
+        "",
+        "message_rate = { per_second = 1, burst = 1 }",
+    );
+    let edge = TestEdge::start(&with_admin(config)).await;
+    let mut raw = RawClient::connect(
+        edge.addr,
+        &format!("/ws/chat?token={}", token_for("alice")),
+        &[],
+    )
+    .await;
+    raw.send_text("one").await;
+    raw.send_text("two").await;
+    assert_eq!(
+        raw.read_close_code().await.or(raw.read_close_code().await),
+        Some(1008)
+    );
+    wait_metric(&edge, "wsedge_limit_hits_total{kind=\"message_rate\"}", 1.0).await;
+    wait_metric(
+        &edge,
+        "wsedge_closes_total{side=\"client\",code=\"1008\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn readyz_fails_as_soon_as_a_drain_begins_while_healthz_stays_up() {
+    let upstream = Upstream::start().await;
+    let edge = TestEdge::start(&with_admin(basic_config(&upstream.url("/ws/chat"), "", ""))).await;
+    assert_eq!(edge.admin_get("/readyz").await, (200, "ready\n".to_owned()));
+    assert_eq!(edge.admin_get("/healthz").await, (200, "ok\n".to_owned()));
+    // A client that never answers the edge's close keeps the drain going for a while.
+    let raw = RawClient::connect(
+        edge.addr,
+        &format!("/ws/chat?token={}", token_for("alice")),
+        &[],
+    )
+    .await;
+    edge.handle.shutdown();
+    assert_eq!(edge.admin_get("/readyz").await.0, 503);
+    assert_eq!(edge.admin_get("/healthz").await.0, 200);
+    // The listener is closed: new clients go to another instance.
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(edge.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting while draining");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    edge.wait_idle().await;
+    drop(raw);
+}
+
+/// Reads the audit log until it has `count` lines.
+async fn audit_lines(path: &std::path::Path, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() >= count {
+            return lines
+                .iter()
+                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit log has {} lines:\n{text}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_audit_log_has_one_json_line_per_event_and_no_token() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url("/ws/chat"), "", "").replace(
+        "[auth.main]",
+        "[log]\naudit = \"{dir}/audit.jsonl\"\n\n[auth.main]",
+    );
+    let edge = TestEdge::start(&config).await;
+    let audit = edge.dir.path().join("audit.jsonl");
+    let token = hs256(&claims("alice", serde_json::json!({ "tenant_id": "acme" })));
+
+    let bad = format!("{token}x");
+    connect_refused(
+        &edge.url(&format!("/ws/chat?token={bad}&planted=PLANTED-QUERY-VALUE")),
+        &[],
+    )
+    .await;
+    let url = edge.url(&format!(
+        "/ws/chat?token={token}&conversation_id=c42&planted=PLANTED-QUERY-VALUE"
+    ));
+    let mut ws = connect_ok(&url, &[("x-request-id", "req-audit-1")]).await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello");
+    ws.close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    drop(ws);
+    edge.wait_idle().await;
+
+    let lines = audit_lines(&audit, 3).await;
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !text.contains(&token) && !text.contains(token.rsplit('.').next().unwrap()),
+        "a token reached the audit log"
+    );
+    assert!(
+        !text.contains("PLANTED-QUERY-VALUE") && !text.contains("planted="),
+        "a raw query reached the audit log"
+    );
+
+    let refusal = &lines[0];
+    assert_eq!(refusal["event"], "refusal");
+    assert_eq!(refusal["status"], 401);
+    assert_eq!(refusal["reason"], "token_invalid");
+    assert_eq!(refusal["route"], "/ws/chat");
+    assert!(
+        refusal["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(refusal["time"].as_str().unwrap().ends_with('Z'));
+
+    let connect = &lines[1];
+    assert_eq!(connect["event"], "connect");
+    assert_eq!(connect["request_id"], "req-audit-1");
+    assert_eq!(
+        (connect["user"].as_str(), connect["tenant"].as_str()),
+        (Some("alice"), Some("acme"))
+    );
+    assert_eq!(connect["conversation"], "c42");
+    assert_eq!(connect["status"], 101);
+
+    let disconnect = &lines[2];
+    assert_eq!(disconnect["event"], "disconnect");
+    assert_eq!(disconnect["request_id"], "req-audit-1");
+    assert_eq!(disconnect["user"], "alice");
+    assert_eq!(disconnect["ended_by"], "client");
+    assert_eq!(disconnect["upstream_close"], 4000);
+    assert_eq!(
+        (
+            disconnect["messages_up"].as_u64(),
+            disconnect["bytes_up"].as_u64()
+        ),
+        (Some(1), Some(5))
+    );
+    assert_eq!(
+        (
+            disconnect["messages_down"].as_u64(),
+            disconnect["bytes_down"].as_u64()
+        ),
+        (Some(1), Some(5))
+    );
+    assert!(disconnect["duration_ms"].is_u64());
+}
+
+fn process_config(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:{{port}}"]
+drain_timeout = "1s"
+
+[log]
+level = "info"
+{extra}
+
+[auth.main]
+kind = "jwt"
+algorithms = ["HS256"]
+secret = "{SECRET}"
+
+[[route]]
+path = "/ws/chat"
+upstream = "{upstream}"
+auth = "main"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_swaps_the_upstream_for_new_connections_and_keeps_open_ones() {
+    let mut first = Upstream::start().await;
+    let mut second = Upstream::start().await;
+    let edge = EdgeProcess::start(&process_config(&first.url("/ws/chat"), ""), &[]).await;
+    let url = edge.url(&format!("/ws/chat?token={}", token_for("alice")));
+    let mut open = connect_ok(&url, &[]).await;
+    first.next_request().await;
+
+    edge.rewrite_config(&process_config(&second.url("/ws/chat"), ""));
+    edge.signal("HUP");
+    edge.wait_log("config reloaded").await;
+
+    open.send(Message::text("still on the first"))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut open).await, "still on the first");
+    let mut new = connect_ok(&url, &[]).await;
+    second.next_request().await;
+    assert_eq!(
+        first.handshakes_so_far(),
+        0,
+        "the new connection went to the old upstream"
+    );
+    new.send(Message::text("on the second")).await.unwrap();
+    assert_eq!(next_text(&mut new).await, "on the second");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_with_a_broken_config_keeps_serving_the_old_one() {
+    let mut upstream = Upstream::start().await;
+    let edge = EdgeProcess::start(&process_config(&upstream.url("/ws/chat"), ""), &[]).await;
+    let url = edge.url(&format!("/ws/chat?token={}", token_for("alice")));
+    let mut open = connect_ok(&url, &[]).await;
+    upstream.next_request().await;
+
+    let broken = process_config(&upstream.url("/ws/chat"), "")
+        .replace("auth = \"main\"", "auth = \"missing\"");
+    edge.rewrite_config(&broken);
+    edge.signal("HUP");
+    edge.wait_log("reload refused").await;
+    let log = edge.log();
+    assert!(
+        log.contains("proxy.toml:18:8: route names auth policy \"missing\""),
+        "{log}"
+    );
+
+    open.send(Message::text("untouched")).await.unwrap();
+    assert_eq!(next_text(&mut open).await, "untouched");
+    let mut new = connect_ok(&url, &[]).await;
+    upstream.next_request().await;
+    new.send(Message::text("old config serves")).await.unwrap();
+    assert_eq!(next_text(&mut new).await, "old config serves");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_clients_with_1001_and_exits_0_within_drain_timeout() {
+    let upstream = Upstream::start().await;
+    let mut edge = EdgeProcess::start(&process_config(&upstream.url("/ws/chat"), ""), &[]).await;
+    let token = token_for("alice");
+    let mut polite = RawClient::connect(edge.addr(), &format!("/ws/chat?token={token}"), &[]).await;
+    // This one never reads, so it never answers the edge's close: only drain_timeout ends it.
+    let _stubborn = RawClient::connect(edge.addr(), &format!("/ws/chat?token={token}"), &[]).await;
+    let started = Instant::now();
+    edge.signal("TERM");
+    assert_eq!(polite.read_close_code().await, Some(1001));
+    let status = edge.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1000 + 1500),
+        "drain_timeout is 1s, exit took {took:?}"
+    );
+}
+
+/// A NOTIFY_SOCKET the test owns, as systemd would.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        NotifySocket {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// The next message that is not a watchdog keep-alive; counts those it skips.
+    fn next(&self, watchdogs: &mut usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "only watchdog keep-alives arrived"
+            );
+            let mut buffer = [0u8; 4096];
+            let n = self
+                .socket
+                .recv(&mut buffer)
+                .expect("no notification in time");
+            let message = String::from_utf8_lossy(&buffer[..n]).to_string();
+            if message.trim() == "WATCHDOG=1" {
+                *watchdogs += 1;
+                continue;
+            }
+            return message;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_notify_ready_reloading_stopping_and_watchdog() {
+    let upstream = Upstream::start().await;
+    let notify = NotifySocket::new();
+    let socket_path = notify.path.to_str().unwrap().to_owned();
+    let mut edge = EdgeProcess::spawn(
+        &process_config(&upstream.url("/ws/chat"), ""),
+        &[("NOTIFY_SOCKET", &socket_path), ("WATCHDOG_USEC", "200000")],
+    );
+    let mut watchdogs = 0;
+    let notify = tokio::task::spawn_blocking(move || {
+        let ready = notify.next(&mut watchdogs);
+        (notify, ready, watchdogs)
+    });
+    let (notify, ready, mut watchdogs) = notify.await.unwrap();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // READY=1 comes after the listeners are bound: connecting right away must work.
+    tokio::net::TcpStream::connect(edge.addr())
+        .await
+        .expect("listening when READY=1 arrives");
+
+    edge.signal("HUP");
+    let (notify, reloading, reloaded, mut watchdogs) = tokio::task::spawn_blocking(move || {
+        let reloading = notify.next(&mut watchdogs);
+        let reloaded = notify.next(&mut watchdogs);
+        (notify, reloading, reloaded, watchdogs)
+    })
+    .await
+    .unwrap();
+    assert!(
+        reloading.lines().any(|l| l == "RELOADING=1"),
+        "{reloading:?}"
+    );
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{reloading:?}"
+    );
+    assert!(reloaded.lines().any(|l| l == "READY=1"), "{reloaded:?}");
+
+    // At 200 ms the keep-alive goes every 100 ms; wait for a few of them.
+    let (notify, watchdogs_now) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + WAIT;
+        while watchdogs < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "only {watchdogs} watchdog keep-alives"
+            );
+            let mut buffer = [0u8; 4096];
+            let n = notify
+                .socket
+                .recv(&mut buffer)
+                .expect("no watchdog keep-alive");
+            if buffer[..n].trim_ascii() == b"WATCHDOG=1" {
+                watchdogs += 1;
+            }
+        }
+        (notify, watchdogs)
+    })
+    .await
+    .unwrap();
+    assert!(watchdogs_now >= 3);
+
+    edge.signal("TERM");
+    let stopping = tokio::task::spawn_blocking(move || {
+        let mut ignored = 0;
+        notify.next(&mut ignored)
+    })
+    .await
+    .unwrap();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(edge.wait_exit(WAIT).await.success());
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/wsedge.service"
+    ))
+    .unwrap();
+    for required in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "LimitNOFILE=1048576",
+        "LoadCredential=",
+        "WatchdogSec=",
+    ] {
+        assert!(unit.contains(required), "the unit lacks {required}");
+    }
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsedge.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/wsedge", BIN)).unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is needed (Debian package systemd; .ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "systemd-analyze verify failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
