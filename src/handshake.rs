@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::Shared;
 use crate::auth::token_source::{self, SUBPROTOCOL_PREFIX};
 use crate::auth::{FoundToken, Identity, TokenSource};
+use crate::io::ReadBuffered;
 use crate::refusal::Refusal;
 use crate::relay;
 use crate::route::{PathMatch, Route, UpstreamTarget};
@@ -292,7 +293,7 @@ impl Session {
             }
         };
         let client = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
+            ReadBuffered::new(TokioIo::new(upgraded)),
             Role::Server,
             Some(self.ws_config),
         )
@@ -363,7 +364,7 @@ impl Session {
 fn websocket_config(route: &Route) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(32 * 1024)
         .max_write_buffer_size(route.max_message_size + 64 * 1024)
         .max_message_size(Some(route.max_message_size))
         .max_frame_size(Some(route.max_message_size))

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod handshake;
+pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod refusal;

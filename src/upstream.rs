@@ -21,9 +21,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::either::Either;
 
+use crate::io::ReadBuffered;
 use crate::route::UpstreamTarget;
 
-pub type UpstreamIo = Either<TcpStream, TlsStream<TcpStream>>;
+pub type UpstreamIo = ReadBuffered<Either<TcpStream, TlsStream<TcpStream>>>;
 
 /// The request the edge sends upstream, shaped by the handshake module.
 pub struct UpstreamRequest {
@@ -75,7 +76,7 @@ async fn connect_inner(
         .map_err(ConnectError::Unreachable)?;
     // Chat traffic is many small messages; Nagle would hold each token back.
     tcp.set_nodelay(true).map_err(ConnectError::Unreachable)?;
-    let mut io: UpstreamIo = match &target.tls {
+    let mut io: Either<TcpStream, TlsStream<TcpStream>> = match &target.tls {
         None => Either::Left(tcp),
         Some((config, server_name)) => {
             let tls = TlsConnector::from(config.clone())
@@ -167,8 +168,13 @@ async fn connect_inner(
     }
 
     let leftover = buffer.split_off(head_len).to_vec();
-    let ws =
-        WebSocketStream::from_partially_read(io, leftover, Role::Client, Some(ws_config)).await;
+    let ws = WebSocketStream::from_partially_read(
+        ReadBuffered::new(io),
+        leftover,
+        Role::Client,
+        Some(ws_config),
+    )
+    .await;
     Ok(UpstreamConnection { ws, protocol })
 }
 
