@@ -48,6 +48,11 @@ impl AuditLog {
         })
     }
 
+    /// Whether events are being written (callers skip building them otherwise).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     /// Records an event: `fields` plus `time` and `event`. Never waits.
     pub fn record(&self, event: &'static str, fields: Map<String, Value>) {
         if !self.enabled.load(Ordering::Relaxed) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -221,7 +222,10 @@ async fn prepare(
     fields.insert("upstream".into(), upstream_url.into());
     fields.insert("status".into(), 101.into());
     identity_fields(&mut fields, Some(&identity));
-    shared.audit.record("connect", fields.clone());
+    // Kept for the disconnect event only when there is an audit log: every idle connection
+    // would otherwise carry them.
+    let audit_fields = shared.audit.enabled().then(|| fields.clone());
+    shared.audit.record("connect", fields);
 
     let session = Session {
         request_id: request_id.to_owned(),
@@ -231,7 +235,7 @@ async fn prepare(
             .expires_at
             .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp)),
         ws_config,
-        audit_fields: fields,
+        audit_fields,
     };
     shared.stats.opened();
     let holds = (
@@ -241,11 +245,10 @@ async fn prepare(
         GaugeGuard::new(shared.metrics.open_gauge(&route.label)),
     );
     let on_upgrade = hyper::upgrade::on(request);
-    let shared_for_task = shared.clone();
-    shared.tasks.spawn(async move {
-        let _holds = holds;
-        session.run(on_upgrade, upstream, shared_for_task).await;
-    });
+    // A combinator rather than an `async` block: an async block awaiting a future it captured
+    // keeps two slots for it (measured: 4.0 KiB per connection instead of 1.9 KiB).
+    let session = session.run(on_upgrade, upstream, shared.clone());
+    shared.tasks.spawn(session.map(move |()| drop(holds)));
     Ok(response)
 }
 
@@ -272,7 +275,8 @@ struct Session {
     lifecycle: relay::Lifecycle,
     token_expires_at: Option<std::time::SystemTime>,
     ws_config: WebSocketConfig,
-    audit_fields: Map<String, Value>,
+    /// The connect event's fields, when an audit log is being written.
+    audit_fields: Option<Map<String, Value>>,
 }
 
 impl Session {
@@ -292,24 +296,27 @@ impl Session {
                 return;
             }
         };
-        let client = WebSocketStream::from_raw_socket(
+        // Boxed for the same reason as the relay below: only a pointer stays in this future.
+        let client = Box::pin(WebSocketStream::from_raw_socket(
             ReadBuffered::new(TokioIo::new(upgraded)),
             Role::Server,
             Some(self.ws_config),
-        )
+        ))
         .await;
         let counters = relay::Counters {
             client_to_upstream: shared.metrics.direction(&self.route, "client_to_upstream"),
             upstream_to_client: shared.metrics.direction(&self.route, "upstream_to_client"),
         };
-        let report = relay::relay(
+        // Boxed: a future nested inline in another keeps slots for both (measured: 17 KiB
+        // per connection inline, 12 KiB boxed).
+        let report = Box::pin(relay::relay(
             client,
             upstream.ws,
-            &self.lifecycle,
+            self.lifecycle,
             self.token_expires_at,
-            &counters,
+            counters,
             shared.shutdown.child_token(),
-        )
+        ))
         .await;
         let lasted = started.elapsed();
         let metrics = &shared.metrics;
@@ -336,7 +343,9 @@ impl Session {
             duration_ms = lasted.as_millis() as u64,
             "disconnected"
         );
-        let mut fields = self.audit_fields;
+        let Some(mut fields) = self.audit_fields else {
+            return;
+        };
         fields.remove("status");
         fields.insert("reason".into(), report.reason.into());
         fields.insert(
@@ -363,7 +372,7 @@ impl Session {
 /// tungstenite's buffers sized for chat: the 128 KiB defaults would cost ~134 KiB per socket.
 fn websocket_config(route: &Route) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(256)
         .write_buffer_size(32 * 1024)
         .max_write_buffer_size(route.max_message_size + 64 * 1024)
         .max_message_size(Some(route.max_message_size))

@@ -366,20 +366,51 @@ fn plan_for_deadline(deadline: Deadline) -> Plan {
 
 /// Relays until either side ends, a deadline passes, or `shutdown` fires; then closes both.
 /// `token_expires_at` is the token's `exp` (ignored unless the lifecycle closes on expiry).
-pub async fn relay<C, U>(
+///
+/// Not an `async fn`: the streams are split before the future is built, so the future holds
+/// only the halves. Every byte of it is kept for each open connection, most of which are idle.
+pub fn relay<C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
-    lifecycle: &Lifecycle,
+    lifecycle: Lifecycle,
     token_expires_at: Option<SystemTime>,
-    counters: &Counters,
+    counters: Counters,
+    shutdown: CancellationToken,
+) -> impl Future<Output = RelayReport> + Send
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (client_tx, client_rx) = client.split();
+    let (upstream_tx, upstream_rx) = upstream.split();
+    run_relay(
+        (client_tx, client_rx),
+        (upstream_tx, upstream_rx),
+        lifecycle,
+        token_expires_at,
+        counters,
+        shutdown,
+    )
+}
+
+type Halves<S> = (
+    futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    futures_util::stream::SplitStream<WebSocketStream<S>>,
+);
+
+async fn run_relay<C, U>(
+    (mut client_tx, mut client_rx): Halves<C>,
+    (mut upstream_tx, mut upstream_rx): Halves<U>,
+    lifecycle: Lifecycle,
+    token_expires_at: Option<SystemTime>,
+    counters: Counters,
     shutdown: CancellationToken,
 ) -> RelayReport
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_tx, mut client_rx) = client.split();
-    let (mut upstream_tx, mut upstream_rx) = upstream.split();
+    let lifecycle = &lifecycle;
     let mut up = Traffic::default();
     let mut down = Traffic::default();
     let liveness = Liveness::new();
@@ -441,25 +472,29 @@ where
             CLOSE_TIMEOUT
         }
     };
-    // Each pair was split from one stream, so reuniting cannot fail; if it did, dropping the
-    // halves still closes both sockets.
-    if let (Ok(mut client), Ok(mut upstream)) = (
-        client_rx.reunite(client_tx),
-        upstream_rx.reunite(upstream_tx),
-    ) {
-        tokio::join!(
-            finish(&mut client, plan.to_client, wait(Side::Client)),
-            finish(&mut upstream, plan.to_upstream, wait(Side::Upstream)),
-        );
-    }
+    tokio::join!(
+        finish(
+            &mut client_tx,
+            &mut client_rx,
+            plan.to_client,
+            wait(Side::Client)
+        ),
+        finish(
+            &mut upstream_tx,
+            &mut upstream_rx,
+            plan.to_upstream,
+            wait(Side::Upstream)
+        ),
+    );
     report
 }
 
 /// Sends our close (if any), then waits briefly for the peer's close or EOF so that the close
 /// handshake completes and the peer sees a clean end rather than a reset.
-async fn finish<S>(ws: &mut WebSocketStream<S>, how: Finish, wait: Duration)
+async fn finish<K, S>(tx: &mut K, rx: &mut S, how: Finish, wait: Duration)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    K: Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let send = match how {
         Finish::Gone => return,
@@ -468,11 +503,11 @@ where
     };
     let _ = tokio::time::timeout(wait, async {
         if let Some(frame) = send
-            && ws.close(frame).await.is_err()
+            && tx.send(Message::Close(frame)).await.is_err()
         {
             return;
         }
-        while let Some(Ok(_)) = ws.next().await {}
+        while let Some(Ok(_)) = rx.next().await {}
     })
     .await;
 }

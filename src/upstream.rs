@@ -24,7 +24,9 @@ use tokio_util::either::Either;
 use crate::io::ReadBuffered;
 use crate::route::UpstreamTarget;
 
-pub type UpstreamIo = ReadBuffered<Either<TcpStream, TlsStream<TcpStream>>>;
+/// The TLS variant is boxed: rustls' connection state is over a kilobyte, and an `Either` is as
+/// large as its larger side for every plain `ws://` upstream too.
+pub type UpstreamIo = ReadBuffered<Either<TcpStream, Box<TlsStream<TcpStream>>>>;
 
 /// The request the edge sends upstream, shaped by the handshake module.
 pub struct UpstreamRequest {
@@ -76,14 +78,14 @@ async fn connect_inner(
         .map_err(ConnectError::Unreachable)?;
     // Chat traffic is many small messages; Nagle would hold each token back.
     tcp.set_nodelay(true).map_err(ConnectError::Unreachable)?;
-    let mut io: Either<TcpStream, TlsStream<TcpStream>> = match &target.tls {
+    let mut io: Either<TcpStream, Box<TlsStream<TcpStream>>> = match &target.tls {
         None => Either::Left(tcp),
         Some((config, server_name)) => {
             let tls = TlsConnector::from(config.clone())
                 .connect(server_name.clone(), tcp)
                 .await
                 .map_err(ConnectError::Unreachable)?;
-            Either::Right(tls)
+            Either::Right(Box::new(tls))
         }
     };
 

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: direct / nginx / HAProxy / HAProxy+JWT / wsedge (with JWT) in front of
+# the same upstream, driven by the same load tool, interleaved A B C A B C, REPS repetitions.
+# Prints one JSON line per run into $OUT/results.jsonl and a summary table (medians, min–max,
+# ratios to nginx) at the end. See BENCHMARKS.md for the method and the latest figures.
+#
+#   bench/compare.sh                       # full run (~5 minutes on 2 cores)
+#   REPS=1 STREAM_MESSAGES=20000 IDLE=1000 bench/compare.sh   # quick look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+STREAM_CONNECTIONS=${STREAM_CONNECTIONS:-20}
+STREAM_MESSAGES=${STREAM_MESSAGES:-200000}
+STREAM_SIZE=${STREAM_SIZE:-32}
+RTT_CONNECTIONS=${RTT_CONNECTIONS:-50}
+RTT_ROUND_TRIPS=${RTT_ROUND_TRIPS:-400}
+HANDSHAKES=${HANDSHAKES:-5000}
+HANDSHAKE_CONCURRENCY=${HANDSHAKE_CONCURRENCY:-50}
+IDLE=${IDLE:-5000}
+SECRET=bench-secret-0123456789abcdef0123456789
+OUT=${OUT:-$(mktemp -d /tmp/wsedge-bench.XXXXXX)}
+
+# Each proxied connection costs the proxy two descriptors; the container allows 20,000.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx haproxy
+fi
+cargo build --release --bins
+LOAD=$PWD/target/release/wsedge-load
+EDGE=$PWD/target/release/wsedge
+
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+# --- the upstream, shared by all
+"$LOAD" upstream --listen 127.0.0.1:19001 2>"$OUT/upstream.log" &
+PIDS+=($!)
+
+# --- nginx: an opaque tunnel after the upgrade, one worker per core
+cat >"$OUT/nginx.conf" <<EOF
+worker_processes $(nproc);
+daemon off;
+user root;
+pid $OUT/nginx.pid;
+error_log $OUT/nginx-error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+  server {
+    listen 127.0.0.1:19002;
+    location / {
+      proxy_pass http://127.0.0.1:19001;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }
+  }
+}
+EOF
+nginx -c "$OUT/nginx.conf" &
+PIDS+=($!)
+
+# --- HAProxy, plain and with jwt_verify of the same HS256 token (x-user-id from sub)
+haproxy_config() { # port, extra frontend lines
+    cat <<EOF
+global
+  nbthread $(nproc)
+  maxconn 9900
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:$1
+$2
+  default_backend be
+backend be
+  server upstream 127.0.0.1:19001
+EOF
+}
+haproxy_config 19003 "" >"$OUT/haproxy.cfg"
+haproxy_config 19004 "  http-request set-var(txn.token) url_param(token)
+  http-request set-var(txn.alg) var(txn.token),jwt_header_query('\$.alg')
+  http-request deny deny_status 401 unless { var(txn.alg) -m str HS256 }
+  http-request deny deny_status 401 unless { var(txn.token),jwt_verify(txn.alg,\"$SECRET\") -m int 1 }
+  http-request set-header x-user-id %[var(txn.token),jwt_payload_query('\$.sub')]" >"$OUT/haproxy-jwt.cfg"
+haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/haproxy.log" 2>&1 &
+PIDS+=($!)
+haproxy -f "$OUT/haproxy-jwt.cfg" -db >"$OUT/haproxy-jwt.log" 2>&1 &
+PIDS+=($!)
+
+# --- wsedge with HS256 JWT auth and identity injection (limits off: this measures the relay)
+cat >"$OUT/wsedge.toml" <<EOF
+[server]
+listen = ["127.0.0.1:19005"]
+max_connections_per_user = 0
+handshake_rate_per_ip = "off"
+[log]
+level = "warn"
+[auth.main]
+kind = "jwt"
+algorithms = ["HS256"]
+secret = "$SECRET"
+[[route]]
+path = "/ws"
+upstream = "ws://127.0.0.1:19001/ws"
+auth = "main"
+message_rate = "off"
+EOF
+"$EDGE" --config "$OUT/wsedge.toml" 2>"$OUT/wsedge.log" &
+PIDS+=($!)
+
+for port in 19001 19002 19003 19004 19005; do wait_port "$port"; done
+
+declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005)
+declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET")
+TARGETS=(direct nginx haproxy haproxy-jwt wsedge)
+PROXIES=(nginx haproxy haproxy-jwt wsedge)
+
+# The resident memory of a process and all its descendants, in KiB.
+tree_rss() {
+    local total=0 pid
+    for pid in $1 $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+proxy_pid() {
+    case $1 in
+        nginx) cat "$OUT/nginx.pid" ;;
+        haproxy) pgrep -f "haproxy -f $OUT/haproxy.cfg" | head -1 ;;
+        haproxy-jwt) pgrep -f "haproxy -f $OUT/haproxy-jwt.cfg" | head -1 ;;
+        wsedge) pgrep -f "wsedge --config $OUT/wsedge.toml" | head -1 ;;
+    esac
+}
+
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+load() { # mode, target, rep, args…
+    local mode=$1 target=$2 rep=$3
+    shift 3
+    # shellcheck disable=SC2086
+    "$LOAD" "$mode" --url "ws://127.0.0.1:${PORT[$target]}/ws" --label "$target" ${AUTH[$target]} "$@" |
+        python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['rep']=$rep; print(json.dumps(r))" >>"$RESULTS"
+    tail -1 "$RESULTS"
+}
+
+for rep in $(seq 1 "$REPS"); do
+    for target in "${TARGETS[@]}"; do
+        load stream "$target" "$rep" --connections "$STREAM_CONNECTIONS" --messages "$STREAM_MESSAGES" --size "$STREAM_SIZE"
+    done
+    for target in "${TARGETS[@]}"; do
+        load rtt "$target" "$rep" --connections "$RTT_CONNECTIONS" --round-trips "$RTT_ROUND_TRIPS"
+    done
+    for target in "${TARGETS[@]}"; do
+        load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
+    done
+    for target in "${PROXIES[@]}"; do
+        pid=$(proxy_pid "$target")
+        before=$(tree_rss "$pid")
+        # shellcheck disable=SC2086
+        "$LOAD" idle --url "ws://127.0.0.1:${PORT[$target]}/ws" --label "$target" ${AUTH[$target]} \
+            --connections "$IDLE" --hold 4s >"$OUT/idle.json" 2>"$OUT/idle.err" &
+        idle_pid=$!
+        until grep -q ready "$OUT/idle.err" 2>/dev/null; do
+            kill -0 "$idle_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        sleep 1.5
+        during=$(tree_rss "$pid")
+        wait "$idle_pid"
+        python3 -c "
+import json; r = json.load(open('$OUT/idle.json'))
+r.update(rep=$rep, rss_before_kib=$before, rss_during_kib=$during,
+         kib_per_connection=($during - $before) / max(r['opened'], 1))
+print(json.dumps(r))" >>"$RESULTS"
+        tail -1 "$RESULTS"
+        # Let the closed sockets drain before the next proxy's turn.
+        sleep 1
+    done
+done
+
+python3 bench/summarize.py "$RESULTS"
+echo "raw results: $RESULTS"
