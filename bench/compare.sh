@@ -73,8 +73,6 @@ http {
   }
 }
 EOF
-nginx -c "$OUT/nginx.conf" &
-PIDS+=($!)
 
 # --- HAProxy, plain and with jwt_verify of the same HS256 token (x-user-id from sub)
 haproxy_config() { # port, extra frontend lines
@@ -102,10 +100,6 @@ haproxy_config 19004 "  http-request set-var(txn.token) url_param(token)
   http-request deny deny_status 401 unless { var(txn.alg) -m str HS256 }
   http-request deny deny_status 401 unless { var(txn.token),jwt_verify(txn.alg,\"$SECRET\") -m int 1 }
   http-request set-header x-user-id %[var(txn.token),jwt_payload_query('\$.sub')]" >"$OUT/haproxy-jwt.cfg"
-haproxy -f "$OUT/haproxy.cfg" -db >"$OUT/haproxy.log" 2>&1 &
-PIDS+=($!)
-haproxy -f "$OUT/haproxy-jwt.cfg" -db >"$OUT/haproxy-jwt.log" 2>&1 &
-PIDS+=($!)
 
 # --- wsedge with HS256 JWT auth and identity injection (limits off: this measures the relay)
 cat >"$OUT/wsedge.toml" <<EOF
@@ -125,15 +119,30 @@ upstream = "ws://127.0.0.1:19001/ws"
 auth = "main"
 message_rate = "off"
 EOF
-"$EDGE" --config "$OUT/wsedge.toml" 2>"$OUT/wsedge.log" &
-PIDS+=($!)
-
-for port in 19001 19002 19003 19004 19005; do wait_port "$port"; done
-
 declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005)
+declare -A PROXY_PID=()
+start_proxy() {
+    case $1 in
+        nginx) nginx -c "$OUT/nginx.conf" & ;;
+        haproxy) haproxy -f "$OUT/haproxy.cfg" -db >>"$OUT/haproxy.log" 2>&1 & ;;
+        haproxy-jwt) haproxy -f "$OUT/haproxy-jwt.cfg" -db >>"$OUT/haproxy-jwt.log" 2>&1 & ;;
+        wsedge) "$EDGE" --config "$OUT/wsedge.toml" 2>>"$OUT/wsedge.log" & ;;
+    esac
+    PROXY_PID[$1]=$!
+    PIDS+=($!)
+    wait_port "${PORT[$1]}"
+}
+stop_proxy() {
+    kill "${PROXY_PID[$1]}" 2>/dev/null || true
+    wait "${PROXY_PID[$1]}" 2>/dev/null || true
+    while (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$1]}") 2>/dev/null; do sleep 0.05; done
+}
+
 declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET")
 TARGETS=(direct nginx haproxy haproxy-jwt wsedge)
 PROXIES=(nginx haproxy haproxy-jwt wsedge)
+wait_port 19001
+for proxy in "${PROXIES[@]}"; do start_proxy "$proxy"; done
 
 # The resident memory of a process and all its descendants, in KiB.
 tree_rss() {
@@ -142,14 +151,6 @@ tree_rss() {
         total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
     done
     echo "$total"
-}
-proxy_pid() {
-    case $1 in
-        nginx) cat "$OUT/nginx.pid" ;;
-        haproxy) pgrep -f "haproxy -f $OUT/haproxy.cfg" | head -1 ;;
-        haproxy-jwt) pgrep -f "haproxy -f $OUT/haproxy-jwt.cfg" | head -1 ;;
-        wsedge) pgrep -f "wsedge --config $OUT/wsedge.toml" | head -1 ;;
-    esac
 }
 
 RESULTS=$OUT/results.jsonl
@@ -174,7 +175,11 @@ for rep in $(seq 1 "$REPS"); do
         load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
     done
     for target in "${PROXIES[@]}"; do
-        pid=$(proxy_pid "$target")
+        # A fresh process: memory an allocator kept from the streams above would hide the cost.
+        stop_proxy "$target"
+        start_proxy "$target"
+        sleep 0.5
+        pid=${PROXY_PID[$target]}
         before=$(tree_rss "$pid")
         # shellcheck disable=SC2086
         "$LOAD" idle --url "ws://127.0.0.1:${PORT[$target]}/ws" --label "$target" ${AUTH[$target]} \

@@ -50,7 +50,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A batch of messages fed before one flush is cut at this many messages or bytes, so that a
 /// source that is always ready cannot delay delivery or starve the heartbeat.
-const BATCH_MESSAGES: usize = 64;
+const BATCH_MESSAGES: usize = 1024;
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// A token bucket: `per_second` sustained, `burst` at once.
