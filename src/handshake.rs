@@ -315,7 +315,7 @@ impl Session {
             self.lifecycle,
             self.token_expires_at,
             counters,
-            shared.shutdown.child_token(),
+            shared.shutdown.clone(),
         ))
         .await;
         let lasted = started.elapsed();

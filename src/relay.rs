@@ -14,14 +14,13 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -194,6 +193,9 @@ struct Liveness {
     start: Instant,
     /// Per side: when an unanswered ping was sent.
     ping_outstanding: [AtomicU64; 2],
+    /// Per side: the watchdog asks the pump writing to that side to send a ping. The pumps run
+    /// in the watchdog's task, so a flag and a self-wake replace a timer in each pump.
+    ping_due: [AtomicBool; 2],
     /// Per side: since when a write to it has been blocked.
     write_blocked: [AtomicU64; 2],
     /// The last data message either way.
@@ -205,6 +207,7 @@ impl Liveness {
         Self {
             start: Instant::now(),
             ping_outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
+            ping_due: [AtomicBool::new(false), AtomicBool::new(false)],
             write_blocked: [AtomicU64::new(0), AtomicU64::new(0)],
             last_data: AtomicU64::new(1),
         }
@@ -521,6 +524,9 @@ async fn watchdog(
 ) -> Deadline {
     let pong_timeout = lifecycle.pong_timeout.as_millis() as u64;
     let session_deadline = lifecycle.max_session.map(|max| liveness.at(max));
+    let mut next_ping = lifecycle
+        .ping_interval
+        .map(|interval| liveness.at(interval));
     loop {
         let now = liveness.now();
         let mut next = u64::MAX;
@@ -567,10 +573,24 @@ async fn watchdog(
                     return what;
                 }
             }
-            // Pings and blocked writes start without waking us; the next ping is sent at the
-            // next multiple of the interval, so by then + pong_timeout we look again.
-            let next_ping = (now / interval + 1) * interval;
-            next = next.min(next_ping + pong_timeout);
+            if let Some(at) = next_ping.as_mut() {
+                if now >= *at {
+                    // One ping at a time: an unanswered one is judged above.
+                    for side in [Side::Client, Side::Upstream] {
+                        if liveness.ping_outstanding[side.index()].load(Ordering::Relaxed) == 0 {
+                            liveness.ping_due[side.index()].store(true, Ordering::Relaxed);
+                        }
+                    }
+                    *at = now + interval;
+                    // Re-poll the task at once, so the pumps see the flags.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                next = next.min(*at);
+            }
+            // A write that blocks starts without waking us; by the next ping + pong_timeout we
+            // look again.
+            next = next.min(next_ping.unwrap_or(now) + pong_timeout);
         }
         let sleep_ms = next.saturating_sub(now).min(24 * 3600 * 1000);
         tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
@@ -665,31 +685,26 @@ where
         Side::Client => lifecycle.message_rate.map(TokenBucket::new),
         Side::Upstream => None,
     };
-    let mut ping_timer = lifecycle.ping_interval.map(|interval| {
-        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        timer
-    });
-    let outstanding = &liveness.ping_outstanding[destination_side.index()];
+    let ping_due = &liveness.ping_due[destination_side.index()];
 
     loop {
-        let item = match ping_timer.as_mut() {
-            None => source.next().await,
-            Some(timer) => tokio::select! {
-                biased;
-                _ = timer.tick() => {
-                    // One ping at a time: an unanswered one is the watchdog's business.
-                    if outstanding.load(Ordering::Relaxed) == 0 {
-                        outstanding.store(liveness.now(), Ordering::Relaxed);
-                        let ping = destination.send(Message::Ping(Bytes::new()));
-                        if tracked(ping, destination_side, liveness).await.is_err() {
-                            return End::DestinationLost;
-                        }
-                    }
-                    continue;
-                }
-                item = source.next() => item,
-            },
+        // One relaxed load per poll: the ping check costs nothing on the hot path.
+        let woke = poll_fn(|cx| {
+            if ping_due.load(Ordering::Relaxed) {
+                ping_due.store(false, Ordering::Relaxed);
+                return Poll::Ready(None);
+            }
+            source.poll_next_unpin(cx).map(Some)
+        })
+        .await;
+        let Some(item) = woke else {
+            liveness.ping_outstanding[destination_side.index()]
+                .store(liveness.now(), Ordering::Relaxed);
+            let ping = destination.send(Message::Ping(Bytes::new()));
+            if tracked(ping, destination_side, liveness).await.is_err() {
+                return End::DestinationLost;
+            }
+            continue;
         };
 
         let mut batch_messages = 0;
