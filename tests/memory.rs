@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::process::EdgeProcess;
@@ -40,6 +40,28 @@ max_message_size = "1MiB"
     )
 }
 
+/// Waits until a writer's byte counter has not moved for a whole second (its writes are
+/// blocked by backpressure) and returns the count; fails if it never stops within a minute.
+async fn stalled(counter: &AtomicU64, writer: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = u64::MAX;
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = counter.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= Duration::from_secs(1) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{writer} never stalled: {now} bytes sent"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
     let upstream = Upstream::start().await;
@@ -55,23 +77,7 @@ async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
     client.send_text(&format!("flood {MESSAGES} {SIZE}")).await;
 
     // Wait until the upstream's writes stall: no progress for a whole second.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = u64::MAX;
-    let mut still_since = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let sent = upstream.flooded.load(Ordering::SeqCst);
-        if sent != last {
-            last = sent;
-            still_since = Instant::now();
-        } else if still_since.elapsed() >= Duration::from_secs(1) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the upstream never stalled: {sent} bytes sent"
-        );
-    }
+    let last = stalled(&upstream.flooded, "the upstream").await;
     let total = (MESSAGES * SIZE) as u64;
     assert!(
         last < total / 2,
@@ -134,20 +140,7 @@ async fn a_frozen_upstream_holds_the_edge_to_a_bounded_memory_too() {
             sent_in_task.fetch_add(SIZE as u64, Ordering::SeqCst);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = u64::MAX;
-    let mut still_since = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now_sent = sent.load(Ordering::SeqCst);
-        if now_sent != last {
-            last = now_sent;
-            still_since = Instant::now();
-        } else if still_since.elapsed() >= Duration::from_secs(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the client never stalled");
-    }
+    let last = stalled(&sent, "the client").await;
     assert!(
         last < (MESSAGES * SIZE) as u64 / 2,
         "backpressure did not stop the client: {last} bytes"
