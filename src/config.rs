@@ -414,7 +414,7 @@ impl Ctx<'_> {
         let Some(value) = value else { return default };
         match value.get_ref() {
             RawRate::Off(off) if off == "off" => None,
-            RawRate::Limit(limit) if limit.per_second > 0.0 && limit.per_second.is_finite() => {
+            RawRate::Limit(limit) if (0.001..=1e6).contains(&limit.per_second) => {
                 let burst = limit.burst.unwrap_or(limit.per_second.ceil() as u32).max(1);
                 Some(RateLimit {
                     per_second: limit.per_second,
@@ -424,7 +424,7 @@ impl Ctx<'_> {
             _ => {
                 self.error(
                     value.span(),
-                    "expected { per_second = N, burst = M } with N > 0, or \"off\"",
+                    "expected { per_second = N, burst = M } with N from 0.001 to 1000000, or \"off\"",
                 );
                 default
             }
@@ -608,9 +608,12 @@ impl Ctx<'_> {
         });
         let max_connections = match &raw.max_connections {
             None => 100_000,
-            Some(value) if *value.get_ref() >= 1 => *value.get_ref() as usize,
+            Some(value) if (1..=10_000_000).contains(value.get_ref()) => *value.get_ref() as usize,
             Some(value) => {
-                self.error(value.span(), "max_connections must be at least 1");
+                self.error(
+                    value.span(),
+                    "max_connections must be between 1 and 10000000",
+                );
                 1
             }
         };
@@ -1234,6 +1237,22 @@ auth = "main"
         let text = minimal("").replace("[\"HS256\"]", "[\"HS256\", \"RS256\"]");
         let error = first_error(&text);
         assert!(error.contains("mix key families"), "{error}");
+    }
+
+    #[test]
+    fn values_that_could_not_run_are_refused_by_check() {
+        let text = minimal("").replace(
+            "[server]\n",
+            "[server]\nmax_connections = 9223372036854775807\n",
+        );
+        assert!(first_error(&text).contains("max_connections must be between"));
+        let text = minimal("message_rate = { per_second = 1e-30 }");
+        assert!(first_error(&text).contains("per_second"));
+        let text = minimal("").replace(
+            "[server]\n",
+            "[server]\nhandshake_rate_per_ip = { per_second = 1e-30 }\n",
+        );
+        assert!(first_error(&text).contains("per_second"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::auth::{FoundToken, Identity, TokenSource};
 use crate::io::ReadBuffered;
 use crate::refusal::Refusal;
 use crate::relay;
-use crate::route::{PathMatch, Route, UpstreamTarget};
+use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
 use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
 
 /// What the accept loop knows about the client's connection.
@@ -42,6 +42,17 @@ pub struct ClientConn {
 /// Identity headers stripped from every client request, whatever a route injects: a chat core
 /// that trusts `x-user-id` must never see a client's own copy.
 const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-tenant-id", "x-conversation-id"];
+
+const CONVERSATION_PARAM: &str = "conversation_id";
+
+/// Whether two header names are the same once `_` is read as `-`: CGI, WSGI and several web
+/// servers fold them together, so `X_User_Id` must be stripped like `x-user-id`.
+fn same_header(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            x.eq_ignore_ascii_case(&y) || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-'))
+        })
+}
 
 /// The request's path with any query replaced, for logs (query strings carry tokens).
 pub fn redacted_target(uri: &http::Uri) -> String {
@@ -147,6 +158,7 @@ async fn prepare(
         .find(host.as_deref(), path)
         .ok_or_else(Refusal::no_route)?;
     known.route = Some(route.label.clone());
+    check_path(path)?;
     let client_key = check_upgrade(request.method(), headers)?;
     if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
         return Err(Refusal::origin());
@@ -170,8 +182,13 @@ async fn prepare(
         }
     };
     known.identity = Some(identity.clone());
-    let query_conversation =
-        token_source::query_param(query, "conversation_id").filter(|c| !c.is_empty());
+    let mut named = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(key, _)| key == CONVERSATION_PARAM)
+        .map(|(_, value)| value.into_owned());
+    let query_conversation = named.next().filter(|c| !c.is_empty());
+    if named.next().is_some() {
+        return Err(Refusal::bad_handshake("conversation_id may be given once"));
+    }
     let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
     known.identity = Some(identity.clone());
     let user_slot = match config.server.max_connections_per_user {
@@ -231,8 +248,11 @@ async fn prepare(
         request_id: request_id.to_owned(),
         route: route.label.clone(),
         lifecycle: route.lifecycle.clone(),
+        // An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline;
+        // it must neither overflow the clock arithmetic nor wrap around to "now".
         token_expires_at: identity
             .expires_at
+            .filter(|&exp| exp < 32_503_680_000) // year 3000
             .map(|exp| std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp)),
         ws_config,
         audit_fields,
@@ -411,6 +431,21 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
+/// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
+/// normalises them would route a request outside the path its route names.
+fn check_path(path: &str) -> Result<(), Refusal> {
+    let dot_segment = path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    if dot_segment {
+        return Err(Refusal::bad_handshake(
+            "dot segments are not allowed in the path",
+        ));
+    }
+    Ok(())
+}
+
 fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal> {
     let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
@@ -476,8 +511,12 @@ fn shape_upstream_request(
     for (name, value) in headers {
         let lower = name.as_str();
         let dropped = crate::route::is_reserved_header(name)
-            || IDENTITY_HEADERS.contains(&lower)
-            || injected.contains(&name)
+            || IDENTITY_HEADERS
+                .iter()
+                .any(|identity| same_header(identity, lower))
+            || injected
+                .iter()
+                .any(|injected| same_header(injected.as_str(), lower))
             || nominated.iter().any(|n| n == lower)
             || matches!(
                 lower,
@@ -485,6 +524,7 @@ fn shape_upstream_request(
                     | "proxy-connection"
                     | "proxy-authorization"
                     | "x-request-id"
+                    | "x-real-ip"
                     | "forwarded"
             )
             || lower.starts_with("x-forwarded-")
@@ -562,7 +602,14 @@ fn upstream_query(
     };
     let mut query = form_urlencoded::Serializer::new(String::new());
     for (key, value) in form_urlencoded::parse(client_query.unwrap_or("").as_bytes()) {
-        if is_token_param(&key) || route.upstream_query.iter().any(|(k, _)| *k == key) {
+        // The conversation reaches the upstream only as the edge decided it (upstream_query),
+        // never as the client wrote it.
+        let edge_decides =
+            key == CONVERSATION_PARAM && route.conversation != ConversationMode::None;
+        if is_token_param(&key)
+            || edge_decides
+            || route.upstream_query.iter().any(|(k, _)| *k == key)
+        {
             continue;
         }
         query.append_pair(&key, &value);

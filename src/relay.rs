@@ -47,6 +47,9 @@ pub mod codes {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the edge tries to deliver a close frame to a peer that stopped responding.
 const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// With heartbeats off, a side whose writes stay blocked this long (plus `pong_timeout`) is
+/// still closed: turning pings off must not let a stalled reader hold its slots forever.
+const STALL_WINDOW_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(30);
 /// A batch of messages fed before one flush is cut at this many messages or bytes, so that a
 /// source that is always ready cannot delay delivery or starve the heartbeat.
 const BATCH_MESSAGES: usize = 1024;
@@ -553,45 +556,51 @@ async fn watchdog(
                 return what;
             }
         }
-        if let Some(interval) = lifecycle.ping_interval {
-            let interval = interval.as_millis() as u64;
-            for side in [Side::Client, Side::Upstream] {
-                let i = side.index();
-                if let Some(sent) = Liveness::get(&liveness.ping_outstanding[i])
-                    && let Some(what) = due(sent + pong_timeout, Deadline::Unresponsive(side))
-                {
-                    return what;
-                }
-                // A side that reads nothing would have had a ping within the interval and
-                // the pong timeout to answer it.
-                if let Some(since) = Liveness::get(&liveness.write_blocked[i])
-                    && let Some(what) = due(
-                        since + interval + pong_timeout,
-                        Deadline::Unresponsive(side),
-                    )
-                {
-                    return what;
-                }
+        // Without heartbeats a peer that reads nothing is still judged, over the default window.
+        let interval = lifecycle
+            .ping_interval
+            .unwrap_or(STALL_WINDOW_WITHOUT_HEARTBEATS)
+            .as_millis() as u64;
+        for side in [Side::Client, Side::Upstream] {
+            let i = side.index();
+            // While writes to the other side are blocked, this side is not being read, so its
+            // pong cannot be seen: judging it would blame the wrong peer.
+            let other_blocked = liveness.write_blocked[1 - i].load(Ordering::Relaxed) != 0;
+            if !other_blocked
+                && let Some(sent) = Liveness::get(&liveness.ping_outstanding[i])
+                && let Some(what) = due(sent + pong_timeout, Deadline::Unresponsive(side))
+            {
+                return what;
             }
-            if let Some(at) = next_ping.as_mut() {
-                if now >= *at {
-                    // One ping at a time: an unanswered one is judged above.
-                    for side in [Side::Client, Side::Upstream] {
-                        if liveness.ping_outstanding[side.index()].load(Ordering::Relaxed) == 0 {
-                            liveness.ping_due[side.index()].store(true, Ordering::Relaxed);
-                        }
-                    }
-                    *at = now + interval;
-                    // Re-poll the task at once, so the pumps see the flags.
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                next = next.min(*at);
+            // A side that reads nothing would have had a ping within the interval and the pong
+            // timeout to answer it.
+            if let Some(since) = Liveness::get(&liveness.write_blocked[i])
+                && let Some(what) = due(
+                    since + interval + pong_timeout,
+                    Deadline::Unresponsive(side),
+                )
+            {
+                return what;
             }
-            // A write that blocks starts without waking us; by the next ping + pong_timeout we
-            // look again.
-            next = next.min(next_ping.unwrap_or(now) + pong_timeout);
         }
+        if let Some(at) = next_ping.as_mut() {
+            if now >= *at {
+                // One ping at a time: an unanswered one is judged above.
+                for side in [Side::Client, Side::Upstream] {
+                    if liveness.ping_outstanding[side.index()].load(Ordering::Relaxed) == 0 {
+                        liveness.ping_due[side.index()].store(true, Ordering::Relaxed);
+                    }
+                }
+                *at = now + interval;
+                // Re-poll the task at once, so the pumps see the flags.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            next = next.min(*at);
+        }
+        // A write that blocks starts without waking us; by the next ping (or window) plus
+        // pong_timeout we look again.
+        next = next.min(next_ping.unwrap_or(now + interval) + pong_timeout);
         let sleep_ms = next.saturating_sub(now).min(24 * 3600 * 1000);
         tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
     }

@@ -80,6 +80,8 @@ pub enum TenantRule {
 
 /// One upstream URL, parsed once.
 pub struct UpstreamTarget {
+    /// Scheme, authority and path only: what logs and the audit log show. A query or user
+    /// info in the configured URL may hold credentials.
     pub url: String,
     pub host: String,
     pub port: u16,
@@ -145,7 +147,11 @@ impl UpstreamTarget {
             None
         };
         Ok(Self {
-            url: url.to_owned(),
+            url: format!(
+                "{}://{authority}{}",
+                if secure { "wss" } else { "ws" },
+                uri.path()
+            ),
             host,
             port,
             authority,
@@ -289,6 +295,14 @@ impl Route {
                 return Err(Refusal::forbidden(
                     "tenant_not_allowed",
                     "the token's tenant is not allowed here",
+                ));
+            }
+            // Only a pinned tenant comes from the config. Host and path are client input: a
+            // token that names no tenant cannot be bound to whatever tenant the client asks for.
+            (Some(_), None) if !matches!(self.tenant, TenantRule::Pin(_)) => {
+                return Err(Refusal::forbidden(
+                    "tenant_required",
+                    "the token names no tenant",
                 ));
             }
             (Some(bound), None) => identity.tenant = Some(bound),
@@ -499,10 +513,18 @@ mod tests {
             tenant(&r, Some("acme"), Some("evil.chat.example.com"), "/t"),
             Err("tenant_not_allowed")
         );
+        assert_eq!(
+            tenant(&r, None, Some("acme.chat.example.com"), "/t"),
+            Err("tenant_required")
+        );
         r.settings.tenant = TenantRule::FromPath(2);
         assert_eq!(
-            tenant(&r, None, None, "/t/globex/chat"),
+            tenant(&r, Some("globex"), None, "/t/globex/chat"),
             Ok(Some("globex".into()))
+        );
+        assert_eq!(
+            tenant(&r, None, None, "/t/globex/chat"),
+            Err("tenant_required")
         );
     }
 }

@@ -452,3 +452,97 @@ async fn round_robin_across_targets_and_a_dead_target_is_skipped() {
         "spread over both live targets: {on_a} / {on_b}"
     );
 }
+
+#[tokio::test]
+async fn the_client_cannot_smuggle_a_conversation_to_the_upstream() {
+    let mut upstream = Upstream::start().await;
+    let edge = edge_for(&upstream, r#"conversation = "token""#).await;
+    let token = hs256(&claims("alice", json!({ "conversation_id": "c1" })));
+    for query in [
+        "conversation_id=c1&conversation_id=evil",
+        "conversation_id=&conversation_id=evil",
+    ] {
+        let refused = connect_refused(
+            &with_token(&edge, &format!("/ws/chat?{query}"), &token),
+            &[],
+        )
+        .await;
+        assert_eq!(refused.status, 400, "{query}");
+    }
+    // A single matching copy is accepted, but only the edge's decision goes upstream: here the
+    // route sets no upstream_query, so no conversation_id parameter at all.
+    connect_ok(
+        &with_token(&edge, "/ws/chat?conversation_id=c1&lang=en", &token),
+        &[],
+    )
+    .await;
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.query_param("conversation_id"), None, "{}", seen.target);
+    assert_eq!(seen.query_param("lang").as_deref(), Some("en"));
+    assert_eq!(seen.header("x-conversation-id"), Some("c1"));
+    edge.stop().await;
+
+    // With conversation = "none" the edge does not deal with conversations and passes it on.
+    let edge = edge_for(&upstream, r#"conversation = "none""#).await;
+    connect_ok(
+        &with_token(
+            &edge,
+            "/ws/chat?conversation_id=anything",
+            &token_for("alice"),
+        ),
+        &[],
+    )
+    .await;
+    let seen = upstream.next_request().await;
+    assert_eq!(
+        seen.query_param("conversation_id").as_deref(),
+        Some("anything")
+    );
+    assert_eq!(seen.header("x-conversation-id"), None);
+}
+
+#[tokio::test]
+async fn identity_header_spellings_and_x_real_ip_are_stripped() {
+    let mut upstream = Upstream::start().await;
+    let edge = edge_for(&upstream, "").await;
+    connect_ok(
+        &with_token(&edge, "/ws/chat", &token_for("alice")),
+        &[
+            ("X_User_Id", "mallory"),
+            ("x-tenant_id", "evil"),
+            ("X-Real-IP", "6.6.6.6"),
+        ],
+    )
+    .await;
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.header_all("x-user-id"), vec!["alice"]);
+    for forged in ["x_user_id", "x-tenant_id", "x-real-ip"] {
+        assert_eq!(seen.header(forged), None, "{forged} reached the upstream");
+    }
+}
+
+#[tokio::test]
+async fn dot_segments_in_the_path_are_refused() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url("/core"), "", "match = \"prefix\"")
+        .replace("path = \"/ws/chat\"", "path = \"/t\"");
+    let edge = TestEdge::start(&config).await;
+    for path in ["/t/../../admin", "/t/./x", "/t/%2e%2e/admin", "/t/%2E%2e"] {
+        let refused = connect_refused(&with_token(&edge, path, &token_for("alice")), &[]).await;
+        assert_eq!(refused.status, 400, "{path}");
+    }
+    connect_ok(&with_token(&edge, "/t/rooms/..x", &token_for("alice")), &[]).await;
+}
+
+#[tokio::test]
+async fn a_token_that_never_really_expires_keeps_its_connection() {
+    let upstream = Upstream::start().await;
+    let edge = edge_for(&upstream, "").await;
+    // Far beyond what the clock arithmetic can hold, and just where milliseconds would wrap.
+    for exp in [u64::MAX / 2 + 1, now() + u64::MAX / 1000] {
+        let token = hs256(&claims("alice", json!({ "exp": exp })));
+        let mut ws = connect_ok(&with_token(&edge, "/ws/chat", &token), &[]).await;
+        ws.send(Message::text("still here")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, "still here", "exp {exp}");
+    }
+}
