@@ -238,3 +238,32 @@ async fn the_message_rate_limit_is_exact_and_closes_with_1008() {
     );
     edge.wait_idle().await;
 }
+
+#[tokio::test]
+async fn a_stalled_upstream_is_blamed_not_the_client_it_stopped_reading() {
+    let (mut upstream, edge) =
+        setup("ping_interval = \"300ms\"\npong_timeout = \"300ms\"\nmessage_rate = \"off\"").await;
+    let mut client = RawClient::connect(edge.addr, &path_with(&token_for("alice")), &[]).await;
+    client.send_text("freeze").await;
+    upstream.next_request().await;
+    // The client pushes until the frozen upstream's buffers are full: the edge stops reading the
+    // client, so the client's pongs cannot be read either. That is the upstream's fault.
+    let mut writer = client.take_writer();
+    let pusher = tokio::spawn(async move {
+        let payload = pattern(64 * 1024);
+        while writer.send_frame(2, &payload).await {}
+    });
+    let code = loop {
+        let frame = client.read_frame().await.expect("a close frame");
+        if frame.opcode == 8 {
+            break frame.close_code();
+        }
+    };
+    assert_eq!(
+        code,
+        Some(1014),
+        "the client was blamed for the upstream's stall"
+    );
+    pusher.abort();
+    edge.wait_idle().await;
+}

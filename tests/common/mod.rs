@@ -700,8 +700,19 @@ pub async fn next_text(ws: &mut Client) -> String {
 // (it reports 1014 as 1002) and frames it would refuse to send.
 
 pub struct RawClient {
-    stream: TcpStream,
+    reader: tokio::net::tcp::OwnedReadHalf,
+    writer: Option<tokio::net::tcp::OwnedWriteHalf>,
     buffer: Vec<u8>,
+}
+
+/// The sending half of a raw client, for a test that writes and reads at the same time.
+pub struct RawWriter(tokio::net::tcp::OwnedWriteHalf);
+
+impl RawWriter {
+    /// Sends a final masked frame; false once the connection is gone.
+    pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> bool {
+        self.0.write_all(&masked(opcode, payload)).await.is_ok()
+    }
 }
 
 pub struct RawFrame {
@@ -749,7 +760,21 @@ impl RawClient {
             "expected 101, got: {head}"
         );
         buffer.drain(..head_end);
-        RawClient { stream, buffer }
+        let (reader, writer) = stream.into_split();
+        RawClient {
+            reader,
+            writer: Some(writer),
+            buffer,
+        }
+    }
+
+    /// Takes the sending half; the client then only reads.
+    pub fn take_writer(&mut self) -> RawWriter {
+        RawWriter(self.writer.take().expect("the writer was already taken"))
+    }
+
+    fn writer(&mut self) -> &mut tokio::net::tcp::OwnedWriteHalf {
+        self.writer.as_mut().expect("the writer was taken")
     }
 
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
@@ -757,13 +782,13 @@ impl RawClient {
         if !fin {
             frame[0] &= 0x7f;
         }
-        self.stream.write_all(&frame).await.unwrap();
+        self.writer().write_all(&frame).await.unwrap();
     }
 
     async fn fill(&mut self, needed: usize) -> bool {
         while self.buffer.len() < needed {
             let mut chunk = vec![0u8; 64 * 1024];
-            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            let n = match tokio::time::timeout(WAIT, self.reader.read(&mut chunk))
                 .await
                 .expect("no frame in time")
             {
@@ -826,7 +851,9 @@ impl RawClient {
             let frame = self.read_frame().await?;
             if frame.opcode == 8 {
                 let payload = frame.payload.get(..2).unwrap_or_default().to_vec();
-                let _ = self.stream.write_all(&masked(8, &payload)).await;
+                if let Some(writer) = self.writer.as_mut() {
+                    let _ = writer.write_all(&masked(8, &payload)).await;
+                }
                 return frame.close_code();
             }
         }
@@ -851,7 +878,7 @@ impl RawClient {
 
     /// Drops the TCP connection without a close frame.
     pub fn vanish(self) {
-        drop(self.stream);
+        drop(self);
     }
 }
 
