@@ -48,6 +48,8 @@ pub struct ServerSettings {
     pub max_header_size: usize,
     /// Concurrent connections one user (per tenant) may hold; `None` = unlimited.
     pub max_connections_per_user: Option<u32>,
+    /// Connections still in TLS or before their upgrade; more are closed as they arrive.
+    pub max_pending_handshakes: usize,
     pub handshake_rate_per_ip: Option<RateLimit>,
 }
 
@@ -145,6 +147,7 @@ struct RawServer {
     drain_timeout: Option<Spanned<String>>,
     max_header_size: Option<Spanned<String>>,
     max_connections_per_user: Option<Spanned<i64>>,
+    max_pending_handshakes: Option<Spanned<i64>>,
     handshake_rate_per_ip: Option<Spanned<RawRate>>,
 }
 
@@ -631,6 +634,17 @@ impl Ctx<'_> {
                 None
             }
         };
+        let max_pending_handshakes = match &raw.max_pending_handshakes {
+            None => 4096,
+            Some(value) if (1..=1_000_000).contains(value.get_ref()) => *value.get_ref() as usize,
+            Some(value) => {
+                self.error(
+                    value.span(),
+                    "max_pending_handshakes must be between 1 and 1000000",
+                );
+                1
+            }
+        };
         let handshake_rate_per_ip = self.rate(
             &raw.handshake_rate_per_ip,
             Some(RateLimit {
@@ -656,6 +670,7 @@ impl Ctx<'_> {
             max_header_size: max_header_size as usize,
             max_connections_per_user,
             handshake_rate_per_ip,
+            max_pending_handshakes,
         })
     }
 

@@ -46,6 +46,9 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// One permit per proxied connection, sized by `server.max_connections`.
     pub connection_slots: Arc<Semaphore>,
+    /// One permit per connection that has not upgraded yet, sized by
+    /// `server.max_pending_handshakes`: slow or silent clients cannot pile up unbounded.
+    pub handshake_slots: Arc<Semaphore>,
     pub user_connections: Arc<limits::UserConnections>,
     pub handshake_rate: Option<limits::HandshakeRate>,
     pub metrics: metrics::Metrics,

@@ -55,10 +55,11 @@ impl EdgeHandle {
             tracing::warn!("the admin address changed; it takes effect on restart, not on reload");
         }
         if config.server.max_connections != old.server.max_connections
+            || config.server.max_pending_handshakes != old.server.max_pending_handshakes
             || config.server.handshake_rate_per_ip != old.server.handshake_rate_per_ip
         {
             tracing::warn!(
-                "max_connections and handshake_rate_per_ip take effect on restart, not on reload"
+                "max_connections, max_pending_handshakes and handshake_rate_per_ip take effect on restart, not on reload"
             );
         }
         // Reopened even when unchanged, so that SIGHUP after log rotation moves to the new file.
@@ -117,6 +118,7 @@ impl Edge {
             metrics,
             audit,
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
             user_connections: Arc::default(),
             handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
             config: ArcSwap::from_pointee(config),
@@ -210,10 +212,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((tcp, peer)) => {
+                let Ok(pending) = shared.handshake_slots.clone().try_acquire_owned() else {
+                    // Full of clients that have not finished their handshake: close at once
+                    // rather than queue (the handshake timeout frees slots).
+                    shared.metrics.limit_hit("max_pending_handshakes");
+                    drop(tcp);
+                    continue;
+                };
                 let shared_for_task = shared.clone();
-                shared
-                    .tasks
-                    .spawn(serve_connection(tcp, peer, shared_for_task));
+                shared.tasks.spawn(async move {
+                    serve_connection(tcp, peer, shared_for_task).await;
+                    drop(pending);
+                });
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning.

@@ -237,3 +237,55 @@ async fn when_every_target_times_out_the_client_gets_504() {
     );
     edge.wait_idle().await;
 }
+
+#[tokio::test]
+async fn clients_that_have_not_upgraded_are_capped_and_upgraded_ones_do_not_count() {
+    let upstream = Upstream::start().await;
+    let config = with_server_keys(
+        basic_config(&upstream.url("/ws"), "", ""),
+        "max_pending_handshakes = 2",
+    );
+    let edge = TestEdge::start(&config).await;
+    // Upgraded connections hold no pending slot.
+    let mut upgraded = Vec::new();
+    for _ in 0..3 {
+        upgraded.push(connect_ok(&chat(&edge, &token_for("alice")), &[]).await);
+    }
+    // Two silent clients take both slots…
+    let _mute_one = TcpStream::connect(edge.addr).await.unwrap();
+    let _mute_two = TcpStream::connect(edge.addr).await.unwrap();
+    // …so a third is closed at once, long before the 10 s handshake timeout.
+    let started = Instant::now();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut third = TcpStream::connect(edge.addr).await.unwrap();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut rest)).await;
+        if closed.is_ok() {
+            break;
+        }
+        // The two silent ones may not have been accepted yet; try again.
+        assert!(
+            Instant::now() < deadline,
+            "a third pending client was never refused"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Once the silent ones go, new clients are served again.
+    drop((_mute_one, _mute_two));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // The edge may not have seen the silent clients leave yet: a refused attempt is an I/O
+        // error here, not a test failure.
+        let tcp = TcpStream::connect(edge.addr).await.unwrap();
+        let attempt = tokio_tungstenite::client_async(chat(&edge, &token_for("bob")), tcp);
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(_)) => break,
+            _ => {
+                assert!(Instant::now() < deadline, "slots were not released");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
