@@ -141,7 +141,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Spanned<Vec<Spanned<String>>>,
-    tls: Option<RawTls>,
+    tls: Option<OneOrManyTls>,
     handshake_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
@@ -149,6 +149,41 @@ struct RawServer {
     max_connections_per_user: Option<Spanned<i64>>,
     max_pending_handshakes: Option<Spanned<i64>>,
     handshake_rate_per_ip: Option<Spanned<RawRate>>,
+}
+
+/// `tls = { cert, key }`, or a list of them selected by the client's SNI name.
+enum OneOrManyTls {
+    One(RawTls),
+    Many(Vec<RawTls>),
+}
+
+// By hand rather than `#[serde(untagged)]`: an untagged enum buffers its input, which loses the
+// spans that the error messages point with.
+impl<'de> Deserialize<'de> for OneOrManyTls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrManyTls;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{ cert = \"…\", key = \"…\" } or a list of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<OneOrManyTls, A::Error> {
+                RawTls::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(OneOrManyTls::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<OneOrManyTls, A::Error> {
+                Vec::<RawTls>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(OneOrManyTls::Many)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -597,14 +632,29 @@ impl Ctx<'_> {
                 ),
             }
         }
-        let tls = raw.tls.and_then(|raw_tls| {
-            let cert = self.read_file(raw_tls.cert.span(), "certificate", raw_tls.cert.get_ref());
-            let key = self.read_file(raw_tls.key.span(), "private key", raw_tls.key.get_ref());
-            let (cert, key) = (cert?, key?);
-            match tls::server_config(&cert, &key) {
+        let tls = raw.tls.and_then(|tls| {
+            let entries = match tls {
+                OneOrManyTls::One(one) => vec![one],
+                OneOrManyTls::Many(many) => many,
+            };
+            let mut pairs = Vec::new();
+            for entry in &entries {
+                let cert = self.read_file(entry.cert.span(), "certificate", entry.cert.get_ref());
+                let key = self.read_file(entry.key.span(), "private key", entry.key.get_ref());
+                pairs.push((entry.cert.span(), cert?, key?));
+            }
+            if pairs.is_empty() {
+                self.error(0..0, "tls = [] lists no certificate");
+                return None;
+            }
+            match tls::server_config(
+                pairs
+                    .iter()
+                    .map(|(_, cert, key)| (cert.as_slice(), key.as_slice())),
+            ) {
                 Ok(config) => Some(config),
-                Err(message) => {
-                    self.error(raw_tls.cert.span(), message);
+                Err((index, message)) => {
+                    self.error(pairs[index].0.clone(), message);
                     None
                 }
             }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -16,24 +18,71 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-/// A listener config from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
+/// A listener config from PEM certificate chains and private keys. With several, the one whose
+/// certificate is valid for the client's SNI name is chosen; the first is the default (no SNI,
+/// or a name none of them covers). An error names the pair (by index) it is about.
+pub fn server_config<'a>(
+    pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Arc<ServerConfig>, (usize, String)> {
+    let provider = provider();
+    let mut certified = Vec::new();
+    for (index, (cert_pem, key_pem)) in pairs.into_iter().enumerate() {
+        certified.push(Arc::new(
+            certified_key(cert_pem, key_pem, &provider).map_err(|e| (index, e))?,
+        ));
+    }
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| (0, format!("TLS setup failed: {e}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { certified }));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
     if chain.is_empty() {
         return Err("certificate file holds no CERTIFICATE block".into());
     }
+    webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
+        format!("the first certificate is not a usable end-entity certificate: {e}")
+    })?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("private key file holds no usable PEM private key: {e}"))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(VERSIONS)
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate and key do not make a usable pair: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    CertifiedKey::from_der(chain, key, provider)
+        .map_err(|e| format!("certificate and key do not make a usable pair: {e}"))
+}
+
+#[derive(Debug)]
+struct SniResolver {
+    certified: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello
+            .server_name()
+            .and_then(|name| ServerName::try_from(name.to_owned()).ok());
+        if let Some(name) = name {
+            let fits = |key: &&Arc<CertifiedKey>| {
+                key.cert.first().is_some_and(|leaf| {
+                    webpki::EndEntityCert::try_from(leaf)
+                        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+                })
+            };
+            if let Some(key) = self.certified.iter().find(fits) {
+                return Some(key.clone());
+            }
+        }
+        self.certified.first().cloned()
+    }
 }
 
 pub fn root_store_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {

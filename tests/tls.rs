@@ -170,3 +170,40 @@ async fn a_wss_upstream_with_an_untrusted_certificate_is_502() {
     .await;
     assert_eq!(refused.status, 502);
 }
+
+/// Connects with TLS to the edge with this SNI name, trusting only `ca`; true when the
+/// certificate the edge chose verifies.
+async fn tls_accepted(edge: &TestEdge, ca: &TestCa, name: &str) -> bool {
+    let tcp = TcpStream::connect(edge.addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    TlsConnector::from(ca.client_config())
+        .connect(server_name, tcp)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn several_certificates_are_chosen_by_sni() {
+    let upstream = Upstream::start().await;
+    // Two names, each with a certificate from its own CA: a client trusting only one CA
+    // completes TLS only if the edge chose that name's certificate.
+    let (chat_ca, admin_ca) = (TestCa::new(), TestCa::new());
+    let dir = tempfile::tempdir().unwrap();
+    chat_ca.write(dir.path(), "chat", &["chat.example.com"]);
+    admin_ca.write(dir.path(), "admin", &["admin.example.com"]);
+    let config = basic_config(&upstream.url("/ws/chat"), "", "").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\ntls = [{ cert = \"chat.crt\", key = \"chat.key\" }, { cert = \"admin.crt\", key = \"admin.key\" }]",
+    );
+    let edge = TestEdge::start_in(&config, dir).await;
+    assert!(tls_accepted(&edge, &chat_ca, "chat.example.com").await);
+    assert!(tls_accepted(&edge, &admin_ca, "admin.example.com").await);
+    assert!(
+        !tls_accepted(&edge, &admin_ca, "chat.example.com").await,
+        "the admin certificate was served for chat"
+    );
+    assert!(
+        !tls_accepted(&edge, &chat_ca, "admin.example.com").await,
+        "the chat certificate was served for admin"
+    );
+}
