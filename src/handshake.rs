@@ -100,7 +100,6 @@ pub async fn handle(
     match prepare(&mut request, conn, &shared, &request_id, &mut known).await {
         Ok(response) => Ok(response),
         Err(refusal) => {
-            shared.stats.refused();
             let status = refusal.status.as_u16();
             shared
                 .metrics
@@ -181,7 +180,8 @@ async fn prepare(
             (identity, Some(token))
         }
     };
-    known.identity = Some(identity.clone());
+    // Kept in `known` (for the refusal's audit event) and borrowed from there: no copy.
+    let identity = known.identity.insert(identity);
     let mut named = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .filter(|(key, _)| key == CONVERSATION_PARAM)
         .map(|(_, value)| value.into_owned());
@@ -189,8 +189,8 @@ async fn prepare(
     if named.next().is_some() {
         return Err(Refusal::bad_handshake("conversation_id may be given once"));
     }
-    let identity = route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
-    known.identity = Some(identity.clone());
+    route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
+    let identity: &Identity = identity;
     let user_slot = match config.server.max_connections_per_user {
         Some(max) if !identity.user.is_empty() => Some(
             shared
@@ -205,7 +205,7 @@ async fn prepare(
         _ => None,
     };
 
-    let upstream_request = shape_upstream_request(request, route, &identity, conn, request_id)?;
+    let upstream_request = shape_upstream_request(request, route, identity, conn, request_id)?;
     let ws_config = websocket_config(route);
     let connect_started = Instant::now();
     let (upstream, upstream_url) =
@@ -238,7 +238,7 @@ async fn prepare(
     fields.insert("client".into(), conn.peer.to_string().into());
     fields.insert("upstream".into(), upstream_url.into());
     fields.insert("status".into(), 101.into());
-    identity_fields(&mut fields, Some(&identity));
+    identity_fields(&mut fields, Some(identity));
     // Kept for the disconnect event only when there is an audit log: every idle connection
     // would otherwise carry them.
     let audit_fields = shared.audit.enabled().then(|| fields.clone());
@@ -347,7 +347,7 @@ impl Session {
         if let Some(code) = report.upstream_close {
             metrics.close("upstream", code);
         }
-        if let Some(kind) = report.limit_kind() {
+        if let Some(kind) = report.limit {
             metrics.limit_hit(kind);
         }
         tracing::info!(
@@ -422,15 +422,9 @@ fn request_host(request: &Request<Incoming>) -> Option<String> {
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    token_source::header_list(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
 /// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
 /// normalises them would route a request outside the path its route names.
 fn check_path(path: &str) -> Result<(), Refusal> {
@@ -446,6 +440,7 @@ fn check_path(path: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
 fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal> {
     let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
@@ -498,12 +493,8 @@ fn shape_upstream_request(
         .collect();
 
     // Headers the client's Connection header nominates are hop-by-hop too (RFC 9110 §7.6.1).
-    let nominated: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+    let nominated: Vec<String> = token_source::header_list(headers, header::CONNECTION)
+        .map(str::to_ascii_lowercase)
         .collect();
     let injected: Vec<&HeaderName> = route.inject.iter().map(|(name, _)| name).collect();
 

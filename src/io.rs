@@ -28,10 +28,6 @@ impl<S> ReadBuffered<S> {
             position: 0,
         }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadBuffered<S> {

@@ -38,10 +38,6 @@ impl HandshakeRate {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
-
-    pub fn tracked_addresses(&self) -> usize {
-        self.limiter.len()
-    }
 }
 
 /// Open connections per (tenant, user). Entries are removed at zero, so the map is bounded by

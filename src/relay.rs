@@ -5,7 +5,7 @@
 //! Each direction reads from one socket and writes to the other with no queue in between:
 //! when the reader of one side is slow, its writes stall, the pump stops reading the other
 //! side, and TCP pushes back on the sender. What the edge holds per direction is bounded by
-//! tungstenite's read buffer and one message. Whatever is already readable is fed before a
+//! one message, tungstenite's buffers and the read chunk under it (`io.rs`). Whatever is already readable is fed before a
 //! single flush, so a burst of LLM tokens costs one write, not one per token.
 //!
 //! Pings and pongs are per hop: tungstenite answers each side's pings itself, the pump never
@@ -37,8 +37,6 @@ pub mod codes {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL_ERROR: u16 = 1011;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const BAD_GATEWAY: u16 = 1014;
     pub const TOKEN_EXPIRED: u16 = 4001;
 }
@@ -169,19 +167,8 @@ pub struct RelayReport {
     pub upstream_close: Option<u16>,
     pub client_to_upstream: Traffic,
     pub upstream_to_client: Traffic,
-}
-
-impl RelayReport {
     /// The limit that ended the session, for `wsedge_limit_hits_total`.
-    pub fn limit_kind(&self) -> Option<&'static str> {
-        match self.reason {
-            "client message rate exceeded" => Some("message_rate"),
-            "client message too big" | "upstream message too big" => Some("max_message_size"),
-            "idle timeout" => Some("idle_timeout"),
-            "session time limit" => Some("max_session"),
-            _ => None,
-        }
-    }
+    pub limit: Option<&'static str>,
 }
 
 /// The metric counters of one connection, resolved before the relay starts.
@@ -269,11 +256,17 @@ struct Plan {
     ended_by: Option<Side>,
     reason: &'static str,
     unresponsive: Option<Side>,
+    limit: Option<&'static str>,
 }
 
 fn plan_for_end(side: Side, end: End) -> Plan {
     use Finish::{Drain, Gone};
     use codes::*;
+    let limit = match end {
+        End::TooBig => Some("max_message_size"),
+        End::RateLimited => Some("message_rate"),
+        _ => None,
+    };
     let (to_source, to_other, reason) = match (side, end) {
         (Side::Client, End::Closed(frame)) => (Drain, Finish::Close(frame), "client closed"),
         (Side::Upstream, End::Closed(frame)) => (Drain, Finish::Close(frame), "upstream closed"),
@@ -324,11 +317,17 @@ fn plan_for_end(side: Side, end: End) -> Plan {
         ended_by: Some(side),
         reason,
         unresponsive: None,
+        limit,
     }
 }
 
 fn plan_for_deadline(deadline: Deadline) -> Plan {
     use codes::*;
+    let limit = match deadline {
+        Deadline::Idle => Some("idle_timeout"),
+        Deadline::SessionLimit => Some("max_session"),
+        _ => None,
+    };
     let (to_client, to_upstream, reason, unresponsive) = match deadline {
         Deadline::Unresponsive(Side::Client) => (
             close(GOING_AWAY, "heartbeat timeout"),
@@ -367,6 +366,7 @@ fn plan_for_deadline(deadline: Deadline) -> Plan {
         ended_by: None,
         reason,
         unresponsive,
+        limit,
     }
 }
 
@@ -458,6 +458,7 @@ where
                 to_upstream: close(codes::GOING_AWAY, "edge shutting down"),
                 ended_by: None,
                 reason: "edge shutting down",
+                limit: None,
                 unresponsive: None,
             },
         }
@@ -466,6 +467,7 @@ where
     let report = RelayReport {
         ended_by: plan.ended_by,
         reason: plan.reason,
+        limit: plan.limit,
         client_close: plan.to_client.code(),
         upstream_close: plan.to_upstream.code(),
         client_to_upstream: up,

@@ -259,11 +259,11 @@ impl Route {
     /// Applies the tenant and conversation rules to a verified identity.
     pub fn resolve_identity(
         &self,
-        mut identity: Identity,
+        identity: &mut Identity,
         host: Option<&str>,
         path: &str,
         query_conversation: Option<String>,
-    ) -> Result<Identity, Refusal> {
+    ) -> Result<(), Refusal> {
         let bound_tenant = match &self.tenant {
             TenantRule::Optional | TenantRule::Required => None,
             TenantRule::Pin(tenant) => Some(tenant.clone()),
@@ -339,7 +339,7 @@ impl Route {
             (ConversationMode::Generate, None, Some(query)) => Some(query),
             (ConversationMode::Generate, None, None) => Some(uuid::Uuid::new_v4().to_string()),
         };
-        Ok(identity)
+        Ok(())
     }
 }
 
@@ -463,8 +463,9 @@ mod tests {
             ..Default::default()
         };
         let conv = |r: &Route, token: Option<&str>, query: Option<&str>| {
-            r.resolve_identity(with(token), None, "/", query.map(str::to_owned))
-                .map(|id| id.conversation)
+            let mut id = with(token);
+            r.resolve_identity(&mut id, None, "/", query.map(str::to_owned))
+                .map(|()| id.conversation)
                 .map_err(|refusal| refusal.reason)
         };
         assert_eq!(conv(&r, Some("c1"), None), Ok(Some("c1".into())));
@@ -492,8 +493,9 @@ mod tests {
             ..Default::default()
         };
         let tenant = |r: &Route, token: Option<&str>, host: Option<&str>, path: &str| {
-            r.resolve_identity(with(token), host, path, None)
-                .map(|id| id.tenant)
+            let mut id = with(token);
+            r.resolve_identity(&mut id, host, path, None)
+                .map(|()| id.tenant)
                 .map_err(|refusal| refusal.reason)
         };
         r.settings.tenant = TenantRule::Required;

@@ -41,10 +41,6 @@ impl EdgeHandle {
         &self.shared.stats
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
-    }
-
     /// Swaps in a validated config: new handshakes use it, open connections keep theirs.
     pub async fn reload(&self, config: Config) {
         let old = self.shared.config.load_full();

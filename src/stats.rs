@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Stats {
     open: AtomicU64,
     accepted: AtomicU64,
-    refused: AtomicU64,
 }
 
 impl Stats {
@@ -20,15 +19,6 @@ impl Stats {
     /// Upgrades completed since start.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
-    }
-
-    /// Requests refused before the upgrade since start.
-    pub fn refused_total(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn opened(&self) {

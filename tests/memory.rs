@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::process::EdgeProcess;
+use common::process::{EdgeProcess, process_config};
 use common::*;
 
 const MESSAGES: usize = 1600;
@@ -16,28 +16,10 @@ const SIZE: usize = 64 * 1024; // 1600 × 64 KiB = 100 MiB
 /// what it holds is one message and its buffers, far below this.
 const BOUND_KIB: u64 = 16 * 1024;
 
-fn config(upstream: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:{{port}}"]
-
-[log]
-level = "warn"
-
-[auth.main]
-kind = "jwt"
-algorithms = ["HS256"]
-secret = "{SECRET}"
-
-[[route]]
-path = "/ws/chat"
-upstream = "{upstream}"
-auth = "main"
-ping_interval = "off"
-max_message_size = "1MiB"
-"#
-    )
+/// Heartbeats off: a client that reads nothing must stay connected for the measurement.
+fn config(upstream: &str, route_extra: &str) -> String {
+    let route = format!("ping_interval = \"off\"\nmax_message_size = \"1MiB\"\n{route_extra}");
+    process_config(upstream, "", &route)
 }
 
 /// Waits until a writer's byte counter has not moved for a whole second (its writes are
@@ -65,7 +47,7 @@ async fn stalled(counter: &AtomicU64, writer: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
     let upstream = Upstream::start().await;
-    let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat")), &[]).await;
+    let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat"), ""), &[]).await;
     let baseline = edge.memory_kib("VmRSS");
 
     let mut client = RawClient::connect(
@@ -117,10 +99,7 @@ async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_upstream_holds_the_edge_to_a_bounded_memory_too() {
     let upstream = Upstream::start().await;
-    let text = config(&upstream.url("/ws/chat")).replace(
-        "max_message_size",
-        "message_rate = \"off\"\nmax_message_size",
-    );
+    let text = config(&upstream.url("/ws/chat"), "message_rate = \"off\"");
     let edge = EdgeProcess::start(&text, &[]).await;
     let baseline = edge.memory_kib("VmRSS");
     let mut client = RawClient::connect(

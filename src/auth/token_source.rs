@@ -4,8 +4,8 @@
 //! `bearer.<token>` subprotocol entry and a cookie are first-class sources, tried in the
 //! order the policy lists them.
 
-use http::HeaderMap;
 use http::header::{AUTHORIZATION, COOKIE, SEC_WEBSOCKET_PROTOCOL};
+use http::{HeaderMap, HeaderName};
 
 /// The subprotocol entry prefix that carries a token: `Sec-WebSocket-Protocol: chat.v1, bearer.<token>`.
 pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
@@ -114,9 +114,14 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// Every entry the client offered in `Sec-WebSocket-Protocol`, across repeated headers.
 pub fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    header_list(headers, SEC_WEBSOCKET_PROTOCOL)
+}
+
+/// The comma-separated entries of a list-valued header, across repeated headers, trimmed.
+pub fn header_list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
+        .get_all(name)
+        .into_iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)

@@ -81,7 +81,7 @@ enum Mode {
         #[arg(long, default_value = "10s")]
         hold: String,
         /// Spread source addresses over 127.0.0.2 … 127.0.0.(1+N) so ephemeral ports last.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=250))]
         sources: u8,
         /// Connections opened at once.
         #[arg(long, default_value_t = 200)]
@@ -405,12 +405,7 @@ async fn idle(
     for n in 0..connections {
         let permit = slots.clone().acquire_owned().await?;
         let target = target.clone();
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            2 + (n % sources.max(1) as usize) as u8,
-        ));
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % sources as usize) as u8));
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             target.connect(n, Some(source)).await

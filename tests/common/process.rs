@@ -9,6 +9,14 @@ use super::WAIT;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
 
+/// `basic_config` for the binary: it listens on the `{port}` that `EdgeProcess` fills in.
+pub fn process_config(upstream: &str, server_extra: &str, route_extra: &str) -> String {
+    super::basic_config(upstream, "", route_extra).replace(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"127.0.0.1:{{port}}\"]\n{server_extra}"),
+    )
+}
+
 pub struct EdgeProcess {
     pub port: u16,
     pub dir: tempfile::TempDir,
