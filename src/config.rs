@@ -21,6 +21,7 @@ use crate::relay::{Lifecycle, RateLimit};
 use crate::route::{
     ConversationMode, HostMatch, PathMatch, Route, Router, TenantRule, UpstreamTarget,
 };
+use crate::session::ResumeSettings;
 use crate::template::Template;
 use crate::tls;
 use crate::units::{parse_duration, parse_size};
@@ -274,7 +275,6 @@ struct RawRoute {
     token_expiry_grace: Option<Spanned<String>>,
     message_rate: Option<Spanned<RawRate>>,
     upstream_cooldown: Option<Spanned<String>>,
-    // Validated now, enforced by a later version.
     resume: Option<Spanned<RawResume>>,
 }
 
@@ -304,8 +304,9 @@ struct RawUpstreamTls {
 #[serde(deny_unknown_fields)]
 struct RawResume {
     window: Spanned<String>,
-    max_messages: Option<i64>,
+    max_messages: Option<Spanned<i64>>,
     max_bytes: Option<Spanned<String>>,
+    announce: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1140,19 +1141,46 @@ impl Ctx<'_> {
             );
         }
         let upstream_cooldown = self.duration(&raw.upstream_cooldown, Duration::from_secs(10));
-        if let Some(resume) = &raw.resume {
+        let resume = raw.resume.as_ref().map(|resume| {
             let span = resume.span();
             let resume = resume.get_ref();
-            self.duration(&Some(resume.window.clone()), Duration::ZERO);
-            self.size(&resume.max_bytes, 0);
-            if resume.max_messages.is_some_and(|n| n < 1) {
-                self.error(span.clone(), "resume.max_messages must be at least 1");
+            let window = self.duration(&Some(resume.window.clone()), Duration::ZERO);
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&window) {
+                self.error(
+                    resume.window.span(),
+                    "resume.window must be between 100ms and 1h",
+                );
             }
-            self.warn(
-                span,
-                "resume is not supported by this version yet: a dropped client ends its session",
-            );
-        }
+            let max_messages = match &resume.max_messages {
+                None => 1000,
+                Some(n) if (1..=1_000_000).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    self.error(
+                        n.span(),
+                        "resume.max_messages must be between 1 and 1000000",
+                    );
+                    1
+                }
+            };
+            let max_bytes = self.size(&resume.max_bytes, 4 << 20);
+            if let Some(value) = &resume.max_bytes
+                && !((1 << 10)..=(1 << 30)).contains(&max_bytes)
+            {
+                self.error(value.span(), "resume.max_bytes must be between 1KiB and 1GiB");
+            }
+            if auth.is_none() {
+                self.warn(
+                    span,
+                    "resume on a route with auth = \"none\": anyone who knows a session_id can take that session over",
+                );
+            }
+            ResumeSettings {
+                window,
+                max_messages,
+                max_bytes: max_bytes as usize,
+                announce: resume.announce.unwrap_or(false),
+            }
+        });
 
         if self.errors.len() > errors_before {
             return None;
@@ -1172,6 +1200,7 @@ impl Ctx<'_> {
             max_message_size: max_message_size as usize,
             lifecycle,
             upstream_cooldown,
+            resume,
         }))
     }
 

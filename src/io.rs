@@ -1,129 +1,76 @@
-//! A read buffer under tungstenite that exists only while there is data in it.
+//! One socket type for both legs of a connection, whatever carries it.
 //!
-//! tungstenite reads into whatever capacity is left in its input buffer after splitting off
-//! the previous frames, which for a stream of small messages means a `recv` syscall for every
-//! few dozen bytes. Reading through a 16 KiB chunk here turns that into one `recv` per chunk.
-//! The chunk is released as soon as it has been consumed, so an idle connection — which is
-//! what most chat connections are, most of the time — holds no read buffer at all.
+//! A session outlives the client connection it started on (a resumed client may come back over
+//! another listener), so the relay cannot be generic over the client's stream type: an enum
+//! covers plain TCP, TLS as a server (clients), TLS as a client (`wss://` upstreams) and, as a
+//! fallback, whatever hyper hands back after an upgrade. TLS state is boxed: rustls keeps over a
+//! kilobyte per connection, and an enum is as large as its largest variant.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
-const CHUNK: usize = 16 * 1024;
-
-pub struct ReadBuffered<S> {
-    inner: S,
-    buffer: Vec<u8>,
-    position: usize,
+pub enum Io {
+    Tcp(TcpStream),
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Upgraded(Box<TokioIo<Upgraded>>),
 }
 
-impl<S> ReadBuffered<S> {
-    pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            buffer: Vec::new(),
-            position: 0,
+impl Io {
+    /// The client's socket after hyper's upgrade, and the bytes hyper read past the request
+    /// (a client may send its first frames right behind the upgrade request).
+    pub fn from_upgraded(upgraded: Upgraded) -> (Io, bytes::Bytes) {
+        match upgraded.downcast::<TokioIo<Io>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+            Err(upgraded) => (
+                Io::Upgraded(Box::new(TokioIo::new(upgraded))),
+                Default::default(),
+            ),
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ReadBuffered<S> {
+macro_rules! each {
+    ($self:expr, $io:ident => $body:expr) => {
+        match $self.get_mut() {
+            Io::Tcp($io) => $body,
+            Io::ServerTls($io) => $body,
+            Io::ClientTls($io) => $body,
+            Io::Upgraded($io) => $body,
+        }
+    };
+}
+
+impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.position == this.buffer.len() {
-            // Empty: a large read goes straight through; a small one is served from a chunk.
-            if out.remaining() >= CHUNK {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
-            }
-            this.buffer.resize(CHUNK, 0);
-            let mut chunk = ReadBuf::new(&mut this.buffer);
-            let result = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
-            let filled = chunk.filled().len();
-            if !matches!(result, Poll::Ready(Ok(()))) || filled == 0 {
-                this.release();
-                ready!(result)?;
-                return Poll::Ready(Ok(()));
-            }
-            this.buffer.truncate(filled);
-            this.position = 0;
-        }
-        let available = &this.buffer[this.position..];
-        let n = available.len().min(out.remaining());
-        out.put_slice(&available[..n]);
-        this.position += n;
-        if this.position == this.buffer.len() {
-            this.release();
-        }
-        Poll::Ready(Ok(()))
+        each!(self, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
-impl<S> ReadBuffered<S> {
-    fn release(&mut self) {
-        self.buffer = Vec::new();
-        self.position = 0;
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<S> {
+impl AsyncWrite for Io {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        each!(self, io => Pin::new(io).poll_write(cx, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        each!(self, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test]
-    async fn small_reads_are_served_from_one_chunk_and_the_chunk_is_released() {
-        let (mut writer, reader) = tokio::io::duplex(64 * 1024);
-        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-        writer.write_all(&data).await.unwrap();
-        drop(writer);
-        let mut reader = ReadBuffered::new(reader);
-        let mut received = Vec::new();
-        let mut small = [0u8; 100];
-        loop {
-            let n = reader.read(&mut small).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            received.extend_from_slice(&small[..n]);
-        }
-        assert_eq!(received, data);
-        assert_eq!(reader.buffer.capacity(), 0, "no buffer kept once drained");
+        each!(self, io => Pin::new(io).poll_shutdown(cx))
     }
 }

@@ -9,14 +9,17 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod frame;
 pub mod handshake;
 pub mod io;
+pub mod leg;
 pub mod limits;
 pub mod metrics;
 pub mod refusal;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod stats;
 pub mod systemd;
 pub mod template;
@@ -53,4 +56,6 @@ pub struct Shared {
     pub handshake_rate: Option<limits::HandshakeRate>,
     pub metrics: metrics::Metrics,
     pub audit: audit::AuditLog,
+    /// Resumable sessions, live and recently ended.
+    pub registry: session::Registry,
 }

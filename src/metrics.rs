@@ -46,6 +46,14 @@ pub struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResumeLabels {
+    pub route: String,
+    /// "resumed", or why not: "unknown", "expired", "overflowed", "ahead", "closed",
+    /// "in_use", "conversation".
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -64,6 +72,10 @@ pub struct Metrics {
     pub limit_hits: Family<LimitLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub audit_dropped: Counter,
+    pub resumes: Family<ResumeLabels, Counter>,
+    pub sessions_detached: Gauge,
+    pub resume_buffered_messages: Gauge,
+    pub resume_buffered_bytes: Gauge,
 }
 
 /// The two counters of one direction of one connection.
@@ -110,6 +122,10 @@ impl Metrics {
             limit_hits: Family::default(),
             reloads: Family::default(),
             audit_dropped: Counter::default(),
+            resumes: Family::default(),
+            sessions_detached: Gauge::default(),
+            resume_buffered_messages: Gauge::default(),
+            resume_buffered_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +177,26 @@ impl Metrics {
             "audit_dropped",
             "Audit events dropped because the audit writer fell behind",
             metrics.audit_dropped.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Attempts to resume a session, by outcome",
+            metrics.resumes.clone(),
+        );
+        registry.register(
+            "sessions_detached",
+            "Resumable sessions whose client is away, kept for the resume window",
+            metrics.sessions_detached.clone(),
+        );
+        registry.register(
+            "resume_buffered_messages",
+            "Upstream messages kept for clients that may not have received them",
+            metrics.resume_buffered_messages.clone(),
+        );
+        registry.register(
+            "resume_buffered_bytes",
+            "Bytes of the upstream messages kept for resumes",
+            metrics.resume_buffered_bytes.clone(),
         );
         Metrics {
             registry,
@@ -225,6 +261,15 @@ impl Metrics {
         self.open_connections.get_or_create_owned(&RouteLabels {
             route: route.to_owned(),
         })
+    }
+
+    pub fn resume(&self, route: &str, outcome: &'static str) {
+        self.resumes
+            .get_or_create(&ResumeLabels {
+                route: route.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn reload(&self, ok: bool) {

@@ -1,57 +1,66 @@
-//! The frame pump: messages both ways, in order, with backpressure; heartbeats, timeouts,
-//! token expiry and the message rate; and the closing of both sides with codes that say what
-//! happened.
+//! The frame pump: frames both ways, in order, with backpressure; heartbeats, timeouts, token
+//! expiry and the message rate; resumable sessions; and the closing of both sides with codes
+//! that say what happened.
 //!
-//! Each direction reads from one socket and writes to the other with no queue in between:
-//! when the reader of one side is slow, its writes stall, the pump stops reading the other
-//! side, and TCP pushes back on the sender. What the edge holds per direction is bounded by
-//! one message, tungstenite's buffers and the read chunk under it (`io.rs`). Whatever is already readable is fed before a
-//! single flush, so a burst of LLM tokens costs one write, not one per token.
+//! One task owns both sockets of a connection and moves frames between them without decoding
+//! them into messages (`frame.rs` reads what the edge must know as the bytes pass). Per
+//! direction the edge holds what one read brought and what the destination has not taken yet;
+//! once the destination holds [`OUT_HIGH`] unwritten, the pump stops reading its source and TCP
+//! pushes back on the sender. No queue grows with what a peer does.
 //!
-//! Pings and pongs are per hop: tungstenite answers each side's pings itself, the pump never
-//! forwards control frames (forwarding would produce duplicate pongs), and the edge sends its
-//! own pings to each side. A watchdog future beside the two pumps owns every deadline.
+//! Pings and pongs are per hop: each side's pings are answered by the edge and never forwarded
+//! (forwarding would produce duplicate pongs); the edge pings each side itself. On a resumable
+//! session the pongs also tell the edge what the client has received, so that a dropped
+//! client can come back and get exactly the rest (`session.rs`).
+//!
+//! The relay is a hand-written future rather than an `async fn`: it is what every open
+//! connection keeps in memory, most of them idle, and its size is the sum of its fields.
 
-use std::future::{Future, poll_fn};
-use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_util::sync::CancellationToken;
+use futures_util::future::join;
+use hyper::upgrade::OnUpgrade;
+use serde_json::{Map, Value};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
+use crate::Shared;
+use crate::frame::{Close, Event, FrameError, opcode};
+use crate::io::Io;
+use crate::leg::{Finish, Leg, close_leg};
 use crate::metrics::DirectionCounters;
+use crate::session::{Attach, NotResumable, ReplayBuffer, ResumeSettings, SessionEntry};
 
 /// Close codes the edge itself sends (PRODUCT.md).
 pub mod codes {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
     pub const BAD_GATEWAY: u16 = 1014;
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// A reconnect named a session that cannot be resumed; the reason says why.
+    pub const SESSION_NOT_RESUMABLE: u16 = 4002;
+    /// Another connection resumed this one's session.
+    pub const SESSION_TAKEN_OVER: u16 = 4003;
 }
 
 /// How long the edge waits for a peer to answer its close frame before dropping the socket.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the edge tries to deliver a close frame to a peer that stopped responding.
 const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// With heartbeats off, a side whose writes stay blocked this long (plus `pong_timeout`) is
 /// still closed: turning pings off must not let a stalled reader hold its slots forever.
 const STALL_WINDOW_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(30);
-/// A batch of messages fed before one flush is cut at this many messages or bytes, so that a
-/// source that is always ready cannot delay delivery or starve the heartbeat.
-const BATCH_MESSAGES: usize = 1024;
-const BATCH_BYTES: usize = 256 * 1024;
+/// Unwritten bytes at which a destination stops its source from being read.
+const OUT_HIGH: usize = 64 * 1024;
+/// Reads per direction in one poll before the task yields, so that one busy connection
+/// cannot starve the others on its worker.
+const READS_PER_POLL: usize = 16;
 
 /// A token bucket: `per_second` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,33 +121,24 @@ impl Side {
             Side::Upstream => "upstream",
         }
     }
-
-    fn index(self) -> usize {
-        match self {
-            Side::Client => 0,
-            Side::Upstream => 1,
-        }
-    }
 }
 
-/// Why the relay stopped.
+/// Why a direction stopped.
 #[derive(Debug)]
 enum End {
     /// The source sent a close frame (passed on to the other side).
-    Closed(Option<CloseFrame>),
+    Closed(Close),
     /// The source's connection went away without a close frame.
     Lost,
-    /// The source sent a message over the size limit.
-    TooBig,
-    /// The source broke the protocol; the code to close it with.
-    Protocol(u16),
+    /// The source broke the protocol or the size limit.
+    Violation(FrameError),
     /// Writing to the destination failed: the destination is gone.
     DestinationLost,
     /// The client sent faster than `message_rate`.
     RateLimited,
 }
 
-/// What the watchdog decided.
+/// What the deadlines decided.
 #[derive(Debug)]
 enum Deadline {
     /// A side did not answer a ping, or read nothing, in time.
@@ -146,6 +146,8 @@ enum Deadline {
     Idle,
     SessionLimit,
     TokenExpired,
+    /// A detached session's client did not come back in time.
+    WindowPassed,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -177,457 +179,940 @@ pub struct Counters {
     pub upstream_to_client: DirectionCounters,
 }
 
-/// Timestamps shared by the two pumps and the watchdog, in ms since the relay started (+1, so
-/// that 0 means "none"). Atomics only so that the futures are `Send`; nothing contends.
-struct Liveness {
-    start: Instant,
-    /// Per side: when an unanswered ping was sent.
-    ping_outstanding: [AtomicU64; 2],
-    /// Per side: the watchdog asks the pump writing to that side to send a ping. The pumps run
-    /// in the watchdog's task, so a flag and a self-wake replace a timer in each pump.
-    ping_due: [AtomicBool; 2],
-    /// Per side: since when a write to it has been blocked.
-    write_blocked: [AtomicU64; 2],
-    /// The last data message either way.
-    last_data: AtomicU64,
+/// What a resumable session keeps beside the relay (boxed: other routes do not pay for it).
+pub struct Resumable {
+    pub settings: ResumeSettings,
+    pub entry: Arc<SessionEntry>,
+    pub attach: tokio::sync::mpsc::Receiver<Attach>,
+    pub shared: Arc<Shared>,
+    pub route: String,
+    /// Audit fields naming the session's owner (only when an audit log is written).
+    pub audit_fields: Option<Map<String, Value>>,
+    replay: ReplayBuffer,
+    detached_since: Option<Instant>,
+    /// How the upstream ended while the client was away: passed on after the replay.
+    upstream_final: Option<Close>,
+    /// What the buffer gauges were last moved to.
+    gauged: (i64, i64),
 }
 
-impl Liveness {
-    fn new() -> Self {
+impl Resumable {
+    pub fn new(
+        settings: ResumeSettings,
+        entry: Arc<SessionEntry>,
+        attach: tokio::sync::mpsc::Receiver<Attach>,
+        shared: Arc<Shared>,
+        route: String,
+        audit_fields: Option<Map<String, Value>>,
+    ) -> Self {
         Self {
-            start: Instant::now(),
-            ping_outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
-            ping_due: [AtomicBool::new(false), AtomicBool::new(false)],
-            write_blocked: [AtomicU64::new(0), AtomicU64::new(0)],
-            last_data: AtomicU64::new(1),
+            settings,
+            entry,
+            attach,
+            shared,
+            route,
+            audit_fields,
+            replay: ReplayBuffer::default(),
+            detached_since: None,
+            upstream_final: None,
+            gauged: (0, 0),
         }
     }
 
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64 + 1
+    /// Tells handshakes and the buffer gauges what the replay buffer holds now.
+    fn publish(&mut self) {
+        self.entry.publish(&self.replay);
+        let now = (self.replay.messages() as i64, self.replay.bytes() as i64);
+        self.move_gauges(now);
     }
 
-    fn at(&self, since_start: Duration) -> u64 {
-        since_start.as_millis() as u64 + 1
+    fn move_gauges(&mut self, to: (i64, i64)) {
+        let metrics = &self.shared.metrics;
+        metrics
+            .resume_buffered_messages
+            .inc_by(to.0 - self.gauged.0);
+        metrics.resume_buffered_bytes.inc_by(to.1 - self.gauged.1);
+        self.gauged = to;
     }
 
-    fn get(slot: &AtomicU64) -> Option<u64> {
-        Some(slot.load(Ordering::Relaxed)).filter(|&t| t != 0)
-    }
-}
-
-fn frame(code: u16, reason: &'static str) -> Option<CloseFrame> {
-    Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    })
-}
-
-fn code_of(frame: &Option<CloseFrame>) -> Option<u16> {
-    frame.as_ref().map(|f| u16::from(f.code))
-}
-
-/// How to end one side.
-enum Finish {
-    /// The connection is gone: nothing to send or wait for.
-    Gone,
-    /// It sent its close, which tungstenite answered: wait for the end.
-    Drain,
-    /// Send this close (a frame without a code when `None`), then wait for the answer.
-    Close(Option<CloseFrame>),
-}
-
-impl Finish {
-    fn code(&self) -> Option<u16> {
-        match self {
-            Finish::Close(close) => code_of(close),
-            Finish::Gone | Finish::Drain => None,
+    fn audit(&self, event: &'static str, add: impl FnOnce(&mut Map<String, Value>)) {
+        if let Some(fields) = &self.audit_fields {
+            let mut fields = fields.clone();
+            add(&mut fields);
+            self.shared.audit.record(event, fields);
         }
     }
 }
 
-fn close(code: u16, reason: &'static str) -> Finish {
-    Finish::Close(frame(code, reason))
+/// What a relay is given besides its sockets.
+pub struct RelayParams {
+    pub lifecycle: Lifecycle,
+    pub max_message: usize,
+    pub token_expires_at: Option<SystemTime>,
+    pub counters: Counters,
+    pub shutdown: CancellationToken,
+    /// Where legs that leave a continuing session are closed.
+    pub tasks: TaskTracker,
+    pub resume: Option<Box<Resumable>>,
+    /// A first message for the client (the `edge.session` announcement).
+    pub announce: Option<String>,
 }
 
-struct Plan {
-    to_client: Finish,
-    to_upstream: Finish,
-    ended_by: Option<Side>,
-    reason: &'static str,
-    unresponsive: Option<Side>,
-    limit: Option<&'static str>,
+enum Phase {
+    /// Waiting for hyper to hand over the client's socket after the 101.
+    Upgrading(OnUpgrade),
+    Running,
+    Closing(Pin<Box<dyn Future<Output = ()> + Send>>, Box<RelayReport>),
+    Done,
 }
 
-fn plan_for_end(side: Side, end: End) -> Plan {
-    use Finish::{Drain, Gone};
-    use codes::*;
-    let limit = match end {
-        End::TooBig => Some("max_message_size"),
-        End::RateLimited => Some("message_rate"),
-        _ => None,
-    };
-    let (to_source, to_other, reason) = match (side, end) {
-        (Side::Client, End::Closed(frame)) => (Drain, Finish::Close(frame), "client closed"),
-        (Side::Upstream, End::Closed(frame)) => (Drain, Finish::Close(frame), "upstream closed"),
-        (Side::Client, End::Lost) => (Gone, close(GOING_AWAY, "client went away"), "client lost"),
-        (Side::Upstream, End::Lost) => {
-            (Gone, close(BAD_GATEWAY, "upstream failed"), "upstream lost")
-        }
-        (Side::Client, End::TooBig) => (
-            close(TOO_BIG, "message too big"),
-            close(GOING_AWAY, "client went away"),
-            "client message too big",
-        ),
-        (Side::Upstream, End::TooBig) => (
-            close(TOO_BIG, "message too big"),
-            close(BAD_GATEWAY, "upstream failed"),
-            "upstream message too big",
-        ),
-        (Side::Client, End::Protocol(code)) => (
-            close(code, "protocol error"),
-            close(GOING_AWAY, "client went away"),
-            "client protocol error",
-        ),
-        (Side::Upstream, End::Protocol(code)) => (
-            close(code, "protocol error"),
-            close(BAD_GATEWAY, "upstream failed"),
-            "upstream protocol error",
-        ),
-        // The destination is gone: tell the source why, as if the destination had been lost.
-        (Side::Client, End::DestinationLost) => {
-            (close(BAD_GATEWAY, "upstream failed"), Gone, "upstream lost")
-        }
-        (Side::Upstream, End::DestinationLost) => {
-            (close(GOING_AWAY, "client went away"), Gone, "client lost")
-        }
-        (_, End::RateLimited) => (
-            close(POLICY, "message rate exceeded"),
-            close(GOING_AWAY, "client went away"),
-            "client message rate exceeded",
-        ),
-    };
-    let (to_client, to_upstream) = match side {
-        Side::Client => (to_source, to_other),
-        Side::Upstream => (to_other, to_source),
-    };
-    Plan {
-        to_client,
-        to_upstream,
-        ended_by: Some(side),
-        reason,
-        unresponsive: None,
-        limit,
-    }
-}
-
-fn plan_for_deadline(deadline: Deadline) -> Plan {
-    use codes::*;
-    let limit = match deadline {
-        Deadline::Idle => Some("idle_timeout"),
-        Deadline::SessionLimit => Some("max_session"),
-        _ => None,
-    };
-    let (to_client, to_upstream, reason, unresponsive) = match deadline {
-        Deadline::Unresponsive(Side::Client) => (
-            close(GOING_AWAY, "heartbeat timeout"),
-            close(GOING_AWAY, "client went away"),
-            "client unresponsive",
-            Some(Side::Client),
-        ),
-        Deadline::Unresponsive(Side::Upstream) => (
-            close(BAD_GATEWAY, "upstream not responding"),
-            close(GOING_AWAY, "heartbeat timeout"),
-            "upstream unresponsive",
-            Some(Side::Upstream),
-        ),
-        Deadline::Idle => (
-            close(GOING_AWAY, "idle timeout"),
-            close(GOING_AWAY, "idle timeout"),
-            "idle timeout",
-            None,
-        ),
-        Deadline::SessionLimit => (
-            close(GOING_AWAY, "session time limit"),
-            close(GOING_AWAY, "session time limit"),
-            "session time limit",
-            None,
-        ),
-        Deadline::TokenExpired => (
-            close(TOKEN_EXPIRED, "token expired"),
-            close(NORMAL, "token expired"),
-            "token expired",
-            None,
-        ),
-    };
-    Plan {
-        to_client,
-        to_upstream,
-        ended_by: None,
-        reason,
-        unresponsive,
-        limit,
-    }
-}
-
-/// Relays until either side ends, a deadline passes, or `shutdown` fires; then closes both.
-/// `token_expires_at` is the token's `exp` (ignored unless the lifecycle closes on expiry).
-///
-/// Not an `async fn`: the streams are split before the future is built, so the future holds
-/// only the halves. Every byte of it is kept for each open connection, most of which are idle.
-pub fn relay<C, U>(
-    client: WebSocketStream<C>,
-    upstream: WebSocketStream<U>,
+/// One proxied connection (a session, when resumable) from the 101 to the last close.
+pub struct Relay {
+    phase: Phase,
+    client: Option<Leg>,
+    upstream: Option<Leg>,
     lifecycle: Lifecycle,
-    token_expires_at: Option<SystemTime>,
+    max_message: usize,
+    announce: Option<String>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    tasks: TaskTracker,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+    last_data: Instant,
+    next_ping: Option<Instant>,
+    token_deadline: Option<Instant>,
+    session_deadline: Option<Instant>,
+    bucket: Option<TokenBucket>,
+    ping_serial: u64,
+    up: Traffic,
+    down: Traffic,
     counters: Counters,
-    shutdown: CancellationToken,
-) -> impl Future<Output = RelayReport> + Send
-where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (client_tx, client_rx) = client.split();
-    let (upstream_tx, upstream_rx) = upstream.split();
-    run_relay(
-        (client_tx, client_rx),
-        (upstream_tx, upstream_rx),
-        lifecycle,
-        token_expires_at,
-        counters,
-        shutdown,
-    )
+    resume: Option<Box<Resumable>>,
 }
 
-type Halves<S> = (
-    futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    futures_util::stream::SplitStream<WebSocketStream<S>>,
-);
+/// An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline; it must
+/// neither overflow the clock arithmetic nor wrap around to "now".
+fn token_deadline(lifecycle: &Lifecycle, expires_at: Option<SystemTime>) -> Option<Instant> {
+    let exp = expires_at.filter(|_| lifecycle.close_on_token_expiry)?;
+    let remaining = exp
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now().checked_add(remaining.checked_add(lifecycle.token_expiry_grace)?)
+}
 
-async fn run_relay<C, U>(
-    (mut client_tx, mut client_rx): Halves<C>,
-    (mut upstream_tx, mut upstream_rx): Halves<U>,
-    lifecycle: Lifecycle,
-    token_expires_at: Option<SystemTime>,
-    counters: Counters,
-    shutdown: CancellationToken,
-) -> RelayReport
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let lifecycle = &lifecycle;
-    let mut up = Traffic::default();
-    let mut down = Traffic::default();
-    let liveness = Liveness::new();
-    let token_deadline = token_expires_at
-        .filter(|_| lifecycle.close_on_token_expiry)
-        .map(|exp| {
-            let remaining = exp
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            liveness.at(liveness.start.elapsed() + remaining + lifecycle.token_expiry_grace)
-        });
-
-    let plan = {
-        let client_to_upstream = pump(
-            &mut client_rx,
-            &mut upstream_tx,
-            Side::Client,
-            &liveness,
+impl Relay {
+    pub fn new(upstream: Leg, on_upgrade: OnUpgrade, params: RelayParams) -> Self {
+        let now = Instant::now();
+        let lifecycle = params.lifecycle;
+        Self {
+            phase: Phase::Upgrading(on_upgrade),
+            client: None,
+            upstream: Some(upstream),
+            token_deadline: token_deadline(&lifecycle, params.token_expires_at),
+            session_deadline: lifecycle.max_session.and_then(|max| now.checked_add(max)),
+            next_ping: lifecycle.ping_interval.map(|interval| now + interval),
+            bucket: lifecycle.message_rate.map(TokenBucket::new),
             lifecycle,
-            &mut up,
-            &counters.client_to_upstream,
-        );
-        let upstream_to_client = pump(
-            &mut upstream_rx,
-            &mut client_tx,
-            Side::Upstream,
-            &liveness,
-            lifecycle,
-            &mut down,
-            &counters.upstream_to_client,
-        );
-        let deadlines = watchdog(&liveness, lifecycle, token_deadline);
-        tokio::select! {
-            end = client_to_upstream => plan_for_end(Side::Client, end),
-            end = upstream_to_client => plan_for_end(Side::Upstream, end),
-            deadline = deadlines => plan_for_deadline(deadline),
-            () = shutdown.cancelled() => Plan {
-                to_client: close(codes::GOING_AWAY, "edge shutting down"),
-                to_upstream: close(codes::GOING_AWAY, "edge shutting down"),
-                ended_by: None,
-                reason: "edge shutting down",
-                limit: None,
-                unresponsive: None,
-            },
+            max_message: params.max_message,
+            announce: params.announce,
+            shutdown: Box::pin(params.shutdown.cancelled_owned()),
+            tasks: params.tasks,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_at: None,
+            last_data: now,
+            ping_serial: 0,
+            up: Traffic::default(),
+            down: Traffic::default(),
+            counters: params.counters,
+            resume: params.resume,
         }
-    };
+    }
 
-    let report = RelayReport {
-        ended_by: plan.ended_by,
-        reason: plan.reason,
-        limit: plan.limit,
-        client_close: plan.to_client.code(),
-        upstream_close: plan.to_upstream.code(),
-        client_to_upstream: up,
-        upstream_to_client: down,
-    };
-    let wait = |side: Side| {
-        if plan.unresponsive == Some(side) {
-            UNRESPONSIVE_CLOSE_TIMEOUT
-        } else {
-            CLOSE_TIMEOUT
-        }
-    };
-    tokio::join!(
-        finish(
-            &mut client_tx,
-            &mut client_rx,
-            plan.to_client,
-            wait(Side::Client)
-        ),
-        finish(
-            &mut upstream_tx,
-            &mut upstream_rx,
-            plan.to_upstream,
-            wait(Side::Upstream)
-        ),
-    );
-    report
-}
-
-/// Sends our close (if any), then waits briefly for the peer's close or EOF so that the close
-/// handshake completes and the peer sees a clean end rather than a reset.
-async fn finish<K, S>(tx: &mut K, rx: &mut S, how: Finish, wait: Duration)
-where
-    K: Sink<Message, Error = WsError> + Unpin,
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    let send = match how {
-        Finish::Gone => return,
-        Finish::Drain => None,
-        Finish::Close(frame) => Some(frame),
-    };
-    let _ = tokio::time::timeout(wait, async {
-        if let Some(frame) = send
-            && tx.send(Message::Close(frame)).await.is_err()
-        {
-            return;
-        }
-        while let Some(Ok(_)) = rx.next().await {}
-    })
-    .await;
-}
-
-/// Owns every deadline of the connection. It wakes at the next one that could fire, so an
-/// idle connection costs one timer, not a tick per second.
-async fn watchdog(
-    liveness: &Liveness,
-    lifecycle: &Lifecycle,
-    token_deadline: Option<u64>,
-) -> Deadline {
-    let pong_timeout = lifecycle.pong_timeout.as_millis() as u64;
-    let session_deadline = lifecycle.max_session.map(|max| liveness.at(max));
-    let mut next_ping = lifecycle
-        .ping_interval
-        .map(|interval| liveness.at(interval));
-    loop {
-        let now = liveness.now();
-        let mut next = u64::MAX;
-        let mut due = |deadline: u64, what: Deadline| -> Option<Deadline> {
-            if now >= deadline {
-                return Some(what);
-            }
-            next = next.min(deadline);
-            None
-        };
-        if let Some(deadline) = token_deadline
-            && let Some(what) = due(deadline, Deadline::TokenExpired)
-        {
-            return what;
-        }
-        if let Some(deadline) = session_deadline
-            && let Some(what) = due(deadline, Deadline::SessionLimit)
-        {
-            return what;
-        }
-        if let Some(idle) = lifecycle.idle_timeout {
-            let last = liveness.last_data.load(Ordering::Relaxed);
-            if let Some(what) = due(last + idle.as_millis() as u64, Deadline::Idle) {
-                return what;
-            }
-        }
-        // Without heartbeats a peer that reads nothing is still judged, over the default window.
-        let interval = lifecycle
-            .ping_interval
-            .unwrap_or(STALL_WINDOW_WITHOUT_HEARTBEATS)
-            .as_millis() as u64;
-        for side in [Side::Client, Side::Upstream] {
-            let i = side.index();
-            // While writes to the other side are blocked, this side is not being read, so its
-            // pong cannot be seen: judging it would blame the wrong peer.
-            let other_blocked = liveness.write_blocked[1 - i].load(Ordering::Relaxed) != 0;
-            if !other_blocked
-                && let Some(sent) = Liveness::get(&liveness.ping_outstanding[i])
-                && let Some(what) = due(sent + pong_timeout, Deadline::Unresponsive(side))
-            {
-                return what;
-            }
-            // A side that reads nothing would have had a ping within the interval and the pong
-            // timeout to answer it.
-            if let Some(since) = Liveness::get(&liveness.write_blocked[i])
-                && let Some(what) = due(
-                    since + interval + pong_timeout,
-                    Deadline::Unresponsive(side),
-                )
-            {
-                return what;
-            }
-        }
-        if let Some(at) = next_ping.as_mut() {
-            if now >= *at {
-                // One ping at a time: an unanswered one is judged above.
-                for side in [Side::Client, Side::Upstream] {
-                    if liveness.ping_outstanding[side.index()].load(Ordering::Relaxed) == 0 {
-                        liveness.ping_due[side.index()].store(true, Ordering::Relaxed);
-                    }
+    fn begin(&mut self, upgraded: Result<hyper::upgrade::Upgraded, hyper::Error>) {
+        self.phase = Phase::Running;
+        match upgraded {
+            Ok(upgraded) => {
+                let (io, initial) = Io::from_upgraded(upgraded);
+                let mut leg = Leg::client(io, &initial, self.max_message);
+                if let Some(announce) = self.announce.take() {
+                    leg.send_frame(opcode::TEXT, announce.as_bytes());
                 }
-                *at = now + interval;
-                // Re-poll the task at once, so the pumps see the flags.
-                tokio::task::yield_now().await;
+                self.client = Some(leg);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "client vanished during the upgrade");
+                match self.resume.as_mut() {
+                    // It may still come back.
+                    Some(resume) => {
+                        resume.detached_since = Some(Instant::now());
+                        resume.shared.metrics.sessions_detached.inc();
+                    }
+                    None => self.begin_closing(Plan {
+                        to_client: Finish::Gone,
+                        to_upstream: close(codes::GOING_AWAY, "client went away"),
+                        ended_by: Some(Side::Client),
+                        reason: "client vanished during the upgrade",
+                        unresponsive: None,
+                        limit: None,
+                        session: NotResumable::Closed,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<Plan> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Plan::shutdown());
+        }
+        if let Some(plan) = self.poll_attach(cx) {
+            return Poll::Ready(plan);
+        }
+        for _ in 0..4 {
+            let now = Instant::now();
+            let next = match self.deadlines(now) {
+                Ok(next) => next,
+                Err(deadline) => match self.on_deadline(deadline) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                },
+            };
+            if let Err((side, end)) = self.pump_up(cx, now) {
+                match self.on_end(side, end) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
+            if let Err((side, end)) = self.pump_down(cx, now) {
+                match self.on_end(side, end) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
+            if let Some(plan) = self.check_overflow() {
+                return Poll::Ready(plan);
+            }
+            // Control frames queued while parsing (pongs, pings) go out now.
+            if let Err((side, end)) = self.flush(cx, now) {
+                match self.on_end(side, end) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
+            if !self.arm_timer(next, cx) {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: let other tasks run, then come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Arms the timer for `next` and reports whether it has already fired. The timer is only
+    /// moved earlier: a later deadline lets it fire early and be re-armed then, which keeps
+    /// the timer wheel out of the per-batch path.
+    fn arm_timer(&mut self, next: Option<Instant>, cx: &mut Context<'_>) -> bool {
+        let Some(next) = next else {
+            self.timer_at = None;
+            return false;
+        };
+        if self.timer_at.is_none_or(|at| next < at) {
+            self.timer.as_mut().reset(next);
+            self.timer_at = Some(next);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            self.timer_at = None;
+            return true;
+        }
+        false
+    }
+
+    /// Client → upstream.
+    fn pump_up(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<(), (Side, End)> {
+        let (Some(client), Some(upstream)) = (self.client.as_mut(), self.upstream.as_mut()) else {
+            return Ok(());
+        };
+        let outcome = Pump {
+            source: client,
+            dest: Some(upstream),
+            bucket: self.bucket.as_mut(),
+            atomic: self.resume.is_some(),
+            replay: None,
+            replay_cap: None,
+            traffic: &mut self.up,
+            counters: &self.counters.client_to_upstream,
+        }
+        .run(cx, now);
+        self.after_pump(Side::Client, outcome, now)
+    }
+
+    /// Upstream → client (and the replay buffer).
+    fn pump_down(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<(), (Side, End)> {
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(());
+        };
+        let attached = self.client.is_some();
+        if !attached && self.resume.is_none() {
+            return Ok(());
+        }
+        let (replay, replay_cap) = match self.resume.as_mut() {
+            Some(resume) => (
+                Some(&mut resume.replay),
+                // A connected client's pongs make room; a detached session reads on and
+                // ends when it overflows.
+                attached.then_some((resume.settings.max_messages, resume.settings.max_bytes)),
+            ),
+            None => (None, None),
+        };
+        let outcome = Pump {
+            source: upstream,
+            dest: self.client.as_mut(),
+            bucket: None,
+            atomic: false,
+            replay,
+            replay_cap,
+            traffic: &mut self.down,
+            counters: &self.counters.upstream_to_client,
+        }
+        .run(cx, now);
+        let passed = outcome.data;
+        let result = self.after_pump(Side::Upstream, outcome, now);
+        if passed && let Some(resume) = self.resume.as_mut() {
+            resume.publish();
+            // Ask the client what it has, so that what it has can be let go.
+            if let Some(client) = self.client.as_mut()
+                && client.ping.is_none()
+            {
+                client.send_ping(resume.replay.end(), now);
+            }
+        }
+        result
+    }
+
+    /// Answers pings, takes pongs, and turns the pump's end into the relay's.
+    fn after_pump(
+        &mut self,
+        side: Side,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Result<(), (Side, End)> {
+        if outcome.data {
+            self.last_data = now;
+        }
+        let source = match side {
+            Side::Client => self.client.as_mut(),
+            Side::Upstream => self.upstream.as_mut(),
+        };
+        if let Some(source) = source {
+            if let Some(ping) = &outcome.ping {
+                source.send_frame(opcode::PONG, ping);
+            }
+            if outcome.pong
+                && let Some(payload) = source.ping.take().map(|(_, payload)| payload)
+                && side == Side::Client
+                && let Some(resume) = self.resume.as_mut()
+            {
+                resume.replay.acknowledge(payload);
+                resume.publish();
+            }
+        }
+        match outcome.end {
+            Some(end) => Err((side, end)),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes whatever is queued for either side.
+    fn flush(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<(), (Side, End)> {
+        for side in [Side::Client, Side::Upstream] {
+            let leg = match side {
+                Side::Client => self.client.as_mut(),
+                Side::Upstream => self.upstream.as_mut(),
+            };
+            let Some(leg) = leg else { continue };
+            if leg.pending_out() == 0 {
                 continue;
             }
-            next = next.min(*at);
+            match leg.poll_drain(cx) {
+                Poll::Ready(Ok(())) => leg.write_blocked_since = None,
+                Poll::Ready(Err(_)) => {
+                    // Writing to this side failed: for the relay, the other side's destination.
+                    let source = match side {
+                        Side::Client => Side::Upstream,
+                        Side::Upstream => Side::Client,
+                    };
+                    return Err((source, End::DestinationLost));
+                }
+                Poll::Pending => {
+                    leg.write_blocked_since.get_or_insert(now);
+                }
+            }
         }
-        // A write that blocks starts without waking us; by the next ping (or window) plus
-        // pong_timeout we look again.
-        next = next.min(next_ping.unwrap_or(now + interval) + pong_timeout);
-        let sleep_ms = next.saturating_sub(now).min(24 * 3600 * 1000);
-        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+        Ok(())
+    }
+
+    /// Checks every deadline; returns the next one, or the one that passed.
+    fn deadlines(&mut self, now: Instant) -> Result<Option<Instant>, Deadline> {
+        let mut next = Next { now, at: None };
+        if self.client.is_some()
+            && let Some(at) = self.token_deadline
+        {
+            next.due(at, Deadline::TokenExpired)?;
+        }
+        if let Some(at) = self.session_deadline {
+            next.due(at, Deadline::SessionLimit)?;
+        }
+        if let Some(idle) = self.lifecycle.idle_timeout {
+            next.due(self.last_data + idle, Deadline::Idle)?;
+        }
+        if let Some(resume) = &self.resume
+            && let Some(since) = resume.detached_since
+        {
+            next.due(since + resume.settings.window, Deadline::WindowPassed)?;
+        }
+        let pong_timeout = self.lifecycle.pong_timeout;
+        // Without heartbeats a peer that reads nothing is still judged, over the default window.
+        let interval = self
+            .lifecycle
+            .ping_interval
+            .unwrap_or(STALL_WINDOW_WITHOUT_HEARTBEATS);
+        for side in [Side::Client, Side::Upstream] {
+            let (leg, other) = match side {
+                Side::Client => (self.client.as_ref(), self.upstream.as_ref()),
+                Side::Upstream => (self.upstream.as_ref(), self.client.as_ref()),
+            };
+            let Some(leg) = leg else { continue };
+            // While writes to the other side are blocked this side may not be read, so its
+            // pong cannot be seen: judging it would blame the wrong peer.
+            let other_blocked = other.is_some_and(|o| o.write_blocked_since.is_some());
+            if !other_blocked && let Some((sent, _)) = leg.ping {
+                next.due(sent + pong_timeout, Deadline::Unresponsive(side))?;
+            }
+            // A side that reads nothing would have had a ping within the interval and the
+            // pong timeout to answer it.
+            if let Some(since) = leg.write_blocked_since {
+                next.due(
+                    since + interval + pong_timeout,
+                    Deadline::Unresponsive(side),
+                )?;
+            }
+        }
+        if let Some(at) = self.next_ping {
+            if now >= at {
+                // One ping at a time per side: an unanswered one is judged above.
+                self.ping_serial += 1;
+                let serial = self.ping_serial;
+                let client_payload = match &self.resume {
+                    Some(resume) => resume.replay.end(),
+                    None => serial,
+                };
+                if let Some(client) = self.client.as_mut()
+                    && client.ping.is_none()
+                {
+                    client.send_ping(client_payload, now);
+                }
+                if let Some(upstream) = self.upstream.as_mut()
+                    && upstream.ping.is_none()
+                {
+                    upstream.send_ping(serial, now);
+                }
+                self.next_ping = Some(now + interval);
+            }
+            if let Some(at) = self.next_ping {
+                next.later(at);
+            }
+        }
+        Ok(next.at)
+    }
+
+    fn on_deadline(&mut self, deadline: Deadline) -> Option<Plan> {
+        if self.resume.is_some() {
+            match deadline {
+                Deadline::Unresponsive(Side::Client) => {
+                    self.detach(
+                        close(codes::GOING_AWAY, "heartbeat timeout"),
+                        UNRESPONSIVE_CLOSE_TIMEOUT,
+                        "client unresponsive",
+                    );
+                    return None;
+                }
+                Deadline::TokenExpired => {
+                    // The client comes back with a fresh token and loses nothing.
+                    self.detach(
+                        close(codes::TOKEN_EXPIRED, "token expired"),
+                        CLOSE_TIMEOUT,
+                        "token expired",
+                    );
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        Some(plan_for_deadline(deadline))
+    }
+
+    fn on_end(&mut self, side: Side, end: End) -> Option<Plan> {
+        if self.resume.is_some() {
+            match (side, &end) {
+                (Side::Client, End::Lost) | (Side::Upstream, End::DestinationLost)
+                    if self.client.is_some() =>
+                {
+                    self.detach(Finish::Gone, CLOSE_TIMEOUT, "client lost");
+                    return None;
+                }
+                (Side::Upstream, _) if self.client.is_none() => {
+                    self.upstream_ended_while_detached(end);
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        Some(plan_for_end(side, end))
+    }
+
+    /// The client left without ending its session: keep the upstream for the window.
+    fn detach(&mut self, finish: Finish, wait: Duration, why: &'static str) {
+        let Some(resume) = self.resume.as_mut() else {
+            return;
+        };
+        if let Some(leg) = self.client.take() {
+            self.tasks.spawn(close_leg(leg, finish, wait, true));
+        }
+        // Half a client message never reaches the upstream.
+        if let Some(upstream) = self.upstream.as_mut() {
+            upstream.drop_held();
+            upstream.write_blocked_since = None;
+        }
+        self.token_deadline = None;
+        resume.detached_since = Some(Instant::now());
+        resume.shared.metrics.sessions_detached.inc();
+        tracing::info!(
+            route = %resume.route,
+            session = %resume.entry.key.id,
+            reason = why,
+            buffered = resume.replay.messages(),
+            "client detached; session kept"
+        );
+        resume.audit("detach", |fields| {
+            fields.insert("reason".into(), why.into());
+        });
+    }
+
+    /// While detached, the upstream ended: remember how, to tell the client after its replay.
+    fn upstream_ended_while_detached(&mut self, end: End) {
+        let Some(resume) = self.resume.as_mut() else {
+            return;
+        };
+        let (finish, final_close) = match end {
+            End::Closed(close) => (Finish::Answer(close.clone()), close),
+            End::Violation(error) => (
+                Finish::Close(Close::new(error.code, error.reason)),
+                Close::new(codes::BAD_GATEWAY, "upstream failed"),
+            ),
+            End::Lost | End::DestinationLost | End::RateLimited => (
+                Finish::Gone,
+                Close::new(codes::BAD_GATEWAY, "upstream failed"),
+            ),
+        };
+        if let Some(upstream) = self.upstream.take() {
+            self.tasks
+                .spawn(close_leg(upstream, finish, CLOSE_TIMEOUT, false));
+        }
+        resume.upstream_final = Some(final_close);
+    }
+
+    /// A detached session that has read past its bounds cannot be resumed any more.
+    fn check_overflow(&mut self) -> Option<Plan> {
+        let resume = self.resume.as_ref()?;
+        if self.client.is_some() {
+            return None;
+        }
+        let over = resume.replay.messages() > resume.settings.max_messages
+            || resume.replay.bytes() > resume.settings.max_bytes;
+        over.then(|| Plan {
+            to_client: Finish::Gone,
+            to_upstream: close(codes::GOING_AWAY, "client went away"),
+            ended_by: None,
+            reason: "resume buffer overflowed",
+            unresponsive: None,
+            limit: Some("resume_buffer"),
+            session: NotResumable::Overflowed,
+        })
+    }
+
+    /// Takes over clients that resume this session.
+    fn poll_attach(&mut self, cx: &mut Context<'_>) -> Option<Plan> {
+        loop {
+            let resume = self.resume.as_mut()?;
+            let Poll::Ready(Some(attach)) = resume.attach.poll_recv(cx) else {
+                return None;
+            };
+            let metrics = &resume.shared.metrics;
+            let start = match resume.replay.replay_start(attach.last_seq) {
+                Ok(start) => start,
+                Err(why) => {
+                    metrics.resume(&resume.route, why.label());
+                    tracing::info!(request_id = %attach.request_id, session = %resume.entry.key.id, reason = why.reason(), "resume refused");
+                    self.tasks.spawn(close_leg(
+                        attach.leg,
+                        close(codes::SESSION_NOT_RESUMABLE, why.reason()),
+                        CLOSE_TIMEOUT,
+                        true,
+                    ));
+                    continue;
+                }
+            };
+            if let Some(old) = self.client.take() {
+                self.tasks.spawn(close_leg(
+                    old,
+                    close(codes::SESSION_TAKEN_OVER, "session taken over"),
+                    CLOSE_TIMEOUT,
+                    true,
+                ));
+            } else {
+                metrics.sessions_detached.dec();
+            }
+            let mut leg = attach.leg;
+            let mut replay = Vec::new();
+            let replayed = resume.replay.copy_from(start, &mut replay);
+            let received = self.up.messages;
+            if resume.settings.announce {
+                let announce = serde_json::json!({
+                    "type": "edge.session",
+                    "session_id": resume.entry.key.id,
+                    "resumed": true,
+                    "replayed": replayed,
+                    "received": received,
+                });
+                leg.send_frame(opcode::TEXT, announce.to_string().as_bytes());
+            }
+            leg.push_data(&replay);
+            leg.set_mid_frame(
+                self.upstream
+                    .as_ref()
+                    .is_some_and(|upstream| upstream.reader.mid_frame()),
+            );
+            metrics.resume(&resume.route, "resumed");
+            tracing::info!(
+                request_id = %attach.request_id,
+                session = %resume.entry.key.id,
+                last_seq = attach.last_seq,
+                replayed,
+                "session resumed"
+            );
+            resume.audit("resume", |fields| {
+                fields.insert("request_id".into(), attach.request_id.clone().into());
+                fields.insert("last_seq".into(), attach.last_seq.into());
+                fields.insert("replayed".into(), replayed.into());
+            });
+            resume.detached_since = None;
+            self.client = Some(leg);
+            self.token_deadline = token_deadline(&self.lifecycle, attach.token_expires_at);
+            self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
+            if let Some(final_close) = resume.upstream_final.take() {
+                // The upstream ended while the client was away: the rest, then its close.
+                return Some(Plan {
+                    to_client: Finish::Close(final_close),
+                    to_upstream: Finish::Gone,
+                    ended_by: Some(Side::Upstream),
+                    reason: "upstream closed",
+                    unresponsive: None,
+                    limit: None,
+                    session: NotResumable::Closed,
+                });
+            }
+        }
+    }
+
+    fn begin_closing(&mut self, plan: Plan) {
+        let report = RelayReport {
+            ended_by: plan.ended_by,
+            reason: plan.reason,
+            limit: plan.limit,
+            client_close: self.client.as_ref().and(plan.to_client.code()),
+            upstream_close: self.upstream.as_ref().and(plan.to_upstream.code()),
+            client_to_upstream: self.up,
+            upstream_to_client: self.down,
+        };
+        if let Some(resume) = self.resume.as_mut() {
+            resume.shared.registry.end(&resume.entry, plan.session);
+            if resume.detached_since.is_some() {
+                resume.shared.metrics.sessions_detached.dec();
+            }
+            resume.move_gauges((0, 0));
+        }
+        let wait = |side: Side| {
+            if plan.unresponsive == Some(side) {
+                UNRESPONSIVE_CLOSE_TIMEOUT
+            } else {
+                CLOSE_TIMEOUT
+            }
+        };
+        let client = self
+            .client
+            .take()
+            .map(|leg| close_leg(leg, plan.to_client, wait(Side::Client), true));
+        let upstream = self
+            .upstream
+            .take()
+            .map(|leg| close_leg(leg, plan.to_upstream, wait(Side::Upstream), false));
+        let closing = async move {
+            join(
+                async move {
+                    if let Some(client) = client {
+                        client.await;
+                    }
+                },
+                async move {
+                    if let Some(upstream) = upstream {
+                        upstream.await;
+                    }
+                },
+            )
+            .await;
+        };
+        self.phase = Phase::Closing(Box::pin(closing), Box::new(report));
     }
 }
 
-enum Item {
-    Data(Message),
-    Pong,
-    Control,
-    End(End),
+impl Future for Relay {
+    type Output = RelayReport;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayReport> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.phase {
+                Phase::Upgrading(on_upgrade) => {
+                    let upgraded = std::task::ready!(Pin::new(on_upgrade).poll(cx));
+                    this.begin(upgraded);
+                }
+                Phase::Running => match this.poll_running(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(plan) => this.begin_closing(plan),
+                },
+                Phase::Closing(closing, report) => {
+                    std::task::ready!(closing.as_mut().poll(cx));
+                    let report = (**report).clone();
+                    this.phase = Phase::Done;
+                    return Poll::Ready(report);
+                }
+                Phase::Done => return Poll::Pending,
+            }
+        }
+    }
 }
 
-fn classify(item: Option<Result<Message, WsError>>) -> Item {
-    match item {
-        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => Item::Data(message),
-        Some(Ok(Message::Pong(_))) => Item::Pong,
-        Some(Ok(Message::Ping(_) | Message::Frame(_))) => Item::Control,
-        Some(Ok(Message::Close(close))) => Item::End(End::Closed(close)),
-        None => Item::End(End::Lost),
-        Some(Err(error)) => Item::End(match error {
-            WsError::Capacity(_) => End::TooBig,
-            WsError::Utf8(_) => End::Protocol(codes::INVALID_PAYLOAD),
-            WsError::Protocol(_) => End::Protocol(codes::PROTOCOL_ERROR),
-            _ => End::Lost,
-        }),
+/// The earliest of the deadlines seen so far, or the first that has passed.
+struct Next {
+    now: Instant,
+    at: Option<Instant>,
+}
+
+impl Next {
+    fn due(&mut self, at: Instant, what: Deadline) -> Result<(), Deadline> {
+        if self.now >= at {
+            return Err(what);
+        }
+        self.later(at);
+        Ok(())
+    }
+
+    fn later(&mut self, at: Instant) {
+        self.at = Some(self.at.map_or(at, |next| next.min(at)));
+    }
+}
+
+/// What one pass of a pump found besides the data it moved.
+#[derive(Default)]
+struct Outcome {
+    data: bool,
+    /// The payload of the last ping read, to answer.
+    ping: Option<Vec<u8>>,
+    /// A pong answered the outstanding ping.
+    pong: bool,
+    end: Option<End>,
+}
+
+/// One direction for one poll: parse what the source sent, pass data frames on, write.
+struct Pump<'a> {
+    source: &'a mut Leg,
+    /// `None` while a resumable session's client is away.
+    dest: Option<&'a mut Leg>,
+    bucket: Option<&'a mut TokenBucket>,
+    /// Only whole messages reach the destination.
+    atomic: bool,
+    replay: Option<&'a mut ReplayBuffer>,
+    /// Stop reading while the replay buffer holds this many (messages, bytes).
+    replay_cap: Option<(usize, usize)>,
+    traffic: &'a mut Traffic,
+    counters: &'a DirectionCounters,
+}
+
+impl Pump<'_> {
+    fn run(mut self, cx: &mut Context<'_>, now: Instant) -> Outcome {
+        let mut outcome = Outcome::default();
+        let mut reads = 0;
+        loop {
+            if let Err(end) = self.parse(&mut outcome) {
+                outcome.end = Some(end);
+                return outcome;
+            }
+            if let Some(dest) = self.dest.as_deref_mut() {
+                match dest.poll_drain(cx) {
+                    Poll::Ready(Ok(())) => dest.write_blocked_since = None,
+                    Poll::Ready(Err(_)) => {
+                        outcome.end = Some(End::DestinationLost);
+                        return outcome;
+                    }
+                    Poll::Pending => {
+                        dest.write_blocked_since.get_or_insert(now);
+                        if dest.pending_out() >= OUT_HIGH {
+                            return outcome;
+                        }
+                    }
+                }
+            }
+            if let (Some(replay), Some((messages, bytes))) = (&self.replay, self.replay_cap)
+                && (replay.messages() >= messages || replay.bytes() >= bytes)
+            {
+                // Full of what the client has not confirmed: its pong will make room.
+                return outcome;
+            }
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return outcome;
+            }
+            match self.source.poll_fill(cx) {
+                Poll::Pending => {
+                    self.source.release_idle();
+                    return outcome;
+                }
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    self.source.gone = true;
+                    outcome.end = Some(End::Lost);
+                    return outcome;
+                }
+                Poll::Ready(Ok(_)) => reads += 1,
+            }
+        }
+    }
+
+    /// Consumes every whole frame (and any data frame's available bytes) read so far.
+    fn parse(&mut self, outcome: &mut Outcome) -> Result<(), End> {
+        let expected_pong = self.source.ping.map(|(_, payload)| payload.to_be_bytes());
+        let (input, reader) = self.source.parse_parts();
+        let mut at = 0;
+        // Data bytes not yet copied to the destination: copied in one piece when possible.
+        let mut run_start = 0;
+        let mut messages = 0;
+        let mut payload_bytes = 0;
+        let mut result = Ok(());
+        // Runs of whole single-frame messages pass in one step when nothing needs to see
+        // each message (rate limit, replay buffer, whole-message holding).
+        let skim = self.bucket.is_none() && self.replay.is_none() && !self.atomic;
+        while at < input.len() {
+            if skim {
+                match reader.skim(&input[at..]) {
+                    Ok((len, skimmed, payload)) => {
+                        at += len;
+                        messages += skimmed;
+                        payload_bytes += payload;
+                    }
+                    Err(error) => {
+                        result = Err(End::Violation(error));
+                        break;
+                    }
+                }
+                if at == input.len() {
+                    break;
+                }
+            }
+            match reader.next(&input[at..]) {
+                Err(error) => {
+                    result = Err(End::Violation(error));
+                    break;
+                }
+                Ok(Event::NeedMore) => break,
+                Ok(Event::Data {
+                    len,
+                    payload,
+                    message_start,
+                    frame_end,
+                    message_end,
+                }) => {
+                    if message_start
+                        && let Some(bucket) = self.bucket.as_deref_mut()
+                        && !bucket.allow()
+                    {
+                        result = Err(End::RateLimited);
+                        break;
+                    }
+                    let bytes = &input[at..at + len];
+                    if let Some(replay) = self.replay.as_deref_mut() {
+                        replay.push(bytes);
+                        if message_end {
+                            replay.message_ended();
+                        }
+                    }
+                    messages += u64::from(message_end);
+                    payload_bytes += payload as u64;
+                    if self.atomic && !(message_start && message_end) {
+                        if let Some(dest) = self.dest.as_deref_mut() {
+                            dest.push_data(&input[run_start..at]);
+                            dest.hold(bytes);
+                            if message_end {
+                                dest.release_held();
+                            }
+                        }
+                        at += len;
+                        run_start = at;
+                        continue;
+                    }
+                    at += len;
+                    if frame_end
+                        && let Some(dest) = self.dest.as_deref_mut()
+                        && dest.has_deferred()
+                    {
+                        dest.push_data(&input[run_start..at]);
+                        run_start = at;
+                        dest.set_mid_frame(false);
+                    }
+                }
+                Ok(Event::Control { len, frame }) => {
+                    if let Some(dest) = self.dest.as_deref_mut() {
+                        dest.push_data(&input[run_start..at]);
+                    }
+                    at += len;
+                    run_start = at;
+                    match frame.opcode {
+                        opcode::PING => outcome.ping = Some(frame.payload().to_vec()),
+                        opcode::PONG => {
+                            if expected_pong.is_some_and(|p| p[..] == *frame.payload()) {
+                                outcome.pong = true;
+                            }
+                        }
+                        _ => {
+                            result = Close::parse(frame.payload())
+                                .map_err(End::Violation)
+                                .and_then(|close| Err(End::Closed(close)));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(dest) = self.dest.as_deref_mut() {
+            dest.push_data(&input[run_start..at]);
+            dest.set_mid_frame(!self.atomic && reader.mid_frame());
+        }
+        self.source.consume(at);
+        if payload_bytes > 0 || messages > 0 {
+            outcome.data = true;
+            self.traffic.messages += messages;
+            self.traffic.bytes += payload_bytes;
+            self.counters.add(messages, payload_bytes);
+        }
+        result
     }
 }
 
@@ -660,115 +1145,169 @@ impl TokenBucket {
     }
 }
 
-/// Awaits a write; if it does not complete at once, records that writes to `side` are blocked
-/// until it does (the watchdog closes a side that reads nothing for too long).
-async fn tracked<F: Future>(write: F, side: Side, liveness: &Liveness) -> F::Output {
-    let mut write = pin!(write);
-    if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-        return output;
-    }
-    liveness.write_blocked[side.index()].store(liveness.now(), Ordering::Relaxed);
-    let output = write.await;
-    liveness.write_blocked[side.index()].store(0, Ordering::Relaxed);
-    output
+fn close(code: u16, reason: &'static str) -> Finish {
+    Finish::Close(Close::new(code, reason))
 }
 
-/// One direction: reads from `source_side`, writes to the other side.
-async fn pump<S, K>(
-    source: &mut S,
-    destination: &mut K,
-    source_side: Side,
-    liveness: &Liveness,
-    lifecycle: &Lifecycle,
-    traffic: &mut Traffic,
-    counters: &DirectionCounters,
-) -> End
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-    K: Sink<Message, Error = WsError> + Unpin,
-{
-    let destination_side = match source_side {
-        Side::Client => Side::Upstream,
-        Side::Upstream => Side::Client,
-    };
-    // Only what the client sends is rate limited; the upstream is trusted to stream.
-    let mut bucket = match source_side {
-        Side::Client => lifecycle.message_rate.map(TokenBucket::new),
-        Side::Upstream => None,
-    };
-    let ping_due = &liveness.ping_due[destination_side.index()];
+struct Plan {
+    to_client: Finish,
+    to_upstream: Finish,
+    ended_by: Option<Side>,
+    reason: &'static str,
+    unresponsive: Option<Side>,
+    limit: Option<&'static str>,
+    /// What a client that tries to resume this session afterwards is told.
+    session: NotResumable,
+}
 
-    loop {
-        // One relaxed load per poll: the ping check costs nothing on the hot path.
-        let woke = poll_fn(|cx| {
-            if ping_due.load(Ordering::Relaxed) {
-                ping_due.store(false, Ordering::Relaxed);
-                return Poll::Ready(None);
-            }
-            source.poll_next_unpin(cx).map(Some)
-        })
-        .await;
-        let Some(item) = woke else {
-            liveness.ping_outstanding[destination_side.index()]
-                .store(liveness.now(), Ordering::Relaxed);
-            let ping = destination.send(Message::Ping(Bytes::new()));
-            if tracked(ping, destination_side, liveness).await.is_err() {
-                return End::DestinationLost;
-            }
-            continue;
-        };
+impl Plan {
+    fn shutdown() -> Self {
+        Plan {
+            to_client: close(codes::GOING_AWAY, "edge shutting down"),
+            to_upstream: close(codes::GOING_AWAY, "edge shutting down"),
+            ended_by: None,
+            reason: "edge shutting down",
+            unresponsive: None,
+            limit: None,
+            session: NotResumable::Closed,
+        }
+    }
+}
 
-        let mut batch_messages = 0;
-        let mut batch_bytes = 0;
-        let mut next = Some(item);
-        let mut ended = None;
-        while let Some(item) = next.take() {
-            match classify(item) {
-                Item::Data(message) => {
-                    if let Some(bucket) = bucket.as_mut()
-                        && !bucket.allow()
-                    {
-                        ended = Some(End::RateLimited);
-                        break;
-                    }
-                    traffic.messages += 1;
-                    batch_messages += 1;
-                    let len = message.len();
-                    traffic.bytes += len as u64;
-                    batch_bytes += len;
-                    if tracked(destination.feed(message), destination_side, liveness)
-                        .await
-                        .is_err()
-                    {
-                        return End::DestinationLost;
-                    }
-                }
-                Item::Pong => {
-                    liveness.ping_outstanding[source_side.index()].store(0, Ordering::Relaxed);
-                }
-                Item::Control => {}
-                Item::End(end) => {
-                    ended = Some(end);
-                    break;
-                }
-            }
-            // Feed whatever is already readable, then flush once.
-            if batch_messages < BATCH_MESSAGES && batch_bytes < BATCH_BYTES {
-                next = source.next().now_or_never();
-            }
+fn plan_for_end(side: Side, end: End) -> Plan {
+    use codes::*;
+    let limit = match &end {
+        End::Violation(error) if error.code == 1009 => Some("max_message_size"),
+        End::RateLimited => Some("message_rate"),
+        _ => None,
+    };
+    let (to_source, to_other, reason) = match (side, end) {
+        (Side::Client, End::Closed(frame)) => (
+            Finish::Answer(frame.clone()),
+            Finish::Close(frame),
+            "client closed",
+        ),
+        (Side::Upstream, End::Closed(frame)) => (
+            Finish::Answer(frame.clone()),
+            Finish::Close(frame),
+            "upstream closed",
+        ),
+        (Side::Client, End::Lost) => (
+            Finish::Gone,
+            close(GOING_AWAY, "client went away"),
+            "client lost",
+        ),
+        (Side::Upstream, End::Lost) => (
+            Finish::Gone,
+            close(BAD_GATEWAY, "upstream failed"),
+            "upstream lost",
+        ),
+        (Side::Client, End::Violation(error)) => (
+            Finish::Close(Close::new(error.code, error.reason)),
+            close(GOING_AWAY, "client went away"),
+            if error.code == 1009 {
+                "client message too big"
+            } else {
+                "client protocol error"
+            },
+        ),
+        (Side::Upstream, End::Violation(error)) => (
+            Finish::Close(Close::new(error.code, error.reason)),
+            close(BAD_GATEWAY, "upstream failed"),
+            if error.code == 1009 {
+                "upstream message too big"
+            } else {
+                "upstream protocol error"
+            },
+        ),
+        // The destination is gone: tell the source why, as if the destination had been lost.
+        (Side::Client, End::DestinationLost) => (
+            close(BAD_GATEWAY, "upstream failed"),
+            Finish::Gone,
+            "upstream lost",
+        ),
+        (Side::Upstream, End::DestinationLost) => (
+            close(GOING_AWAY, "client went away"),
+            Finish::Gone,
+            "client lost",
+        ),
+        (_, End::RateLimited) => (
+            close(POLICY, "message rate exceeded"),
+            close(GOING_AWAY, "client went away"),
+            "client message rate exceeded",
+        ),
+    };
+    let (to_client, to_upstream) = match side {
+        Side::Client => (to_source, to_other),
+        Side::Upstream => (to_other, to_source),
+    };
+    Plan {
+        to_client,
+        to_upstream,
+        ended_by: Some(side),
+        reason,
+        unresponsive: None,
+        limit,
+        session: NotResumable::Closed,
+    }
+}
+
+fn plan_for_deadline(deadline: Deadline) -> Plan {
+    use codes::*;
+    let limit = match deadline {
+        Deadline::Idle => Some("idle_timeout"),
+        Deadline::SessionLimit => Some("max_session"),
+        _ => None,
+    };
+    let mut session = NotResumable::Closed;
+    let (to_client, to_upstream, reason, unresponsive) = match deadline {
+        Deadline::Unresponsive(Side::Client) => (
+            close(GOING_AWAY, "heartbeat timeout"),
+            close(GOING_AWAY, "client went away"),
+            "client unresponsive",
+            Some(Side::Client),
+        ),
+        Deadline::Unresponsive(Side::Upstream) => (
+            close(BAD_GATEWAY, "upstream not responding"),
+            close(GOING_AWAY, "heartbeat timeout"),
+            "upstream unresponsive",
+            Some(Side::Upstream),
+        ),
+        Deadline::Idle => (
+            close(GOING_AWAY, "idle timeout"),
+            close(GOING_AWAY, "idle timeout"),
+            "idle timeout",
+            None,
+        ),
+        Deadline::SessionLimit => (
+            close(GOING_AWAY, "session time limit"),
+            close(GOING_AWAY, "session time limit"),
+            "session time limit",
+            None,
+        ),
+        Deadline::TokenExpired => (
+            close(TOKEN_EXPIRED, "token expired"),
+            close(NORMAL, "token expired"),
+            "token expired",
+            None,
+        ),
+        Deadline::WindowPassed => {
+            session = NotResumable::Expired;
+            (
+                Finish::Gone,
+                close(GOING_AWAY, "client went away"),
+                "resume window passed",
+                None,
+            )
         }
-        if batch_messages > 0 {
-            counters.add(batch_messages as u64, batch_bytes as u64);
-            liveness.last_data.store(liveness.now(), Ordering::Relaxed);
-            if tracked(destination.flush(), destination_side, liveness)
-                .await
-                .is_err()
-            {
-                return End::DestinationLost;
-            }
-        }
-        if let Some(end) = ended {
-            return end;
-        }
+    };
+    Plan {
+        to_client,
+        to_upstream,
+        ended_by: None,
+        reason,
+        unresponsive,
+        limit,
+        session,
     }
 }

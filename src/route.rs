@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use crate::auth::{AuthPolicy, Identity};
 use crate::refusal::Refusal;
 use crate::relay::Lifecycle;
+use crate::session::ResumeSettings;
 use crate::template::Template;
 use crate::tls::UpstreamTls;
 
@@ -196,6 +197,8 @@ pub struct RouteSettings {
     pub lifecycle: Lifecycle,
     /// How long a target that failed to connect is passed over.
     pub upstream_cooldown: Duration,
+    /// Sessions survive a client's drop (`resume = { … }`).
+    pub resume: Option<ResumeSettings>,
 }
 
 pub struct Route {
@@ -431,6 +434,7 @@ mod tests {
             max_message_size: 1024,
             lifecycle: Lifecycle::default(),
             upstream_cooldown: Duration::from_secs(10),
+            resume: None,
         })
     }
 

@@ -9,16 +9,15 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::handshake::{self, ClientConn};
+use crate::io::Io;
 use crate::limits::HandshakeRate;
 use crate::metrics::Metrics;
 use crate::{Config, ConfigError, Shared, Stats};
@@ -121,6 +120,7 @@ impl Edge {
             stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            registry: Default::default(),
         });
         Ok(Edge {
             shared,
@@ -237,13 +237,13 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     let tls = config.server.tls.clone();
     drop(config);
     match tls {
-        None => serve_http(tcp, ClientConn { peer, tls: false }, shared).await,
+        None => serve_http(Io::Tcp(tcp), ClientConn { peer, tls: false }, shared).await,
         Some(tls) => {
             match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(tls).accept(tcp)).await
             {
                 Ok(Ok(stream)) => {
                     serve_http(
-                        Either::Right::<TcpStream, _>(stream),
+                        Io::ServerTls(Box::new(stream)),
                         ClientConn { peer, tls: true },
                         shared,
                     )
@@ -259,10 +259,9 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-async fn serve_http<I>(io: I, conn: ClientConn, shared: Arc<Shared>)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// HTTP/1.1 up to the upgrade. The socket is an [`Io`] so that the relay can take it back
+/// from hyper by type after the 101 (`Io::from_upgraded`).
+async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>) {
     let config = shared.config.load();
     let mut builder = http1::Builder::new();
     builder

@@ -14,19 +14,11 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_util::either::Either;
 
-use crate::io::ReadBuffered;
+use crate::io::Io;
 use crate::route::UpstreamTarget;
-
-/// The TLS variant is boxed: rustls' connection state is over a kilobyte, and an `Either` is as
-/// large as its larger side for every plain `ws://` upstream too.
-pub type UpstreamIo = ReadBuffered<Either<TcpStream, Box<TlsStream<TcpStream>>>>;
 
 /// The request the edge sends upstream, shaped by the handshake module.
 pub struct UpstreamRequest {
@@ -37,7 +29,9 @@ pub struct UpstreamRequest {
 }
 
 pub struct UpstreamConnection {
-    pub ws: WebSocketStream<UpstreamIo>,
+    pub io: Io,
+    /// What the upstream sent right behind its 101: the first frames.
+    pub leftover: Vec<u8>,
     /// The subprotocol the upstream selected, if any.
     pub protocol: Option<HeaderValue>,
 }
@@ -60,10 +54,9 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 pub async fn connect(
     target: &UpstreamTarget,
     request: &UpstreamRequest,
-    ws_config: WebSocketConfig,
     timeout: Duration,
 ) -> Result<UpstreamConnection, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(target, request, ws_config))
+    tokio::time::timeout(timeout, connect_inner(target, request))
         .await
         .unwrap_or(Err(ConnectError::Timeout))
 }
@@ -71,21 +64,20 @@ pub async fn connect(
 async fn connect_inner(
     target: &UpstreamTarget,
     request: &UpstreamRequest,
-    ws_config: WebSocketConfig,
 ) -> Result<UpstreamConnection, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(ConnectError::Unreachable)?;
     // Chat traffic is many small messages; Nagle would hold each token back.
     tcp.set_nodelay(true).map_err(ConnectError::Unreachable)?;
-    let mut io: Either<TcpStream, Box<TlsStream<TcpStream>>> = match &target.tls {
-        None => Either::Left(tcp),
+    let mut io = match &target.tls {
+        None => Io::Tcp(tcp),
         Some((config, server_name)) => {
             let tls = TlsConnector::from(config.clone())
                 .connect(server_name.clone(), tcp)
                 .await
                 .map_err(ConnectError::Unreachable)?;
-            Either::Right(Box::new(tls))
+            Io::ClientTls(Box::new(tls))
         }
     };
 
@@ -170,14 +162,11 @@ async fn connect_inner(
     }
 
     let leftover = buffer.split_off(head_len).to_vec();
-    let ws = WebSocketStream::from_partially_read(
-        ReadBuffered::new(io),
+    Ok(UpstreamConnection {
+        io,
         leftover,
-        Role::Client,
-        Some(ws_config),
-    )
-    .await;
-    Ok(UpstreamConnection { ws, protocol })
+        protocol,
+    })
 }
 
 fn request_head(target: &UpstreamTarget, request: &UpstreamRequest, key: &str) -> Vec<u8> {

@@ -1,0 +1,868 @@
+//! RFC 6455 frames, read without being decoded into messages.
+//!
+//! The relay passes data frames on byte for byte: a server's frames are unmasked and a client's
+//! masked frame is a valid masked frame toward the upstream, so neither needs re-encoding. What
+//! the edge must still know — where frames and messages begin and end, whether a text message is
+//! valid UTF-8, whether a message is over the size limit, and what a control frame says — is
+//! read here from the headers and, for text, from the payload as it streams past. Nothing waits
+//! for a whole message: a large frame goes through in pieces as it arrives.
+
+use std::fmt;
+
+pub mod opcode {
+    pub const CONTINUATION: u8 = 0;
+    pub const TEXT: u8 = 1;
+    pub const BINARY: u8 = 2;
+    pub const CLOSE: u8 = 8;
+    pub const PING: u8 = 9;
+    pub const PONG: u8 = 10;
+}
+
+/// The largest control frame payload (RFC 6455 §5.5).
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// The largest frame header: 2 bytes, an 8-byte length and a 4-byte mask.
+pub const MAX_HEADER: usize = 14;
+
+/// Who wrote the frames being read: clients must mask, servers must not (RFC 6455 §5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Client,
+    Server,
+}
+
+/// A violation, with the close code the sender is closed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl FrameError {
+    const fn protocol(reason: &'static str) -> Self {
+        Self { code: 1002, reason }
+    }
+    const INVALID_UTF8: Self = Self {
+        code: 1007,
+        reason: "invalid UTF-8",
+    };
+    const TOO_BIG: Self = Self {
+        code: 1009,
+        reason: "message too big",
+    };
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.reason, self.code)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    len: u64,
+    header_len: usize,
+}
+
+/// Parses a frame header; `Ok(None)` when `input` does not hold all of it yet.
+fn parse_header(input: &[u8]) -> Result<Option<Header>, FrameError> {
+    let [first, second, ..] = *input else {
+        return Ok(None);
+    };
+    if first & 0x70 != 0 {
+        // No extension is ever negotiated through the edge.
+        return Err(FrameError::protocol("reserved bits set"));
+    }
+    let masked = second & 0x80 != 0;
+    let (len, mut header_len) = match second & 0x7f {
+        126 => {
+            let Some(bytes) = input.get(2..4) else {
+                return Ok(None);
+            };
+            (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4)
+        }
+        127 => {
+            let Some(bytes) = input.get(2..10) else {
+                return Ok(None);
+            };
+            let mut be = [0u8; 8];
+            be.copy_from_slice(bytes);
+            let len = u64::from_be_bytes(be);
+            if len >> 63 != 0 {
+                return Err(FrameError::protocol("frame length out of range"));
+            }
+            (len, 10)
+        }
+        short => (u64::from(short), 2),
+    };
+    let mask = if masked {
+        let Some(bytes) = input.get(header_len..header_len + 4) else {
+            return Ok(None);
+        };
+        header_len += 4;
+        Some([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        None
+    };
+    Ok(Some(Header {
+        fin: first & 0x80 != 0,
+        opcode: first & 0x0f,
+        mask,
+        len,
+        header_len,
+    }))
+}
+
+/// XORs `data` with `mask`, starting `offset` bytes into the mask's 4-byte cycle.
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let rotated = {
+        let mut m = [0u8; 4];
+        for (i, byte) in m.iter_mut().enumerate() {
+            *byte = mask[(offset + i) & 3];
+        }
+        m
+    };
+    let word = u64::from_ne_bytes([
+        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
+        rotated[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= rotated[i & 3];
+    }
+}
+
+/// Checks UTF-8 that arrives in pieces split anywhere, failing as soon as a byte makes the
+/// text invalid (not only at the end).
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Validator {
+    /// The start of a character whose remaining bytes are in the next piece.
+    partial: [u8; 4],
+    partial_len: u8,
+}
+
+impl Utf8Validator {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), FrameError> {
+        if self.partial_len > 0 {
+            let have = usize::from(self.partial_len);
+            let want = utf8_char_len(self.partial[0]);
+            let take = (want - have).min(bytes.len());
+            self.partial[have..have + take].copy_from_slice(&bytes[..take]);
+            let now = have + take;
+            bytes = &bytes[take..];
+            match std::str::from_utf8(&self.partial[..now]) {
+                Ok(_) => self.partial_len = 0,
+                Err(e) if e.error_len().is_none() && now < want => {
+                    self.partial_len = now as u8;
+                    return Ok(());
+                }
+                Err(_) => return Err(FrameError::INVALID_UTF8),
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let rest = &bytes[e.valid_up_to()..];
+                self.partial[..rest.len()].copy_from_slice(rest);
+                self.partial_len = rest.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(FrameError::INVALID_UTF8),
+        }
+    }
+
+    /// The text ended: a character cut short is invalid.
+    pub fn finish(&mut self) -> Result<(), FrameError> {
+        let complete = self.partial_len == 0;
+        self.partial_len = 0;
+        if complete {
+            Ok(())
+        } else {
+            Err(FrameError::INVALID_UTF8)
+        }
+    }
+}
+
+/// A whole text payload: ASCII (most LLM tokens) is checked a word at a time first.
+fn check_utf8(text: &[u8]) -> Result<(), FrameError> {
+    if text.is_ascii() || std::str::from_utf8(text).is_ok() {
+        Ok(())
+    } else {
+        Err(FrameError::INVALID_UTF8)
+    }
+}
+
+/// The length of a UTF-8 character from its first byte (1 for bytes that cannot start one, so
+/// that `from_utf8` reports them).
+fn utf8_char_len(first: u8) -> usize {
+    match first {
+        0xc2..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf4 => 4,
+        _ => 1,
+    }
+}
+
+/// A control frame, read whole (its payload is at most 125 bytes), unmasked.
+#[derive(Clone, Copy)]
+pub struct Control {
+    pub opcode: u8,
+    payload: [u8; MAX_CONTROL_PAYLOAD],
+    len: u8,
+}
+
+impl Control {
+    pub fn payload(&self) -> &[u8] {
+        &self.payload[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Control")
+            .field("opcode", &self.opcode)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// A close frame's status code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// `None` for a close frame without a body.
+    pub code: Option<u16>,
+    pub reason: String,
+}
+
+impl Close {
+    pub fn new(code: u16, reason: &str) -> Self {
+        Self {
+            code: Some(code),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Reads a received close frame's body (RFC 6455 §5.5.1, §7.4).
+    pub fn parse(payload: &[u8]) -> Result<Self, FrameError> {
+        match payload {
+            [] => Ok(Self {
+                code: None,
+                reason: String::new(),
+            }),
+            [_] => Err(FrameError::protocol("close frame with a one-byte body")),
+            [high, low, reason @ ..] => {
+                let code = u16::from_be_bytes([*high, *low]);
+                if !close_code_allowed(code) {
+                    return Err(FrameError::protocol("invalid close code"));
+                }
+                let reason = std::str::from_utf8(reason).map_err(|_| FrameError::INVALID_UTF8)?;
+                Ok(Self {
+                    code: Some(code),
+                    reason: reason.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let Some(code) = self.code else {
+            return Vec::new();
+        };
+        let mut body = code.to_be_bytes().to_vec();
+        // A control payload is at most 125 bytes: the reason is cut at a character boundary.
+        let mut end = self.reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        body.extend_from_slice(&self.reason.as_bytes()[..end]);
+        body
+    }
+}
+
+/// Codes a peer may send in a close frame: the registered ones (RFC 6455 §7.4.1 and the IANA
+/// registry's 1012–1014) and the ranges for libraries and applications.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Appends a frame with `payload` to `out`; masked with a fresh key when `masked` (frames the
+/// edge sends upstream, as a client).
+pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], masked: bool) {
+    out.push(0x80 | opcode);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => out.push(mask_bit | len as u8),
+        len @ 126..=0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        let key = mask_key();
+        out.extend_from_slice(&key);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        apply_mask(&mut out[start..], key, 0);
+    } else {
+        out.extend_from_slice(payload);
+    }
+}
+
+/// Appends a close frame.
+pub fn write_close(out: &mut Vec<u8>, close: &Close, masked: bool) {
+    write_frame(out, opcode::CLOSE, &close.body(), masked);
+}
+
+/// A masking key from the system's random source. RFC 6455 §5.3 asks for an unpredictable
+/// key; should the source fail, a key from the clock still keeps frames valid.
+fn mask_key() -> [u8; 4] {
+    let mut key = [0u8; 4];
+    if getrandom::fill(&mut key).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        key = nanos.to_ne_bytes();
+    }
+    key
+}
+
+/// What the reader found at the start of its input.
+#[derive(Debug)]
+pub enum Event {
+    /// The input holds too little to go on; nothing was consumed.
+    NeedMore,
+    /// The first `len` bytes of the input belong to a data frame and are passed on as they are:
+    /// its header (when `frame_start`) and some or all of its payload.
+    Data {
+        len: usize,
+        /// How many of them are payload (the rest is the frame's header).
+        payload: usize,
+        /// These bytes begin a message (its first frame's header).
+        message_start: bool,
+        /// These bytes end a frame, and with it perhaps a message.
+        frame_end: bool,
+        message_end: bool,
+    },
+    /// A whole control frame (`len` bytes of input), not to be passed on.
+    Control { len: usize, frame: Control },
+}
+
+/// Reads one peer's frames: headers, fragmentation, masking, the size limit and text validity.
+#[derive(Debug)]
+pub struct FrameReader {
+    writer: Writer,
+    max_message: u64,
+    /// Payload bytes of the current data frame not read yet.
+    remaining: u64,
+    /// Whether a data frame's payload is being read (its header is behind us).
+    in_frame: bool,
+    frame_fin: bool,
+    mask: [u8; 4],
+    /// How many payload bytes of the current frame have been read (for the mask's phase).
+    frame_offset: u64,
+    /// The message in progress: `Some(true)` for text, `Some(false)` for binary.
+    message: Option<bool>,
+    message_len: u64,
+    utf8: Utf8Validator,
+}
+
+impl FrameReader {
+    pub fn new(writer: Writer, max_message: usize) -> Self {
+        Self {
+            writer,
+            max_message: max_message as u64,
+            remaining: 0,
+            in_frame: false,
+            frame_fin: false,
+            mask: [0; 4],
+            frame_offset: 0,
+            message: None,
+            message_len: 0,
+            utf8: Utf8Validator::default(),
+        }
+    }
+
+    /// Whether the bytes passed on so far end inside a frame.
+    pub fn mid_frame(&self) -> bool {
+        self.in_frame
+    }
+
+    /// Whether the bytes passed on so far end inside a message.
+    pub fn mid_message(&self) -> bool {
+        self.message.is_some()
+    }
+
+    /// Passes over the whole single-frame data messages that start `input` — what a stream of
+    /// LLM tokens is made of — and returns (bytes, messages, payload bytes) passed over. It
+    /// stops at anything else (a fragment, a control frame, a frame not all read yet), which
+    /// [`FrameReader::next`] then reads.
+    pub fn skim(&mut self, input: &[u8]) -> Result<(usize, u64, u64), FrameError> {
+        let mut at = 0;
+        let mut messages = 0;
+        let mut payload_bytes = 0;
+        if self.in_frame || self.message.is_some() {
+            return Ok((0, 0, 0));
+        }
+        let masked = self.writer == Writer::Client;
+        let header_len = if masked { 6 } else { 2 };
+        while let [first, second, ..] = input[at..] {
+            let len = usize::from(second & 0x7f);
+            let opcode = first & 0x0f;
+            let simple = first & 0xf0 == 0x80
+                && matches!(opcode, opcode::TEXT | opcode::BINARY)
+                && len < 126
+                && (second & 0x80 != 0) == masked;
+            let end = at + header_len + len;
+            if !simple || end > input.len() || len as u64 > self.max_message {
+                break;
+            }
+            if opcode == opcode::TEXT {
+                let payload = &input[at + header_len..end];
+                if masked {
+                    let mut clear = [0u8; 125];
+                    clear[..len].copy_from_slice(payload);
+                    let mask = [input[at + 2], input[at + 3], input[at + 4], input[at + 5]];
+                    apply_mask(&mut clear[..len], mask, 0);
+                    check_utf8(&clear[..len])?;
+                } else {
+                    check_utf8(payload)?;
+                }
+            }
+            at = end;
+            messages += 1;
+            payload_bytes += len as u64;
+        }
+        Ok((at, messages, payload_bytes))
+    }
+
+    /// Reads what starts `input`. Call again with the input advanced by the event's length.
+    pub fn next(&mut self, input: &[u8]) -> Result<Event, FrameError> {
+        if self.in_frame {
+            return self.payload(input, 0, false);
+        }
+        let Some(header) = parse_header(input)? else {
+            return Ok(Event::NeedMore);
+        };
+        match (self.writer, header.mask) {
+            (Writer::Client, None) => return Err(FrameError::protocol("unmasked client frame")),
+            (Writer::Server, Some(_)) => return Err(FrameError::protocol("masked server frame")),
+            _ => {}
+        }
+        match header.opcode {
+            opcode::CLOSE | opcode::PING | opcode::PONG => {
+                if !header.fin {
+                    return Err(FrameError::protocol("fragmented control frame"));
+                }
+                if header.len > MAX_CONTROL_PAYLOAD as u64 {
+                    return Err(FrameError::protocol("control frame too long"));
+                }
+                let total = header.header_len + header.len as usize;
+                let Some(bytes) = input.get(header.header_len..total) else {
+                    return Ok(Event::NeedMore);
+                };
+                let mut frame = Control {
+                    opcode: header.opcode,
+                    payload: [0; MAX_CONTROL_PAYLOAD],
+                    len: bytes.len() as u8,
+                };
+                frame.payload[..bytes.len()].copy_from_slice(bytes);
+                if let Some(mask) = header.mask {
+                    apply_mask(&mut frame.payload[..bytes.len()], mask, 0);
+                }
+                Ok(Event::Control { len: total, frame })
+            }
+            opcode::TEXT | opcode::BINARY | opcode::CONTINUATION => {
+                let message_start = header.opcode != opcode::CONTINUATION;
+                match (message_start, self.message) {
+                    (true, Some(_)) => {
+                        return Err(FrameError::protocol("new message inside a fragmented one"));
+                    }
+                    (false, None) => {
+                        return Err(FrameError::protocol("continuation without a message"));
+                    }
+                    _ => {}
+                }
+                let message_len = if message_start { 0 } else { self.message_len };
+                if header.len > self.max_message.saturating_sub(message_len) {
+                    return Err(FrameError::TOO_BIG);
+                }
+                if message_start {
+                    self.message = Some(header.opcode == opcode::TEXT);
+                    self.message_len = 0;
+                }
+                self.message_len += header.len;
+                self.in_frame = true;
+                self.frame_fin = header.fin;
+                self.remaining = header.len;
+                self.mask = header.mask.unwrap_or([0; 4]);
+                self.frame_offset = 0;
+                self.payload(input, header.header_len, message_start)
+            }
+            _ => Err(FrameError::protocol("reserved opcode")),
+        }
+    }
+
+    /// The payload bytes of the current frame that `input` holds after `header_len` bytes.
+    fn payload(
+        &mut self,
+        input: &[u8],
+        header_len: usize,
+        message_start: bool,
+    ) -> Result<Event, FrameError> {
+        let available = (input.len() - header_len) as u64;
+        let take = self.remaining.min(available) as usize;
+        if take == 0 && self.remaining > 0 {
+            return Ok(if header_len > 0 {
+                // The header alone is worth passing on: it is complete.
+                Event::Data {
+                    len: header_len,
+                    payload: 0,
+                    message_start,
+                    frame_end: false,
+                    message_end: false,
+                }
+            } else {
+                Event::NeedMore
+            });
+        }
+        let bytes = &input[header_len..header_len + take];
+        if self.message == Some(true) {
+            if self.writer == Writer::Client {
+                let mut scratch = [0u8; 512];
+                let mut offset = self.frame_offset as usize;
+                for piece in bytes.chunks(scratch.len()) {
+                    let clear = &mut scratch[..piece.len()];
+                    clear.copy_from_slice(piece);
+                    apply_mask(clear, self.mask, offset);
+                    self.utf8.feed(clear)?;
+                    offset += piece.len();
+                }
+            } else {
+                self.utf8.feed(bytes)?;
+            }
+        }
+        self.remaining -= take as u64;
+        self.frame_offset += take as u64;
+        let frame_end = self.remaining == 0;
+        let mut message_end = false;
+        if frame_end {
+            self.in_frame = false;
+            if self.frame_fin {
+                if self.message == Some(true) {
+                    self.utf8.finish()?;
+                }
+                self.message = None;
+                message_end = true;
+            }
+        }
+        Ok(Event::Data {
+            len: header_len + take,
+            payload: take,
+            message_start,
+            frame_end,
+            message_end,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | op];
+        let bit = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n @ 0..=125 => out.push(bit | n as u8),
+            n @ 126..=0xffff => {
+                out.push(bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let start = out.len();
+        if let Some(key) = mask {
+            out.extend_from_slice(&key);
+            out.extend_from_slice(payload);
+            apply_mask(&mut out[start + 4..], key, 0);
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    /// Feeds `input` to a reader in pieces of `step` bytes, as reads would deliver them,
+    /// collecting (passed-on bytes, messages ended, controls) or the first error.
+    fn run(
+        reader: &mut FrameReader,
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, usize, Vec<u8>), FrameError> {
+        let mut buffer = Vec::new();
+        let mut passed = Vec::new();
+        let mut messages = 0;
+        let mut controls = Vec::new();
+        for piece in input.chunks(step.max(1)) {
+            buffer.extend_from_slice(piece);
+            let mut at = 0;
+            loop {
+                match reader.next(&buffer[at..])? {
+                    Event::NeedMore => break,
+                    Event::Data {
+                        len, message_end, ..
+                    } => {
+                        passed.extend_from_slice(&buffer[at..at + len]);
+                        messages += usize::from(message_end);
+                        at += len;
+                    }
+                    Event::Control { len, frame } => {
+                        controls.push(frame.opcode);
+                        at += len;
+                    }
+                }
+                if at == buffer.len() {
+                    break;
+                }
+            }
+            buffer.drain(..at);
+        }
+        Ok((passed, messages, controls))
+    }
+
+    #[test]
+    fn data_frames_pass_through_unchanged_in_any_split() {
+        let key = Some([1, 2, 3, 4]);
+        let mut input = Vec::new();
+        input.extend(frame(true, opcode::TEXT, "héllo wörld ✓".as_bytes(), key));
+        input.extend(frame(false, opcode::BINARY, &[7; 300], key));
+        input.extend(frame(true, opcode::PING, b"hi", key));
+        input.extend(frame(true, opcode::CONTINUATION, &[9; 70_000], key));
+        let data = input;
+        for step in [1, 2, 3, 7, 13, 100, 4096, data.len()] {
+            let mut reader = FrameReader::new(Writer::Client, 1 << 20);
+            let (passed, messages, controls) = run(&mut reader, &data, step).unwrap();
+            let ping = frame(true, opcode::PING, b"hi", key);
+            let mut expected = data.clone();
+            let at = expected
+                .windows(ping.len())
+                .position(|w| w == ping.as_slice())
+                .unwrap();
+            expected.drain(at..at + ping.len());
+            assert_eq!(passed, expected, "step {step}");
+            assert_eq!(messages, 2, "step {step}");
+            assert_eq!(controls, vec![opcode::PING], "step {step}");
+            assert!(!reader.mid_frame() && !reader.mid_message());
+        }
+    }
+
+    #[test]
+    fn skimming_agrees_with_reading_frame_by_frame() {
+        for writer in [Writer::Client, Writer::Server] {
+            let mask = (writer == Writer::Client).then_some([3, 1, 4, 1]);
+            let mut input = Vec::new();
+            for i in 0..50 {
+                input.extend(frame(
+                    true,
+                    opcode::TEXT,
+                    format!("token {i} é").as_bytes(),
+                    mask,
+                ));
+                input.extend(frame(true, opcode::BINARY, &[i as u8; 7], mask));
+            }
+            input.extend(frame(true, opcode::PING, b"", mask));
+            input.extend(frame(true, opcode::TEXT, b"after", mask));
+            let mut reader = FrameReader::new(writer, 1024);
+            let (len, messages, _) = reader.skim(&input).unwrap();
+            assert_eq!(messages, 100);
+            let mut rest = FrameReader::new(writer, 1024);
+            let (_, after, controls) = run(&mut rest, &input[len..], 1000).unwrap();
+            assert_eq!((after, controls), (1, vec![opcode::PING]));
+            // Invalid UTF-8 is caught by the skim too.
+            let bad = frame(true, opcode::TEXT, &[b'a', 0xff], mask);
+            assert_eq!(reader.skim(&bad).unwrap_err().code, 1007);
+            // A frame that is not all there is left for `next`.
+            let whole = frame(true, opcode::TEXT, b"abc", mask);
+            assert_eq!(reader.skim(&whole[..whole.len() - 1]).unwrap().0, 0);
+        }
+    }
+
+    #[test]
+    fn masking_rules_follow_the_writer() {
+        let mut reader = FrameReader::new(Writer::Client, 1024);
+        let err = run(&mut reader, &frame(true, opcode::TEXT, b"x", None), 64).unwrap_err();
+        assert_eq!(err.code, 1002);
+        let mut reader = FrameReader::new(Writer::Server, 1024);
+        let err = run(
+            &mut reader,
+            &frame(true, opcode::TEXT, b"x", Some([1; 4])),
+            64,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, 1002);
+    }
+
+    #[test]
+    fn protocol_violations_get_1002() {
+        let cases: Vec<Vec<u8>> = vec![
+            {
+                let mut f = frame(true, opcode::TEXT, b"x", None);
+                f[0] |= 0x40; // RSV1
+                f
+            },
+            frame(true, 3, b"", None),
+            frame(true, 11, b"", None),
+            frame(false, opcode::PING, b"", None),
+            frame(true, opcode::PING, &[0; 126], None),
+            frame(true, opcode::CONTINUATION, b"x", None),
+            [
+                frame(false, opcode::TEXT, b"a", None),
+                frame(true, opcode::TEXT, b"b", None),
+            ]
+            .concat(),
+            vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 1],
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let mut reader = FrameReader::new(Writer::Server, 1 << 20);
+            let err = run(&mut reader, case, 64).unwrap_err();
+            assert_eq!(err.code, 1002, "case {i}: {err}");
+        }
+    }
+
+    #[test]
+    fn messages_over_the_limit_get_1009_before_any_of_the_frame_passes() {
+        let mut reader = FrameReader::new(Writer::Server, 100);
+        assert!(
+            run(
+                &mut reader,
+                &frame(true, opcode::BINARY, &[0; 100], None),
+                64
+            )
+            .is_ok()
+        );
+        let mut reader = FrameReader::new(Writer::Server, 100);
+        let input = [
+            frame(false, opcode::BINARY, &[0; 60], None),
+            frame(true, opcode::CONTINUATION, &[0; 41], None),
+        ]
+        .concat();
+        assert_eq!(run(&mut reader, &input, 1000).unwrap_err().code, 1009);
+        let mut reader = FrameReader::new(Writer::Server, 100);
+        match reader.next(&[0x82, 101]) {
+            Err(e) => assert_eq!(e.code, 1009),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_and_split_characters_are_fine() {
+        let text = "aé€😀z".as_bytes();
+        for step in 1..=text.len() + 2 {
+            for writer in [Writer::Client, Writer::Server] {
+                let mask = (writer == Writer::Client).then_some([9, 8, 7, 6]);
+                let input = [
+                    frame(false, opcode::TEXT, &text[..3], mask),
+                    frame(true, opcode::CONTINUATION, &text[3..], mask),
+                ]
+                .concat();
+                let mut reader = FrameReader::new(writer, 1024);
+                assert_eq!(run(&mut reader, &input, step).unwrap().1, 1);
+            }
+        }
+        // Invalid in the middle of a long frame: refused before the frame ends.
+        let mut payload = vec![b'a'; 10_000];
+        payload[10] = 0xff;
+        let input = frame(true, opcode::TEXT, &payload, None);
+        let mut reader = FrameReader::new(Writer::Server, 1 << 20);
+        assert_eq!(reader.next(&input[..100]).unwrap_err().code, 1007);
+        // A character cut off by the end of the message.
+        let input = frame(true, opcode::TEXT, &"é".as_bytes()[..1], None);
+        let mut reader = FrameReader::new(Writer::Server, 1024);
+        assert_eq!(run(&mut reader, &input, 64).unwrap_err().code, 1007);
+        // Overlong encodings and surrogates are invalid.
+        for bad in [
+            &[0xc0, 0x80][..],
+            &[0xed, 0xa0, 0x80],
+            &[0xf4, 0x90, 0x80, 0x80],
+        ] {
+            let mut v = Utf8Validator::default();
+            let split = v.feed(&bad[..1]).and_then(|()| v.feed(&bad[1..]));
+            assert!(split.and_then(|()| v.finish()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn close_bodies_are_checked() {
+        assert_eq!(Close::parse(&[]).unwrap().code, None);
+        assert_eq!(Close::parse(&[3]).unwrap_err().code, 1002);
+        assert_eq!(
+            Close::parse(&[0x03, 0xe8, b'o', b'k']).unwrap(),
+            Close::new(1000, "ok")
+        );
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            let body = code.to_be_bytes();
+            assert_eq!(Close::parse(&body).unwrap_err().code, 1002, "{code}");
+        }
+        for code in [
+            1000u16, 1001, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            assert!(Close::parse(&code.to_be_bytes()).is_ok(), "{code}");
+        }
+        assert_eq!(Close::parse(&[0x03, 0xe8, 0xff]).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn written_frames_read_back() {
+        for masked in [false, true] {
+            let mut out = Vec::new();
+            write_frame(&mut out, opcode::TEXT, "ünïcode".as_bytes(), masked);
+            write_frame(&mut out, opcode::BINARY, &[5; 70_000], masked);
+            write_close(&mut out, &Close::new(4001, &"x".repeat(300)), masked);
+            let writer = if masked {
+                Writer::Client
+            } else {
+                Writer::Server
+            };
+            let mut reader = FrameReader::new(writer, 1 << 20);
+            let (passed, messages, controls) = run(&mut reader, &out, 1000).unwrap();
+            assert_eq!(messages, 2);
+            assert_eq!(controls, vec![opcode::CLOSE]);
+            assert!(passed.len() > 70_000);
+        }
+        let mut out = Vec::new();
+        write_close(&mut out, &Close::new(1000, &"é".repeat(100)), false);
+        assert!(out.len() <= 2 + MAX_CONTROL_PAYLOAD);
+        let body = &out[2..];
+        assert!(Close::parse(body).is_ok());
+    }
+
+    #[test]
+    fn masking_with_an_offset_matches_byte_by_byte() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        for offset in 0..4 {
+            for len in [0, 1, 5, 8, 9, 31] {
+                let mut fast: Vec<u8> = (0..len as u8).collect();
+                let slow: Vec<u8> = fast
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ key[(i + offset) & 3])
+                    .collect();
+                apply_mask(&mut fast, key, offset);
+                assert_eq!(fast, slow);
+            }
+        }
+    }
+}

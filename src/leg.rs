@@ -1,0 +1,299 @@
+//! One peer of a relayed connection — the client or the upstream — as the relay sees it: its
+//! socket, the frames it sends (read through a [`FrameReader`]), and the bytes waiting to be
+//! written to it.
+//!
+//! Buffers exist only while they hold something. Reads go through a 16 KiB chunk that is
+//! released once the peer has nothing more to say, and the output buffer is released once it
+//! has been written: an idle connection — what chat connections are most of the time — holds
+//! neither.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::AsyncWrite;
+use tokio::time::Instant;
+
+use crate::frame::{self, Close, Event, FrameReader, Writer};
+use crate::io::Io;
+
+/// The read chunk: one `recv` serves hundreds of token-sized messages.
+const CHUNK: usize = 16 * 1024;
+
+pub struct Leg {
+    pub io: Io,
+    /// Bytes read and not yet consumed start at `consumed`.
+    input: Vec<u8>,
+    consumed: usize,
+    pub reader: FrameReader,
+    /// Bytes to write to this peer; those before `written` are written.
+    out: Vec<u8>,
+    written: usize,
+    /// The edge's own control frames, waiting until `out` ends at a frame boundary.
+    deferred: Vec<u8>,
+    /// The data written to `out` so far ends inside a frame passed through from the other peer.
+    pub out_mid_frame: bool,
+    /// The frames of a message from the other peer that is not complete yet, when only whole
+    /// messages may be written to this peer (a resumable session's upstream: a client that
+    /// drops mid-message must not leave half a message behind).
+    held: Vec<u8>,
+    /// Frames the edge writes to this peer are masked: it is the upstream, the edge its client.
+    masked: bool,
+    /// The edge's unanswered ping: when it was queued, and its payload.
+    pub ping: Option<(Instant, u64)>,
+    /// Since when a write to this peer has been waiting for it to read.
+    pub write_blocked_since: Option<Instant>,
+    /// The peer's socket has ended (read EOF or error).
+    pub gone: bool,
+}
+
+impl Leg {
+    /// The client's leg: it writes masked frames, the edge writes unmasked ones to it.
+    pub fn client(io: Io, initial: &[u8], max_message: usize) -> Self {
+        Self::new(
+            io,
+            initial,
+            FrameReader::new(Writer::Client, max_message),
+            false,
+        )
+    }
+
+    /// The upstream's leg: it writes unmasked frames, the edge masks what it writes to it.
+    pub fn upstream(io: Io, initial: &[u8], max_message: usize) -> Self {
+        Self::new(
+            io,
+            initial,
+            FrameReader::new(Writer::Server, max_message),
+            true,
+        )
+    }
+
+    fn new(io: Io, initial: &[u8], reader: FrameReader, masked: bool) -> Self {
+        Self {
+            io,
+            input: initial.to_vec(),
+            consumed: 0,
+            reader,
+            out: Vec::new(),
+            written: 0,
+            deferred: Vec::new(),
+            out_mid_frame: false,
+            held: Vec::new(),
+            masked,
+            ping: None,
+            write_blocked_since: None,
+            gone: false,
+        }
+    }
+
+    /// What has been read and not consumed yet.
+    pub fn unread(&self) -> &[u8] {
+        &self.input[self.consumed..]
+    }
+
+    /// The unread input and the reader, borrowed together for parsing.
+    pub fn parse_parts(&mut self) -> (&[u8], &mut FrameReader) {
+        (&self.input[self.consumed..], &mut self.reader)
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.consumed += n;
+        if self.consumed == self.input.len() {
+            self.input.clear();
+            self.consumed = 0;
+        }
+    }
+
+    /// Reads more from the peer. `Ok(0)` is the end of its stream.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.consumed > 0 {
+            // Only a partial frame header or control frame is ever left over: a few bytes.
+            self.input.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        if self.input.capacity() - self.input.len() < CHUNK / 4 {
+            self.input.reserve(CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input)
+    }
+
+    /// Bytes waiting to be written to the peer.
+    pub fn pending_out(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Data passed through from the other peer.
+    pub fn push_data(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// The data pushed so far ends at a frame boundary (or inside a frame): deferred control
+    /// frames may go out now.
+    pub fn set_mid_frame(&mut self, mid_frame: bool) {
+        self.out_mid_frame = mid_frame;
+        if !mid_frame && !self.deferred.is_empty() {
+            self.out.extend_from_slice(&self.deferred);
+            self.deferred.clear();
+        }
+    }
+
+    /// Keeps part of a message until the rest arrives.
+    pub fn hold(&mut self, bytes: &[u8]) {
+        self.held.extend_from_slice(bytes);
+    }
+
+    /// The held message is complete: it goes out.
+    pub fn release_held(&mut self) {
+        self.out.extend_from_slice(&self.held);
+        self.held = Vec::new();
+    }
+
+    /// The held message will never be completed (its sender left).
+    pub fn drop_held(&mut self) {
+        self.held = Vec::new();
+    }
+
+    /// Whether the edge has frames of its own waiting for a frame boundary.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Queues a control or data frame written by the edge itself.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let target = if self.out_mid_frame {
+            &mut self.deferred
+        } else {
+            &mut self.out
+        };
+        frame::write_frame(target, opcode, payload, self.masked);
+    }
+
+    /// Queues a ping carrying `payload`, and remembers it until the matching pong.
+    pub fn send_ping(&mut self, payload: u64, now: Instant) {
+        self.send_frame(frame::opcode::PING, &payload.to_be_bytes());
+        self.ping = Some((now, payload));
+    }
+
+    /// Whether `pong` answers the outstanding ping (unsolicited pongs are allowed and ignored).
+    pub fn take_pong(&mut self, pong: &[u8]) -> Option<u64> {
+        let (_, payload) = self.ping?;
+        if pong == payload.to_be_bytes() {
+            self.ping = None;
+            Some(payload)
+        } else {
+            None
+        }
+    }
+
+    /// Queues a close frame; `false` when the output ends inside a frame, where no close can go.
+    pub fn send_close(&mut self, close: &Close) -> bool {
+        if self.out_mid_frame {
+            return false;
+        }
+        frame::write_close(&mut self.out, close, self.masked);
+        true
+    }
+
+    /// Writes everything queued. `Pending` while the peer is not reading.
+    pub fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        if !self.out.is_empty() {
+            self.out.clear();
+            self.written = 0;
+            // TLS keeps written records until flushed; for TCP this does nothing.
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Frees buffers that hold nothing: called when the connection goes quiet.
+    pub fn release_idle(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 0 {
+            self.input = Vec::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = Vec::new();
+        }
+    }
+}
+
+/// How to end one side of a connection.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// The connection is gone: nothing to send or wait for.
+    Gone,
+    /// It sent this close: answer with the same code, then end.
+    Answer(Close),
+    /// Send this close, then wait briefly for the answer.
+    Close(Close),
+}
+
+impl Finish {
+    /// The code of a close the edge starts (an answer only echoes the peer's).
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Finish::Close(close) => close.code,
+            Finish::Gone | Finish::Answer(_) => None,
+        }
+    }
+}
+
+/// Ends a leg: sends the close (if any), waits up to `wait` for the peer's close or the end of
+/// its stream so that the peer sees a clean close rather than a reset, then shuts the socket.
+/// `server`: the edge is the server on this leg (the client's), so it may close the TCP
+/// connection first once the close handshake is done (RFC 6455 §7.1.1).
+pub async fn close_leg(mut leg: Leg, how: Finish, wait: Duration, server: bool) {
+    let (close, expect_answer) = match how {
+        Finish::Gone => return,
+        Finish::Answer(close) => (close, false),
+        Finish::Close(close) => (close, true),
+    };
+    if !leg.send_close(&close) {
+        return;
+    }
+    let _ = tokio::time::timeout(wait, async {
+        if poll_fn(|cx| leg.poll_drain(cx)).await.is_err() {
+            return;
+        }
+        let mut answered = !expect_answer;
+        // Past the close handshake, a server may end at once; a client waits for the
+        // server to end the TCP connection.
+        while !(answered && server) {
+            match poll_fn(|cx| leg.poll_fill(cx)).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            loop {
+                let (input, reader) = leg.parse_parts();
+                if input.is_empty() {
+                    break;
+                }
+                match reader.next(input) {
+                    Err(_) => return,
+                    Ok(Event::NeedMore) => break,
+                    Ok(Event::Data { len, .. }) => leg.consume(len),
+                    Ok(Event::Control { len, frame }) => {
+                        leg.consume(len);
+                        if frame.opcode == frame::opcode::CLOSE {
+                            answered = true;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(100),
+        poll_fn(|cx| Pin::new(&mut leg.io).poll_shutdown(cx)),
+    )
+    .await;
+}
