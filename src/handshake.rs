@@ -518,15 +518,15 @@ fn resume(
             request_id,
         };
         if let Err(returned) = entry.attach.send(attach).await {
-            // The session ended between the check and now.
-            shared_in_task
-                .metrics
-                .resume(&route_label, NotResumable::Expired.label());
-            let why = Close::new(
-                relay::codes::SESSION_NOT_RESUMABLE,
-                NotResumable::Expired.reason(),
-            );
-            close_leg(returned.0.leg, Finish::Close(why), CLOSE_TIMEOUT, true).await;
+            // The session ended between the check and now; the registry knows how.
+            let why = shared_in_task
+                .registry
+                .find(&entry.key)
+                .err()
+                .unwrap_or(NotResumable::Expired);
+            shared_in_task.metrics.resume(&route_label, why.label());
+            let close = Close::new(relay::codes::SESSION_NOT_RESUMABLE, why.reason());
+            close_leg(returned.0.leg, Finish::Close(close), CLOSE_TIMEOUT, true).await;
         }
     });
     response

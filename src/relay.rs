@@ -836,6 +836,16 @@ impl Relay {
         };
         if let Some(resume) = self.resume.as_mut() {
             resume.shared.registry.end(&resume.entry, plan.session);
+            // Clients on their way in are told, not dropped with the channel.
+            resume.attach.close();
+            while let Ok(attach) = resume.attach.try_recv() {
+                self.tasks.spawn(close_leg(
+                    attach.leg,
+                    close(codes::SESSION_NOT_RESUMABLE, plan.session.reason()),
+                    CLOSE_TIMEOUT,
+                    true,
+                ));
+            }
             if resume.detached_since.is_some() {
                 resume.shared.metrics.sessions_detached.dec();
             }
@@ -974,8 +984,10 @@ impl Pump<'_> {
             }
             if let (Some(replay), Some((messages, bytes))) = (&self.replay, self.replay_cap)
                 && (replay.messages() >= messages || replay.bytes() >= bytes)
+                && !self.source.reader.mid_frame()
             {
-                // Full of what the client has not confirmed: its pong will make room.
+                // Full of what the client has not confirmed: its pong will make room. (A frame
+                // is finished first: the ping that asks for the pong cannot go inside one.)
                 return outcome;
             }
             if reads == READS_PER_POLL {

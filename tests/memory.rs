@@ -132,3 +132,34 @@ async fn a_frozen_upstream_holds_the_edge_to_a_bounded_memory_too() {
     assert!(growth < BOUND_KIB, "the edge grew by {growth} KiB");
     writer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_session_holds_no_more_than_its_resume_bounds() {
+    let mut upstream = Upstream::start().await;
+    let text = config(
+        &upstream.url("/ws/chat"),
+        r#"resume = { window = "30s", max_messages = 100000, max_bytes = "2MiB" }"#,
+    );
+    let edge = EdgeProcess::start(&text, &[]).await;
+    let baseline = edge.memory_kib("VmRSS");
+    let mut client = RawClient::connect(
+        edge.addr(),
+        &format!("/ws/chat?token={}&session_id=big", token_for("alice")),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    client.send_text(&format!("flood {MESSAGES} {SIZE}")).await;
+    // Gone without a word: the session keeps reading the upstream for a resume, until what it
+    // holds passes 2 MiB; then it cannot be resumed and ends.
+    client.vanish();
+    assert_eq!(
+        upstream.next_close().await,
+        Some((1001, "client went away".to_owned()))
+    );
+    // (Until the upstream answers that close, the edge reads and drops what it still sends.)
+    let growth = edge.memory_kib("VmHWM").saturating_sub(baseline);
+    println!("a detached session overflowed at 2 MiB; edge grew by {growth} KiB");
+    // 2 MiB kept, a read chunk over it, the bytes in flight to the client that vanished.
+    assert!(growth < 8 * 1024, "the edge grew by {growth} KiB");
+}

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::process::{BIN, EdgeProcess, process_config};
 use common::*;
 use futures_util::SinkExt;
-use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -179,27 +178,6 @@ async fn readyz_fails_as_soon_as_a_drain_begins_while_healthz_stays_up() {
     }
     edge.wait_idle().await;
     drop(raw);
-}
-
-/// Reads the audit log until it has `count` lines.
-async fn audit_lines(path: &std::path::Path, count: usize) -> Vec<Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.len() >= count {
-            return lines
-                .iter()
-                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-                .collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "audit log has {} lines:\n{text}",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

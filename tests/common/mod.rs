@@ -88,8 +88,9 @@ pub enum UpstreamMode {
 /// Text commands: `stream N` sends texts `0`..`N-1`; `binary N` sends one binary message of N
 /// bytes (byte i = i % 251); `flood N SIZE` sends N such messages of SIZE bytes, each awaited;
 /// `close CODE REASON` closes with that code; `die` drops the TCP connection without a close
-/// frame, and `stream-then-die N` does so right after streaming N texts; `freeze` stops reading and writing but keeps the connection. Any other data message
-/// is echoed.
+/// frame, and `stream-then-die N` does so right after streaming N texts; `freeze` stops reading and writing but keeps the connection;
+/// `trickle N MS` sends texts `0`..`N-1` one every MS milliseconds; `conn` answers `conn K`,
+/// K numbering the upstream's TCP connections from 1. Any other data message is echoed.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: mpsc::Receiver<SeenRequest>,
@@ -121,7 +122,7 @@ impl Upstream {
         tokio::spawn(async move {
             let mut silent = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
-                accepted_in_task.fetch_add(1, Ordering::SeqCst);
+                let index = accepted_in_task.fetch_add(1, Ordering::SeqCst) + 1;
                 if mode == UpstreamMode::Silent {
                     silent.push(stream);
                     continue;
@@ -132,11 +133,14 @@ impl Upstream {
                 let flooded = flooded_in_task.clone();
                 tokio::spawn(async move {
                     match tls {
-                        None => upstream_session(stream, mode, seen_tx, close_tx, flooded).await,
+                        None => {
+                            upstream_session(stream, index, mode, seen_tx, close_tx, flooded).await
+                        }
                         Some(config) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(config);
                             if let Ok(stream) = acceptor.accept(stream).await {
-                                upstream_session(stream, mode, seen_tx, close_tx, flooded).await;
+                                upstream_session(stream, index, mode, seen_tx, close_tx, flooded)
+                                    .await;
                             }
                         }
                     }
@@ -185,6 +189,7 @@ impl Upstream {
 #[allow(clippy::result_large_err)]
 async fn upstream_session<S>(
     stream: S,
+    index: usize,
     mode: UpstreamMode,
     seen_tx: mpsc::Sender<SeenRequest>,
     close_tx: mpsc::Sender<Option<(u16, String)>>,
@@ -264,6 +269,18 @@ async fn upstream_session<S>(
                             }
                             flooded.fetch_add(size as u64, Ordering::SeqCst);
                         }
+                    }
+                    (Some("trickle"), Some(n), Some(ms)) => {
+                        let (n, ms): (usize, u64) = (n.parse().unwrap(), ms.parse().unwrap());
+                        for i in 0..n {
+                            if tx.send(Message::text(i.to_string())).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                    }
+                    (Some("conn"), None, None) => {
+                        let _ = tx.send(Message::text(format!("conn {index}"))).await;
                     }
                     (Some("freeze"), None, None) => {
                         // Stop reading and writing, keep the TCP connection: no pongs, no close.
@@ -465,6 +482,27 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         body.to_owned()
     };
     (status, body)
+}
+
+/// Reads the audit log until it has `count` lines.
+pub async fn audit_lines(path: &Path, count: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() >= count {
+            return lines
+                .iter()
+                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "audit log has {} lines:\n{text}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The value of a sample line in Prometheus text (`name{labels} value`).
