@@ -504,7 +504,7 @@ impl Relay {
             Side::Upstream => self.upstream.as_mut(),
         };
         if let Some(source) = source {
-            if let Some(ping) = &outcome.ping {
+            for ping in &outcome.pings {
                 source.send_frame(opcode::PONG, ping);
             }
             if outcome.pong
@@ -936,8 +936,8 @@ impl Next {
 #[derive(Default)]
 struct Outcome {
     data: bool,
-    /// The payload of the last ping read, to answer.
-    ping: Option<Vec<u8>>,
+    /// The payloads of the pings read, each to be answered.
+    pings: Vec<Vec<u8>>,
     /// A pong answered the outstanding ping.
     pong: bool,
     end: Option<End>,
@@ -989,6 +989,19 @@ impl Pump<'_> {
                 // Full of what the client has not confirmed: its pong will make room. (A frame
                 // is finished first: the ping that asks for the pong cannot go inside one.)
                 return outcome;
+            }
+            if self.source.pending_out() > 0 {
+                // Pongs for the source: one that sends pings and reads nothing is not read
+                // any further until it takes its answers.
+                match self.source.poll_drain(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => {
+                        outcome.end = Some(End::Lost);
+                        return outcome;
+                    }
+                    Poll::Pending if self.source.pending_out() >= OUT_HIGH => return outcome,
+                    Poll::Pending => {}
+                }
             }
             if reads == READS_PER_POLL {
                 cx.waker().wake_by_ref();
@@ -1097,7 +1110,7 @@ impl Pump<'_> {
                     at += len;
                     run_start = at;
                     match frame.opcode {
-                        opcode::PING => outcome.ping = Some(frame.payload().to_vec()),
+                        opcode::PING => outcome.pings.push(frame.payload().to_vec()),
                         opcode::PONG => {
                             if expected_pong.is_some_and(|p| p[..] == *frame.payload()) {
                                 outcome.pong = true;

@@ -163,3 +163,36 @@ async fn a_detached_session_holds_no_more_than_its_resume_bounds() {
     // 2 MiB kept, a read chunk over it, the bytes in flight to the client that vanished.
     assert!(growth < 8 * 1024, "the edge grew by {growth} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_pings_and_reads_nothing_is_stopped_too() {
+    let upstream = Upstream::start().await;
+    let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat"), ""), &[]).await;
+    let baseline = edge.memory_kib("VmRSS");
+    let mut client = RawClient::connect(
+        edge.addr(),
+        &format!("/ws/chat?token={}", token_for("alice")),
+        &[],
+    )
+    .await;
+    // Every ping is answered; a client that never reads its pongs must stop being read.
+    let mut writer = client.take_writer();
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let sent_in_task = sent.clone();
+    let pinger = tokio::spawn(async move {
+        let payload = [7u8; 125];
+        while writer.send_frame(9, &payload).await {
+            sent_in_task.fetch_add(131, Ordering::SeqCst);
+        }
+    });
+    let last = stalled(&sent, "the pinging client").await;
+    let growth = edge.memory_kib("VmHWM").saturating_sub(baseline);
+    println!(
+        "pings stalled after {} KiB; edge grew by {growth} KiB",
+        last / 1024
+    );
+    assert!(last < 64 << 20, "{last} bytes of pings were read");
+    assert!(growth < BOUND_KIB, "the edge grew by {growth} KiB");
+    pinger.abort();
+    drop(client);
+}

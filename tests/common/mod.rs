@@ -81,6 +81,8 @@ pub enum UpstreamMode {
     Refuse(u16),
     /// Accepts TCP and never answers.
     Silent,
+    /// Echoes every data message, commands included.
+    Echo,
 }
 
 /// A real WebSocket chat core on 127.0.0.1:0.
@@ -248,6 +250,9 @@ async fn upstream_session<S>(
             Err(_) => break None,
         };
         match message {
+            Message::Text(text) if mode == UpstreamMode::Echo => {
+                let _ = tx.send(Message::Text(text)).await;
+            }
             Message::Text(text) => {
                 let mut words = text.splitn(3, ' ');
                 match (words.next(), words.next(), words.next()) {

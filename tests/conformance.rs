@@ -1,0 +1,86 @@
+//! WebSocket conformance: the Autobahn test suite's cases (through the `kosoku` runner, pinned
+//! in `.ci/run`) drive the edge as a server, with an echo upstream behind it. Every case must
+//! pass (OK, NON-STRICT or INFORMATIONAL, as Autobahn grades them). The compression cases
+//! (12.*, 13.*) do not apply: no extension is negotiated through the edge.
+
+mod common;
+
+use common::*;
+
+/// The Autobahn cases without compression.
+const CASES: usize = 301;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_autobahn_cases_pass_through_the_edge() {
+    let upstream = Upstream::start_mode(UpstreamMode::Echo).await;
+    let edge = TestEdge::start(&format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+max_connections_per_user = 0
+handshake_rate_per_ip = "off"
+
+[[route]]
+path = "/"
+match = "prefix"
+upstream = "{}"
+auth = "none"
+message_rate = "off"
+max_message_size = "64MiB"
+"#,
+        upstream.url("/")
+    ))
+    .await;
+    let reports = tempfile::tempdir().unwrap();
+    let mut runner = tokio::process::Command::new("kosoku");
+    runner
+        .args([
+            "-m",
+            "fuzzingclient",
+            "-p",
+            "2",
+            "-x",
+            "12.*",
+            "-x",
+            "13.*",
+            "-o",
+        ])
+        .arg(reports.path())
+        .arg(edge.addr.to_string())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(300), runner.output())
+        .await
+        .expect("the Autobahn cases did not finish in 5 minutes")
+        .expect("kosoku runs (pip install kosoku==0.1.0; .ci/run does)");
+    let printed = String::from_utf8_lossy(&output.stdout);
+
+    let mut graded = 0;
+    let mut failed = Vec::new();
+    for entry in std::fs::read_dir(reports.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "json") {
+            continue;
+        }
+        let Ok(report) =
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(&path).unwrap())
+        else {
+            continue;
+        };
+        let Some(behavior) = report["behavior"].as_str() else {
+            continue;
+        };
+        graded += 1;
+        let close = report["behaviorClose"].as_str().unwrap_or("");
+        let passed = matches!(behavior, "OK" | "NON-STRICT" | "INFORMATIONAL")
+            && matches!(close, "OK" | "INFORMATIONAL");
+        if !passed {
+            failed.push(format!(
+                "{}: {behavior}/{close}",
+                path.file_name().unwrap().to_string_lossy()
+            ));
+        }
+    }
+    assert_eq!(graded, CASES, "cases graded; kosoku printed:\n{printed}");
+    assert!(failed.is_empty(), "failed: {failed:?}\n{printed}");
+    edge.wait_idle().await;
+}
