@@ -256,3 +256,17 @@ async fn a_close_without_a_code_is_passed_on_at_once() {
     );
     edge.wait_idle().await;
 }
+
+#[tokio::test]
+async fn registered_close_codes_from_the_upstream_reach_the_client_unchanged() {
+    let (_upstream, edge) = setup("").await;
+    for code in [1012u16, 1013, 1014] {
+        let token = token_for("alice");
+        let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
+        raw.send_text(&format!("close {code} from the chat core")).await;
+        let frame = raw.read_answering_pings().await.expect("a close frame");
+        assert_eq!(frame.close_code(), Some(code));
+        assert_eq!(&frame.payload[2..], b"from the chat core");
+    }
+    edge.wait_idle().await;
+}
