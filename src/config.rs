@@ -52,6 +52,8 @@ pub struct ServerSettings {
     /// Connections still in TLS or before their upgrade; more are closed as they arrive.
     pub max_pending_handshakes: usize,
     pub handshake_rate_per_ip: Option<RateLimit>,
+    /// Threads, each with its own event loop and its own listening socket per address.
+    pub workers: usize,
 }
 
 pub struct AdminSettings {
@@ -150,6 +152,7 @@ struct RawServer {
     max_connections_per_user: Option<Spanned<i64>>,
     max_pending_handshakes: Option<Spanned<i64>>,
     handshake_rate_per_ip: Option<Spanned<RawRate>>,
+    workers: Option<Spanned<i64>>,
 }
 
 /// `tls = { cert, key }`, or a list of them selected by the client's SNI name.
@@ -696,6 +699,14 @@ impl Ctx<'_> {
                 1
             }
         };
+        let workers = match &raw.workers {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(value) if (1..=1024).contains(value.get_ref()) => *value.get_ref() as usize,
+            Some(value) => {
+                self.error(value.span(), "workers must be between 1 and 1024");
+                1
+            }
+        };
         let handshake_rate_per_ip = self.rate(
             &raw.handshake_rate_per_ip,
             Some(RateLimit {
@@ -722,6 +733,7 @@ impl Ctx<'_> {
             max_connections_per_user,
             handshake_rate_per_ip,
             max_pending_handshakes,
+            workers,
         })
     }
 

@@ -324,17 +324,10 @@ pub fn write_close(out: &mut Vec<u8>, close: &Close, masked: bool) {
     write_frame(out, opcode::CLOSE, &close.body(), masked);
 }
 
-/// A masking key from the system's random source. RFC 6455 §5.3 asks for an unpredictable
-/// key; should the source fail, a key from the clock still keeps frames valid.
+/// A masking key: RFC 6455 §5.3 asks for an unpredictable one (a CSPRNG seeded from the
+/// system, per thread).
 fn mask_key() -> [u8; 4] {
-    let mut key = [0u8; 4];
-    if getrandom::fill(&mut key).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        key = nanos.to_ne_bytes();
-    }
-    key
+    rand::random()
 }
 
 /// What the reader found at the start of its input.

@@ -30,8 +30,8 @@ use crate::refusal::Refusal;
 use crate::relay::{self, CLOSE_TIMEOUT, Relay, RelayParams, RelayReport, Resumable};
 use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
 use crate::session::{
-    Attach, LAST_SEQ_PARAM, NotResumable, ResumeSettings, SESSION_PARAM, SessionEntry, SessionKey,
-    valid_session_id,
+    Attach, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings, SESSION_PARAM, SessionEntry,
+    SessionKey, valid_session_id,
 };
 use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
 
@@ -237,8 +237,15 @@ async fn prepare(
             entry,
             attach,
             announce,
-        } => Some((entry, attach, announce)),
+        } => Some((
+            Reservation::new(&shared.registry, &shared.tasks, entry, attach),
+            announce,
+        )),
     };
+    let session_id = session
+        .as_ref()
+        .and_then(|(reservation, _)| reservation.entry())
+        .map(|entry| entry.key.id.clone());
 
     let user_slot = match config.server.max_connections_per_user {
         Some(max) if !identity.user.is_empty() => Some(
@@ -257,15 +264,8 @@ async fn prepare(
     let upstream_request = shape_upstream_request(request, route, identity, conn, request_id)?;
     let connect_started = Instant::now();
     let connected = connect_any(route, &upstream_request, request_id).await;
-    let (upstream, upstream_url) = match connected {
-        Ok(connected) => connected,
-        Err(refusal) => {
-            if let Some((entry, _, _)) = &session {
-                shared.registry.cancel(entry);
-            }
-            return Err(refusal);
-        }
-    };
+    // On any refusal from here on the reservation is dropped, and with it the session's id.
+    let (upstream, upstream_url) = connected?;
     let connect_took = connect_started.elapsed();
     shared.metrics.observe_connect(&route.label, connect_took);
     shared.metrics.handshake(&route.label, 101, "ok");
@@ -279,7 +279,7 @@ async fn prepare(
         user = %identity.user,
         tenant = identity.tenant.as_deref().unwrap_or(""),
         conversation = identity.conversation.as_deref().unwrap_or(""),
-        session = session.as_ref().map_or("", |(entry, _, _)| entry.key.id.as_str()),
+        session = session_id.as_deref().unwrap_or(""),
         connect_ms = connect_took.as_secs_f64() * 1000.0,
         "connected"
     );
@@ -290,16 +290,17 @@ async fn prepare(
     fields.insert("upstream".into(), upstream_url.into());
     fields.insert("status".into(), 101.into());
     identity_fields(&mut fields, Some(identity));
-    if let Some((entry, _, _)) = &session {
-        fields.insert("session_id".into(), entry.key.id.clone().into());
+    if let Some(id) = &session_id {
+        fields.insert("session_id".into(), id.clone().into());
     }
     // Kept for the disconnect event only when there is an audit log: every idle connection
     // would otherwise carry them.
     let audit_fields = shared.audit.enabled().then(|| fields.clone());
     shared.audit.record("connect", fields);
 
-    let resumable = match (session, &route.resume) {
-        (Some((entry, attach, announce)), Some(settings)) => {
+    let kept = session.and_then(|(reservation, announce)| Some((reservation.keep()?, announce)));
+    let resumable = match (kept, &route.resume) {
+        (Some(((entry, attach), announce)), Some(settings)) => {
             let _ = entry.protocol.set(upstream.protocol.clone());
             let mut session_fields = audit_fields.clone();
             if let Some(fields) = session_fields.as_mut() {
@@ -446,31 +447,38 @@ fn plan_session(
         match found {
             Ok(entry) => return Ok(SessionPlan::Resume { entry, last_seq }),
             // Told, then started afresh: never silently.
-            Err(why) if settings.announce => {
-                shared.metrics.resume(&route.label, why.label());
-                failed = Some(why);
-            }
+            Err(why) if settings.announce => failed = Some(why),
             Err(why) => return Ok(SessionPlan::Refuse(why)),
         }
     }
     let id = key.id.clone();
     match shared.registry.begin(key, identity.conversation.clone()) {
-        Ok((entry, attach)) => Ok(SessionPlan::New {
-            entry,
-            attach,
-            announce: settings.announce.then(|| {
-                let mut announce = serde_json::json!({
-                    "type": "edge.session",
-                    "session_id": id,
-                    "resumed": false,
-                });
-                if let Some(why) = failed {
-                    announce["reason"] = why.reason().into();
-                }
-                announce.to_string()
-            }),
-        }),
+        // A live session that could not be resumed cannot be replaced either: the client
+        // hears why it could not be resumed.
+        Err(NotResumable::InUse) if failed.is_some() => {
+            Ok(SessionPlan::Refuse(failed.unwrap_or(NotResumable::InUse)))
+        }
         Err(why) => Ok(SessionPlan::Refuse(why)),
+        Ok((entry, attach)) => {
+            if let Some(why) = failed {
+                shared.metrics.resume(&route.label, why.label());
+            }
+            Ok(SessionPlan::New {
+                entry,
+                attach,
+                announce: settings.announce.then(|| {
+                    let mut announce = serde_json::json!({
+                        "type": "edge.session",
+                        "session_id": id,
+                        "resumed": false,
+                    });
+                    if let Some(why) = failed {
+                        announce["reason"] = why.reason().into();
+                    }
+                    announce.to_string()
+                }),
+            })
+        }
     }
 }
 

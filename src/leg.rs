@@ -22,6 +22,15 @@ use crate::io::Io;
 /// The read chunk: one `recv` serves hundreds of token-sized messages.
 const CHUNK: usize = 16 * 1024;
 
+/// A ping the edge sent and the peer has not answered yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Ping {
+    pub payload: u64,
+    /// When it went out; `None` while it waits behind a frame passing through, since the peer
+    /// cannot answer what it has not been sent.
+    pub sent: Option<Instant>,
+}
+
 pub struct Leg {
     pub io: Io,
     /// Bytes read and not yet consumed start at `consumed`.
@@ -41,8 +50,10 @@ pub struct Leg {
     held: Vec<u8>,
     /// Frames the edge writes to this peer are masked: it is the upstream, the edge its client.
     masked: bool,
-    /// The edge's unanswered ping: when it was queued, and its payload.
-    pub ping: Option<(Instant, u64)>,
+    /// The edge's unanswered ping.
+    pub ping: Option<Ping>,
+    /// Bytes were written since the last flush (TLS keeps them until flushed).
+    needs_flush: bool,
     /// Since when a write to this peer has been waiting for it to read.
     pub write_blocked_since: Option<Instant>,
     /// The peer's socket has ended (read EOF or error).
@@ -83,6 +94,7 @@ impl Leg {
             held: Vec::new(),
             masked,
             ping: None,
+            needs_flush: false,
             write_blocked_since: None,
             gone: false,
         }
@@ -119,9 +131,14 @@ impl Leg {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input)
     }
 
-    /// Bytes waiting to be written to the peer.
+    /// Bytes waiting to go to the peer, the edge's own frames held for a boundary included.
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.written
+        self.out.len() - self.written + self.deferred.len()
+    }
+
+    /// Whether a write or a flush is still to be done.
+    pub fn has_output(&self) -> bool {
+        self.written < self.out.len() || self.needs_flush
     }
 
     /// Data passed through from the other peer.
@@ -135,13 +152,17 @@ impl Leg {
         self.out_mid_frame = mid_frame;
         if !mid_frame && !self.deferred.is_empty() {
             self.out.extend_from_slice(&self.deferred);
-            self.deferred.clear();
+            self.deferred = Vec::new();
+            if let Some(ping) = self.ping.as_mut() {
+                ping.sent.get_or_insert_with(Instant::now);
+            }
         }
     }
 
-    /// Keeps part of a message until the rest arrives.
-    pub fn hold(&mut self, bytes: &[u8]) {
+    /// Keeps part of a message until the rest arrives; returns how much is held.
+    pub fn hold(&mut self, bytes: &[u8]) -> usize {
         self.held.extend_from_slice(bytes);
+        self.held.len()
     }
 
     /// The held message is complete: it goes out.
@@ -173,18 +194,10 @@ impl Leg {
     /// Queues a ping carrying `payload`, and remembers it until the matching pong.
     pub fn send_ping(&mut self, payload: u64, now: Instant) {
         self.send_frame(frame::opcode::PING, &payload.to_be_bytes());
-        self.ping = Some((now, payload));
-    }
-
-    /// Whether `pong` answers the outstanding ping (unsolicited pongs are allowed and ignored).
-    pub fn take_pong(&mut self, pong: &[u8]) -> Option<u64> {
-        let (_, payload) = self.ping?;
-        if pong == payload.to_be_bytes() {
-            self.ping = None;
-            Some(payload)
-        } else {
-            None
-        }
+        self.ping = Some(Ping {
+            payload,
+            sent: (!self.out_mid_frame).then_some(now),
+        });
     }
 
     /// Queues a close frame; `false` when the output ends inside a frame, where no close can go.
@@ -204,12 +217,17 @@ impl Leg {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
+            self.needs_flush = true;
         }
         if !self.out.is_empty() {
             self.out.clear();
             self.written = 0;
-            // TLS keeps written records until flushed; for TCP this does nothing.
+        }
+        if self.needs_flush {
+            // TLS keeps written records until flushed (and may be the one waiting for the
+            // socket); for TCP this does nothing.
             ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.needs_flush = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -291,9 +309,51 @@ pub async fn close_leg(mut leg: Leg, how: Finish, wait: Duration, server: bool) 
         }
     })
     .await;
-    let _ = tokio::time::timeout(
-        Duration::from_millis(100),
-        poll_fn(|cx| Pin::new(&mut leg.io).poll_shutdown(cx)),
-    )
-    .await;
+    // TLS says goodbye with close_notify; a TCP socket's FIN goes out when it is dropped, and a
+    // shutdown call first would only cost a syscall.
+    if !matches!(leg.io, Io::Tcp(_)) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            poll_fn(|cx| Pin::new(&mut leg.io).poll_shutdown(cx)),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn leg_pair() -> (Leg, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (peer, accepted) = tokio::join!(peer, listener.accept());
+        let leg = Leg::client(Io::Tcp(accepted.unwrap().0), &[], 1024);
+        (leg, peer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_ping_behind_a_frame_in_passing_is_timed_from_when_it_goes_out() {
+        let (mut leg, _peer) = leg_pair().await;
+        // Half a frame has been passed on: the ping must wait, and its clock with it.
+        leg.push_data(&[0x82, 10, 1, 2, 3]);
+        leg.set_mid_frame(true);
+        leg.send_ping(7, Instant::now());
+        assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
+        assert_eq!(leg.pending_out(), 5 + 10, "the ping counts as output");
+        leg.push_data(&[4, 5, 6, 7, 8, 9, 10]);
+        leg.set_mid_frame(false);
+        assert!(leg.ping.is_some_and(|ping| ping.sent.is_some()));
+        // The ping follows the frame's last byte.
+        assert_eq!(&leg.out[12..], &[0x89, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
+    }
+
+    #[tokio::test]
+    async fn a_close_is_not_written_inside_a_frame() {
+        let (mut leg, _peer) = leg_pair().await;
+        leg.push_data(&[0x82, 10, 1, 2, 3]);
+        leg.set_mid_frame(true);
+        assert!(!leg.send_close(&Close::new(1000, "")));
+        assert_eq!(leg.pending_out(), 5);
+    }
 }

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::Shared;
 use crate::frame::{Close, Event, FrameError, opcode};
 use crate::io::Io;
-use crate::leg::{Finish, Leg, close_leg};
+use crate::leg::{Finish, Leg, Ping, close_leg};
 use crate::metrics::DirectionCounters;
 use crate::session::{Attach, NotResumable, ReplayBuffer, ResumeSettings, SessionEntry};
 
@@ -194,6 +194,10 @@ pub struct Resumable {
     upstream_final: Option<Close>,
     /// What the buffer gauges were last moved to.
     gauged: (i64, i64),
+    /// What a detached session may hold before it has to drop something: the bounds, or what
+    /// it already held when its client left (a connected client's buffer can pass the bounds
+    /// by what one read brought, and nothing of that is lost yet).
+    allowance: (usize, usize),
 }
 
 impl Resumable {
@@ -216,7 +220,15 @@ impl Resumable {
             detached_since: None,
             upstream_final: None,
             gauged: (0, 0),
+            allowance: (0, 0),
         }
+    }
+
+    fn allow_detached(&mut self) {
+        self.allowance = (
+            self.settings.max_messages.max(self.replay.messages()),
+            self.settings.max_bytes.max(self.replay.bytes()),
+        );
     }
 
     /// Tells handshakes and the buffer gauges what the replay buffer holds now.
@@ -288,6 +300,8 @@ pub struct Relay {
     down: Traffic,
     counters: Counters,
     resume: Option<Box<Resumable>>,
+    /// The upstream's close, to pass on once a resumed client has taken the replay.
+    final_close: Option<Close>,
 }
 
 /// An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline; it must
@@ -325,6 +339,7 @@ impl Relay {
             down: Traffic::default(),
             counters: params.counters,
             resume: params.resume,
+            final_close: None,
         }
     }
 
@@ -345,6 +360,7 @@ impl Relay {
                     // It may still come back.
                     Some(resume) => {
                         resume.detached_since = Some(Instant::now());
+                        resume.allow_detached();
                         resume.shared.metrics.sessions_detached.inc();
                     }
                     None => self.begin_closing(Plan {
@@ -365,11 +381,30 @@ impl Relay {
         if self.shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Plan::shutdown());
         }
-        if let Some(plan) = self.poll_attach(cx) {
-            return Poll::Ready(plan);
-        }
+        self.poll_attach(cx);
         for _ in 0..4 {
             let now = Instant::now();
+            // Deadlines first (they queue pings), and again after the pumps, which may have
+            // started one (a write that blocks) that the timer must be armed for.
+            if let Err(deadline) = self.deadlines(now) {
+                match self.on_deadline(deadline) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
+            let moved = self
+                .pump_up(cx, now)
+                .and_then(|()| self.pump_down(cx, now))
+                .and_then(|()| self.flush(cx, now));
+            if let Err((side, end)) = moved {
+                match self.on_end(side, end) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
+            if let Some(plan) = self.check_overflow().or_else(|| self.final_close_due()) {
+                return Poll::Ready(plan);
+            }
             let next = match self.deadlines(now) {
                 Ok(next) => next,
                 Err(deadline) => match self.on_deadline(deadline) {
@@ -377,28 +412,6 @@ impl Relay {
                     None => continue,
                 },
             };
-            if let Err((side, end)) = self.pump_up(cx, now) {
-                match self.on_end(side, end) {
-                    Some(plan) => return Poll::Ready(plan),
-                    None => continue,
-                }
-            }
-            if let Err((side, end)) = self.pump_down(cx, now) {
-                match self.on_end(side, end) {
-                    Some(plan) => return Poll::Ready(plan),
-                    None => continue,
-                }
-            }
-            if let Some(plan) = self.check_overflow() {
-                return Poll::Ready(plan);
-            }
-            // Control frames queued while parsing (pongs, pings) go out now.
-            if let Err((side, end)) = self.flush(cx, now) {
-                match self.on_end(side, end) {
-                    Some(plan) => return Poll::Ready(plan),
-                    None => continue,
-                }
-            }
             if !self.arm_timer(next, cx) {
                 return Poll::Pending;
             }
@@ -429,14 +442,17 @@ impl Relay {
 
     /// Client → upstream.
     fn pump_up(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<(), (Side, End)> {
-        let (Some(client), Some(upstream)) = (self.client.as_mut(), self.upstream.as_mut()) else {
+        let Some(client) = self.client.as_mut() else {
             return Ok(());
         };
+        // Without an upstream (a resumed session's ended while the client was away) the
+        // client is still read while it takes the rest, for its pongs and its close.
         let outcome = Pump {
             source: client,
-            dest: Some(upstream),
+            dest: self.upstream.as_mut(),
             bucket: self.bucket.as_mut(),
             atomic: self.resume.is_some(),
+            held_limit: held_limit(self.max_message),
             replay: None,
             replay_cap: None,
             traffic: &mut self.up,
@@ -469,6 +485,7 @@ impl Relay {
             dest: self.client.as_mut(),
             bucket: None,
             atomic: false,
+            held_limit: 0,
             replay,
             replay_cap,
             traffic: &mut self.down,
@@ -477,11 +494,15 @@ impl Relay {
         .run(cx, now);
         let passed = outcome.data;
         let result = self.after_pump(Side::Upstream, outcome, now);
-        if passed && let Some(resume) = self.resume.as_mut() {
-            resume.publish();
-            // Ask the client what it has, so that what it has can be let go.
+        if let Some(resume) = self.resume.as_mut() {
+            if passed {
+                resume.publish();
+            }
+            // Ask the client what it has whenever something is kept for it, so that what it
+            // has can be let go (and a full buffer makes room).
             if let Some(client) = self.client.as_mut()
                 && client.ping.is_none()
+                && resume.replay.bytes() > 0
             {
                 client.send_ping(resume.replay.end(), now);
             }
@@ -508,7 +529,7 @@ impl Relay {
                 source.send_frame(opcode::PONG, ping);
             }
             if outcome.pong
-                && let Some(payload) = source.ping.take().map(|(_, payload)| payload)
+                && let Some(payload) = source.ping.take().map(|ping| ping.payload)
                 && side == Side::Client
                 && let Some(resume) = self.resume.as_mut()
             {
@@ -530,7 +551,7 @@ impl Relay {
                 Side::Upstream => self.upstream.as_mut(),
             };
             let Some(leg) = leg else { continue };
-            if leg.pending_out() == 0 {
+            if !leg.has_output() {
                 continue;
             }
             match leg.poll_drain(cx) {
@@ -585,7 +606,11 @@ impl Relay {
             // While writes to the other side are blocked this side may not be read, so its
             // pong cannot be seen: judging it would blame the wrong peer.
             let other_blocked = other.is_some_and(|o| o.write_blocked_since.is_some());
-            if !other_blocked && let Some((sent, _)) = leg.ping {
+            if !other_blocked
+                && let Some(Ping {
+                    sent: Some(sent), ..
+                }) = leg.ping
+            {
                 next.due(sent + pong_timeout, Deadline::Unresponsive(side))?;
             }
             // A side that reads nothing would have had a ping within the interval and the
@@ -678,6 +703,10 @@ impl Relay {
         if let Some(leg) = self.client.take() {
             self.tasks.spawn(close_leg(leg, finish, wait, true));
         }
+        // A client that leaves in the middle of its replay can come back for it again.
+        if let Some(final_close) = self.final_close.take() {
+            resume.upstream_final = Some(final_close);
+        }
         // Half a client message never reaches the upstream.
         if let Some(upstream) = self.upstream.as_mut() {
             upstream.drop_held();
@@ -685,6 +714,7 @@ impl Relay {
         }
         self.token_deadline = None;
         resume.detached_since = Some(Instant::now());
+        resume.allow_detached();
         resume.shared.metrics.sessions_detached.inc();
         tracing::info!(
             route = %resume.route,
@@ -727,8 +757,8 @@ impl Relay {
         if self.client.is_some() {
             return None;
         }
-        let over = resume.replay.messages() > resume.settings.max_messages
-            || resume.replay.bytes() > resume.settings.max_bytes;
+        let (messages, bytes) = resume.allowance;
+        let over = resume.replay.messages() > messages || resume.replay.bytes() > bytes;
         over.then(|| Plan {
             to_client: Finish::Gone,
             to_upstream: close(codes::GOING_AWAY, "client went away"),
@@ -741,11 +771,13 @@ impl Relay {
     }
 
     /// Takes over clients that resume this session.
-    fn poll_attach(&mut self, cx: &mut Context<'_>) -> Option<Plan> {
+    fn poll_attach(&mut self, cx: &mut Context<'_>) {
         loop {
-            let resume = self.resume.as_mut()?;
+            let Some(resume) = self.resume.as_mut() else {
+                return;
+            };
             let Poll::Ready(Some(attach)) = resume.attach.poll_recv(cx) else {
-                return None;
+                return;
             };
             let metrics = &resume.shared.metrics;
             let start = match resume.replay.replay_start(attach.last_seq) {
@@ -774,7 +806,13 @@ impl Relay {
             }
             let mut leg = attach.leg;
             let mut replay = Vec::new();
-            let replayed = resume.replay.copy_from(start, &mut replay);
+            // After an upstream that ended mid-message only whole messages are replayed: its
+            // close must not land inside a frame.
+            let end = match &resume.upstream_final {
+                Some(_) => resume.replay.complete_end().max(start),
+                None => resume.replay.end(),
+            };
+            let replayed = resume.replay.copy_range(start, end, &mut replay);
             let received = self.up.messages;
             if resume.settings.announce {
                 let announce = serde_json::json!({
@@ -809,19 +847,26 @@ impl Relay {
             self.client = Some(leg);
             self.token_deadline = token_deadline(&self.lifecycle, attach.token_expires_at);
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
-            if let Some(final_close) = resume.upstream_final.take() {
-                // The upstream ended while the client was away: the rest, then its close.
-                return Some(Plan {
-                    to_client: Finish::Close(final_close),
-                    to_upstream: Finish::Gone,
-                    ended_by: Some(Side::Upstream),
-                    reason: "upstream closed",
-                    unresponsive: None,
-                    limit: None,
-                    session: NotResumable::Closed,
-                });
-            }
+            // The upstream ended while the client was away: the rest, then its close.
+            self.final_close = resume.upstream_final.take();
         }
+    }
+
+    /// A resumed client has taken everything an ended upstream left: pass on its close.
+    fn final_close_due(&mut self) -> Option<Plan> {
+        let client = self.client.as_ref()?;
+        if self.final_close.is_none() || client.has_output() || client.pending_out() > 0 {
+            return None;
+        }
+        Some(Plan {
+            to_client: Finish::Close(self.final_close.take()?),
+            to_upstream: Finish::Gone,
+            ended_by: Some(Side::Upstream),
+            reason: "upstream closed",
+            unresponsive: None,
+            limit: None,
+            session: NotResumable::Closed,
+        })
     }
 
     fn begin_closing(&mut self, plan: Plan) {
@@ -951,6 +996,8 @@ struct Pump<'a> {
     bucket: Option<&'a mut TokenBucket>,
     /// Only whole messages reach the destination.
     atomic: bool,
+    /// The most a whole-message destination may hold of one unfinished message.
+    held_limit: usize,
     replay: Option<&'a mut ReplayBuffer>,
     /// Stop reading while the replay buffer holds this many (messages, bytes).
     replay_cap: Option<(usize, usize)>,
@@ -967,7 +1014,9 @@ impl Pump<'_> {
                 outcome.end = Some(end);
                 return outcome;
             }
-            if let Some(dest) = self.dest.as_deref_mut() {
+            if let Some(dest) = self.dest.as_deref_mut()
+                && dest.has_output()
+            {
                 match dest.poll_drain(cx) {
                     Poll::Ready(Ok(())) => dest.write_blocked_since = None,
                     Poll::Ready(Err(_)) => {
@@ -984,24 +1033,22 @@ impl Pump<'_> {
             }
             if let (Some(replay), Some((messages, bytes))) = (&self.replay, self.replay_cap)
                 && (replay.messages() >= messages || replay.bytes() >= bytes)
-                && !self.source.reader.mid_frame()
+                && !self.source.reader.mid_message()
             {
-                // Full of what the client has not confirmed: its pong will make room. (A frame
-                // is finished first: the ping that asks for the pong cannot go inside one.)
+                // Full of what the client has not confirmed: its pong will make room. (A
+                // message is finished first: only whole messages can be let go.)
                 return outcome;
             }
-            if self.source.pending_out() > 0 {
-                // Pongs for the source: one that sends pings and reads nothing is not read
-                // any further until it takes its answers.
-                match self.source.poll_drain(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => {
-                        outcome.end = Some(End::Lost);
-                        return outcome;
-                    }
-                    Poll::Pending if self.source.pending_out() >= OUT_HIGH => return outcome,
-                    Poll::Pending => {}
-                }
+            // The edge's own frames to the source (pongs): one that sends pings and reads
+            // nothing is not read any further until it takes its answers.
+            if self.source.has_output()
+                && let Poll::Ready(Err(_)) = self.source.poll_drain(cx)
+            {
+                outcome.end = Some(End::Lost);
+                return outcome;
+            }
+            if self.source.pending_out() >= OUT_HIGH {
+                return outcome;
             }
             if reads == READS_PER_POLL {
                 cx.waker().wake_by_ref();
@@ -1024,7 +1071,7 @@ impl Pump<'_> {
 
     /// Consumes every whole frame (and any data frame's available bytes) read so far.
     fn parse(&mut self, outcome: &mut Outcome) -> Result<(), End> {
-        let expected_pong = self.source.ping.map(|(_, payload)| payload.to_be_bytes());
+        let expected_pong = self.source.ping.map(|ping| ping.payload.to_be_bytes());
         let (input, reader) = self.source.parse_parts();
         let mut at = 0;
         // Data bytes not yet copied to the destination: copied in one piece when possible.
@@ -1084,7 +1131,16 @@ impl Pump<'_> {
                     if self.atomic && !(message_start && message_end) {
                         if let Some(dest) = self.dest.as_deref_mut() {
                             dest.push_data(&input[run_start..at]);
-                            dest.hold(bytes);
+                            // Frame headers count too: endless empty fragments must not
+                            // grow what is held.
+                            if dest.hold(bytes) > self.held_limit {
+                                result = Err(End::Violation(FrameError {
+                                    code: 1009,
+                                    reason: "message too big",
+                                }));
+                                run_start = at;
+                                break;
+                            }
                             if message_end {
                                 dest.release_held();
                             }
@@ -1168,6 +1224,11 @@ impl TokenBucket {
             false
         }
     }
+}
+
+/// A message's payload plus its frame headers, at a generous number of fragments.
+fn held_limit(max_message: usize) -> usize {
+    max_message * 2 + 4096
 }
 
 fn close(code: u16, reason: &'static str) -> Finish {

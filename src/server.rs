@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +22,16 @@ use crate::limits::HandshakeRate;
 use crate::metrics::Metrics;
 use crate::{Config, ConfigError, Shared, Stats};
 
+/// Pending connections the kernel queues per listening socket (tokio's default).
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// A bound, not yet running edge.
 pub struct Edge {
     shared: Arc<Shared>,
-    listeners: Vec<TcpListener>,
+    /// For each worker, one socket per listen address: the kernel spreads new connections over
+    /// them (SO_REUSEPORT), and a connection lives on the worker that accepted it.
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    local_addrs: Vec<SocketAddr>,
     admin: Option<TcpListener>,
 }
 
@@ -52,9 +58,10 @@ impl EdgeHandle {
         if config.server.max_connections != old.server.max_connections
             || config.server.max_pending_handshakes != old.server.max_pending_handshakes
             || config.server.handshake_rate_per_ip != old.server.handshake_rate_per_ip
+            || config.server.workers != old.server.workers
         {
             tracing::warn!(
-                "max_connections, max_pending_handshakes and handshake_rate_per_ip take effect on restart, not on reload"
+                "max_connections, max_pending_handshakes, handshake_rate_per_ip and workers take effect on restart, not on reload"
             );
         }
         // Reopened even when unchanged, so that SIGHUP after log rotation moves to the new file.
@@ -91,12 +98,33 @@ impl EdgeHandle {
 impl Edge {
     /// Binds every listen address of the config.
     pub async fn bind(config: Config) -> io::Result<Edge> {
-        let mut listeners = Vec::new();
+        let workers = config.server.workers;
+        let mut listeners: Vec<Vec<std::net::TcpListener>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::new();
         for address in &config.server.listen {
-            let listener = TcpListener::bind(address).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
-            })?;
-            listeners.push(listener);
+            let in_use =
+                |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"));
+            // SO_REUSEPORT would let this process share a port another process holds: a plain
+            // bind first finds out whether it is free.
+            if address.port() != 0 {
+                drop(std::net::TcpListener::bind(address).map_err(in_use)?);
+            }
+            let mut bound = *address;
+            for worker in listeners.iter_mut() {
+                let socket = match bound {
+                    SocketAddr::V4(_) => TcpSocket::new_v4(),
+                    SocketAddr::V6(_) => TcpSocket::new_v6(),
+                }?;
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(bound).map_err(in_use)?;
+                let listener = socket.listen(LISTEN_BACKLOG)?;
+                // The first socket's port (when the config says 0) is every other one's.
+                bound = listener.local_addr()?;
+                worker.push(listener.into_std()?);
+            }
+            local_addrs.push(bound);
         }
         let admin = match &config.admin {
             None => None,
@@ -125,16 +153,14 @@ impl Edge {
         Ok(Edge {
             shared,
             listeners,
+            local_addrs,
             admin,
         })
     }
 
     /// The bound addresses (with real ports where the config said 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.local_addrs.clone()
     }
 
     /// The admin listener's address, when the config has one.
@@ -149,6 +175,11 @@ impl Edge {
     }
 
     /// Serves until [`EdgeHandle::shutdown`], then drains.
+    ///
+    /// Connections are served by worker threads, each with an event loop of its own: a
+    /// connection, both its sockets and its timer live on one thread from accept to close, so
+    /// nothing is handed between threads on the way (measured against one shared work-stealing
+    /// runtime in BENCHMARKS.md). This task keeps the admin listener and housekeeping.
     pub async fn run(self) {
         let shared = self.shared;
         let admin_stop = CancellationToken::new();
@@ -159,8 +190,22 @@ impl Edge {
                 admin_stop.clone(),
             ));
         }
-        for listener in self.listeners {
-            tokio::spawn(accept_loop(listener, shared.clone()));
+        let workers_stop = CancellationToken::new();
+        let mut workers_done = Vec::new();
+        for (index, listeners) in self.listeners.into_iter().enumerate() {
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let shared = shared.clone();
+            let stop = workers_stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("wsedge-worker-{index}"))
+                .spawn(move || {
+                    run_worker(listeners, shared, stop);
+                    let _ = done.send(());
+                });
+            match spawned {
+                Ok(_) => workers_done.push(finished),
+                Err(error) => tracing::error!(%error, "cannot start a worker thread"),
+            }
         }
         if shared.handshake_rate.is_some() {
             tokio::spawn(evict_rate_limiter_entries(shared.clone()));
@@ -181,8 +226,38 @@ impl Edge {
                 "drain timeout passed with connections still open"
             );
         }
+        // Whatever is still open is dropped with its worker's event loop.
+        workers_stop.cancel();
+        for finished in workers_done {
+            let _ = finished.await;
+        }
         admin_stop.cancel();
     }
+}
+
+/// One worker thread: an event loop serving the connections its sockets accept, until `stop`.
+fn run_worker(listeners: Vec<std::net::TcpListener>, shared: Arc<Shared>, stop: CancellationToken) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a worker's event loop");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        for listener in listeners {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tokio::spawn(accept_loop(listener, shared.clone()));
+                }
+                Err(error) => tracing::error!(%error, "cannot register a listening socket"),
+            }
+        }
+        stop.cancelled().await;
+    });
 }
 
 /// Keeps the per-IP limiter's map to recently seen addresses.

@@ -260,6 +260,61 @@ impl Registry {
     }
 }
 
+/// A new session's place in the registry: given up again unless the session starts (its
+/// upstream refused, a later check failed, the handshake was dropped).
+pub struct Reservation<'a> {
+    registry: &'a Registry,
+    tasks: &'a tokio_util::task::TaskTracker,
+    session: Option<(Arc<SessionEntry>, mpsc::Receiver<Attach>)>,
+}
+
+impl<'a> Reservation<'a> {
+    pub fn new(
+        registry: &'a Registry,
+        tasks: &'a tokio_util::task::TaskTracker,
+        entry: Arc<SessionEntry>,
+        attach: mpsc::Receiver<Attach>,
+    ) -> Self {
+        Self {
+            registry,
+            tasks,
+            session: Some((entry, attach)),
+        }
+    }
+
+    pub fn entry(&self) -> Option<&Arc<SessionEntry>> {
+        self.session.as_ref().map(|(entry, _)| entry)
+    }
+
+    /// The session starts: it owns its registry entry from now on.
+    pub fn keep(mut self) -> Option<(Arc<SessionEntry>, mpsc::Receiver<Attach>)> {
+        self.session.take()
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let Some((entry, mut attach)) = self.session.take() else {
+            return;
+        };
+        self.registry.cancel(&entry);
+        // A client that tried to resume the session while it was starting is told it is gone.
+        attach.close();
+        while let Ok(waiting) = attach.try_recv() {
+            let close = crate::frame::Close::new(
+                crate::relay::codes::SESSION_NOT_RESUMABLE,
+                NotResumable::Unknown.reason(),
+            );
+            self.tasks.spawn(crate::leg::close_leg(
+                waiting.leg,
+                crate::leg::Finish::Close(close),
+                crate::relay::CLOSE_TIMEOUT,
+                true,
+            ));
+        }
+    }
+}
+
 /// The upstream's data frames as passed to the client, from the oldest message the client may
 /// not have received. Offsets count every byte ever pushed, so that a ping can name "all up
 /// to here" and its pong free exactly that.
@@ -354,18 +409,33 @@ impl ReplayBuffer {
         })
     }
 
-    /// Messages from `offset` on, complete or not, appended to `out`; returns how many
+    /// The offset after the last complete message.
+    pub fn complete_end(&self) -> u64 {
+        self.ends.back().copied().unwrap_or(self.base)
+    }
+
+    /// The bytes from `from` to `to` (offsets within the buffer), appended to `out`; returns
+    /// how many complete messages end in that range.
+    pub fn copy_range(&self, from: u64, to: u64, out: &mut Vec<u8>) -> u64 {
+        let (start, end) = ((from - self.base) as usize, (to - self.base) as usize);
+        let (front, back) = self.bytes.as_slices();
+        let split = front.len();
+        if start < split {
+            out.extend_from_slice(&front[start..end.min(split)]);
+        }
+        if end > split {
+            out.extend_from_slice(&back[start.max(split) - split..end - split]);
+        }
+        self.ends
+            .iter()
+            .filter(|&&message_end| message_end > from && message_end <= to)
+            .count() as u64
+    }
+
+    /// Everything from `offset` on, complete or not, appended to `out`; returns how many
     /// complete messages that is.
     pub fn copy_from(&self, offset: u64, out: &mut Vec<u8>) -> u64 {
-        let skip = (offset - self.base) as usize;
-        let (front, back) = self.bytes.as_slices();
-        if skip < front.len() {
-            out.extend_from_slice(&front[skip..]);
-            out.extend_from_slice(back);
-        } else {
-            out.extend_from_slice(&back[skip - front.len()..]);
-        }
-        self.ends.iter().filter(|&&end| end > offset).count() as u64
+        self.copy_range(offset, self.end(), out)
     }
 }
 
@@ -406,6 +476,36 @@ mod tests {
         assert_eq!(buffer.bytes(), 0);
         assert_eq!(buffer.completed_messages(), 3);
         assert_eq!(buffer.replay_start(3).unwrap(), buffer.end());
+    }
+
+    #[test]
+    fn ranges_copy_across_the_ring_seam() {
+        let mut buffer = ReplayBuffer::default();
+        // Wrap the deque around: drop the front, then add behind it.
+        for message in [&b"aaaa"[..], b"bbbb", b"cccc", b"dddd"] {
+            buffer.push(message);
+            buffer.message_ended();
+        }
+        buffer.acknowledge(8);
+        for message in [&b"eeee"[..], b"ffff", b"gggggggggggggggg"] {
+            buffer.push(message);
+            buffer.message_ended();
+        }
+        buffer.push(b"hh");
+        assert!(
+            !buffer.bytes.as_slices().1.is_empty(),
+            "the deque did not wrap"
+        );
+        let mut out = Vec::new();
+        let start = buffer.replay_start(2).unwrap();
+        assert_eq!(buffer.copy_range(start, buffer.complete_end(), &mut out), 5);
+        assert_eq!(out, b"ccccddddeeeeffffgggggggggggggggg");
+        out.clear();
+        assert_eq!(
+            buffer.copy_from(buffer.replay_start(6).unwrap(), &mut out),
+            1
+        );
+        assert_eq!(out, b"gggggggggggggggghh");
     }
 
     #[test]

@@ -263,7 +263,8 @@ async fn registered_close_codes_from_the_upstream_reach_the_client_unchanged() {
     for code in [1012u16, 1013, 1014] {
         let token = token_for("alice");
         let mut raw = RawClient::connect(edge.addr, &format!("/ws/chat?token={token}"), &[]).await;
-        raw.send_text(&format!("close {code} from the chat core")).await;
+        raw.send_text(&format!("close {code} from the chat core"))
+            .await;
         let frame = raw.read_answering_pings().await.expect("a close frame");
         assert_eq!(frame.close_code(), Some(code));
         assert_eq!(&frame.payload[2..], b"from the chat core");

@@ -113,14 +113,10 @@ async fn cut_and_resume(cut: usize) {
         // The client answered the pings behind what it read: only what came after the last
         // of them is kept.
         assert_eq!(upstream_connection(&mut first).await, "conn 1");
-        let kept = edge
-            .metric("wsedge_resume_buffered_messages")
-            .await
-            .unwrap();
-        assert!(
-            kept < 1000.0,
-            "{kept} messages kept for a client that has them"
-        );
+        wait_metric_until(&edge, "wsedge_resume_buffered_messages", |kept| {
+            kept < 1000.0
+        })
+        .await;
     }
     // No close frame: the TCP connection just ends, with whatever was in flight lost.
     first.vanish();
@@ -443,6 +439,17 @@ async fn the_announcement_tells_the_client_what_happened_to_its_session() {
     )
     .await;
     let fresh: Value = serde_json::from_str(&next_text_raw(&mut third).await).unwrap();
+    // A live session that cannot be resumed is not replaced: the real reason, with 4002.
+    let mut ahead = RawClient::connect(
+        edge.addr,
+        &path(&token_for("alice"), &id, Some(10_000)),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        close_of(&mut ahead).await,
+        (4002, "last_seq ahead".to_owned())
+    );
     assert_eq!(
         fresh,
         json!({"type": "edge.session", "session_id": "gone-long-ago", "resumed": false, "reason": "session unknown"})
@@ -549,4 +556,113 @@ async fn detaching_and_resuming_are_in_the_audit_log() {
     assert_eq!(lines[3]["reason"], "session unknown");
     let text = std::fs::read_to_string(&audit).unwrap();
     assert!(!text.contains(&token), "a token reached the audit log");
+}
+
+#[tokio::test]
+async fn a_small_buffer_keeps_a_fast_stream_flowing_without_heartbeats() {
+    // 50 messages of room, a stream of 100,000: only the client's pongs to the edge's pings make
+    // room again, and with heartbeats off nothing else would.
+    let (mut upstream, edge) = setup(
+        "ping_interval = \"off\"\nresume = { window = \"5s\", max_messages = 50, max_bytes = \"4MiB\" }",
+    )
+    .await;
+    let mut client =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "tight", None), &[]).await;
+    upstream.next_request().await;
+    // One message with the edge's ping behind it; the stream arrives before the pong, so the
+    // pong frees that one message only and the buffer stays full of the stream.
+    assert_eq!(upstream_connection(&mut client).await, "conn 1");
+    client.send_text("stream 100000").await;
+    wait_metric_until(&edge, "wsedge_resume_buffered_messages", |kept| kept > 50.0).await;
+    expect_numbers(&mut client, 0, 100_000).await;
+}
+
+#[tokio::test]
+async fn a_detached_session_keeps_what_it_held_beyond_its_bounds_when_the_client_left() {
+    // One read can take a connected client's buffer past max_messages; that is not an overflow
+    // as long as nothing more has to be kept.
+    let (mut upstream, edge) =
+        setup(r#"resume = { window = "5s", max_messages = 10, max_bytes = "4MiB" }"#).await;
+    let mut first =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "over", None), &[]).await;
+    upstream.next_request().await;
+    first.send_text("stream 3000").await;
+    expect_numbers(&mut first, 0, 5).await;
+    first.vanish();
+    detached(&edge, 1.0).await;
+    let mut back =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "over", Some(5)), &[]).await;
+    expect_numbers(&mut back, 5, 3000).await;
+}
+
+#[tokio::test]
+async fn endless_empty_fragments_from_a_client_are_stopped_with_1009() {
+    let (mut upstream, edge) = setup(&format!("max_message_size = \"16KiB\"\n{RESUME}")).await;
+    let mut client =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "frag", None), &[]).await;
+    upstream.next_request().await;
+    client.send_frame(false, 1, b"start").await;
+    let mut writer = client.take_writer();
+    let flood = tokio::spawn(async move {
+        // Payload-free continuation frames: nothing counts toward the message size but the
+        // edge holds every frame until the message is complete.
+        for _ in 0..100_000 {
+            if !writer.send_fragment(0, b"").await {
+                break;
+            }
+        }
+    });
+    assert_eq!(client.read_close_code().await, Some(1009));
+    flood.abort();
+}
+
+#[tokio::test]
+async fn a_replay_that_takes_longer_than_the_close_timeout_still_arrives_whole() {
+    let (mut upstream, edge) =
+        setup(r#"resume = { window = "30s", max_messages = 1000, max_bytes = "8MiB" }"#).await;
+    let mut first =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "slow", None), &[]).await;
+    upstream.next_request().await;
+    first.send_text("flood 64 65536").await;
+    first.send_text("close 4000 answer complete").await;
+    first.vanish();
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(4000)
+    );
+    let mut back =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "slow", Some(0)), &[]).await;
+    // 4 MiB read at about 1 MiB/s: longer than the edge waits for a closing peer.
+    let expected = pattern(65536);
+    for i in 0..64 {
+        let frame = back.read_answering_pings().await.expect("the replay");
+        assert_eq!(frame.opcode, 2, "message {i}");
+        assert!(frame.payload == expected, "message {i} corrupted");
+        tokio::time::sleep(Duration::from_millis(70)).await;
+    }
+    assert_eq!(
+        close_of(&mut back).await,
+        (4000, "answer complete".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_refused_handshake_does_not_keep_its_session_id() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url("/ws/chat"), "", RESUME).replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nmax_connections_per_user = 1",
+    );
+    let edge = TestEdge::start(&config).await;
+    let token = token_for("alice");
+    let mut first = RawClient::connect(edge.addr, &path(&token, "one", None), &[]).await;
+    assert_eq!(upstream_connection(&mut first).await, "conn 1");
+    // Over the per-user limit: refused after its session id was looked at.
+    let refused = connect_refused(&edge.url(&path(&token, "two", None)), &[]).await;
+    assert_eq!(refused.status, 429);
+    first.send_frame(true, 8, &1000u16.to_be_bytes()).await;
+    edge.wait_idle().await;
+    // The id is free: a new session starts under it.
+    let mut second = RawClient::connect(edge.addr, &path(&token, "two", None), &[]).await;
+    assert_eq!(upstream_connection(&mut second).await, "conn 2");
 }

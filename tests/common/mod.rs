@@ -756,6 +756,13 @@ impl RawWriter {
     pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> bool {
         self.0.write_all(&masked(opcode, payload)).await.is_ok()
     }
+
+    /// Sends a masked frame that does not end its message.
+    pub async fn send_fragment(&mut self, opcode: u8, payload: &[u8]) -> bool {
+        let mut frame = masked(opcode, payload);
+        frame[0] &= 0x7f;
+        self.0.write_all(&frame).await.is_ok()
+    }
 }
 
 pub struct RawFrame {
