@@ -760,3 +760,35 @@ fn the_shipped_reference_config_validates() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("inline"), "{warnings:?}");
 }
+
+#[test]
+fn a_port_another_process_holds_is_an_error_not_a_shared_port() {
+    // The edge's own sockets share their port between its workers (SO_REUSEPORT); a port
+    // someone else holds must still be refused, not shared with them.
+    // Held the way a second wsedge would hold it: with SO_REUSEPORT too.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.listen(16).unwrap()
+    });
+    let port = held.local_addr().unwrap().port();
+    let dir = scratch();
+    let config = write_config(
+        dir.path(),
+        "proxy.toml",
+        &valid_config(port, "ws://127.0.0.1:9/ws/chat", ""),
+    );
+    let run = wsedge_with_env(&["--config", path_str(&config)], &[], COMMAND_WAIT);
+    assert!(!run.status.success(), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        run.stderr
+    );
+}
