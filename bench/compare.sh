@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: direct / nginx / HAProxy / HAProxy+JWT / wsedge (with JWT) in front of
-# the same upstream, driven by the same load tool, interleaved A B C A B C, REPS repetitions.
+# Side-by-side benchmark: direct / nginx / HAProxy / HAProxy+JWT / wsedge (with JWT) / wsedge with
+# session resume on, in front of the same upstream, driven by the same load tool, interleaved
+# A B C A B C, REPS repetitions.
 # Prints one JSON line per run into $OUT/results.jsonl and a summary table (medians, min–max,
 # ratios to nginx) at the end. See BENCHMARKS.md for the method and the latest figures.
 #
-#   bench/compare.sh                       # full run (~5 minutes on 2 cores)
+#   bench/compare.sh                       # full run (~8 minutes on 2 cores)
 #   REPS=1 STREAM_MESSAGES=20000 IDLE=1000 bench/compare.sh   # quick look
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REPS=${REPS:-3}
 STREAM_CONNECTIONS=${STREAM_CONNECTIONS:-20}
-STREAM_MESSAGES=${STREAM_MESSAGES:-200000}
+# 20 × 1,000,000 tokens: a couple of seconds per run, not a few hundred milliseconds.
+STREAM_MESSAGES=${STREAM_MESSAGES:-1000000}
 STREAM_SIZE=${STREAM_SIZE:-32}
 RTT_CONNECTIONS=${RTT_CONNECTIONS:-50}
 RTT_ROUND_TRIPS=${RTT_ROUND_TRIPS:-400}
@@ -119,7 +121,12 @@ upstream = "ws://127.0.0.1:19001/ws"
 auth = "main"
 message_rate = "off"
 EOF
-declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005)
+# The same edge with session resume on (defaults: 1000 messages / 4 MiB kept per client). Every
+# connection of the load tool is its own user, so one session_id names a session per connection.
+sed -e 's/19005/19006/' -e 's/^message_rate = "off"$/message_rate = "off"\nresume = { window = "30s" }/' \
+    "$OUT/wsedge.toml" >"$OUT/wsedge-resume.toml"
+declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005 [wsedge-resume]=19006)
+declare -A QUERY=([wsedge-resume]="?session_id=bench")
 declare -A PROXY_PID=()
 start_proxy() {
     case $1 in
@@ -127,6 +134,7 @@ start_proxy() {
         haproxy) haproxy -f "$OUT/haproxy.cfg" -db >>"$OUT/haproxy.log" 2>&1 & ;;
         haproxy-jwt) haproxy -f "$OUT/haproxy-jwt.cfg" -db >>"$OUT/haproxy-jwt.log" 2>&1 & ;;
         wsedge) "$EDGE" --config "$OUT/wsedge.toml" 2>>"$OUT/wsedge.log" & ;;
+        wsedge-resume) "$EDGE" --config "$OUT/wsedge-resume.toml" 2>>"$OUT/wsedge-resume.log" & ;;
     esac
     PROXY_PID[$1]=$!
     PIDS+=($!)
@@ -138,9 +146,9 @@ stop_proxy() {
     while (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$1]}") 2>/dev/null; do sleep 0.05; done
 }
 
-declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET")
-TARGETS=(direct nginx haproxy haproxy-jwt wsedge)
-PROXIES=(nginx haproxy haproxy-jwt wsedge)
+declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET" [wsedge-resume]="--jwt-secret $SECRET")
+TARGETS=(direct nginx haproxy haproxy-jwt wsedge wsedge-resume)
+PROXIES=(nginx haproxy haproxy-jwt wsedge wsedge-resume)
 wait_port 19001
 for proxy in "${PROXIES[@]}"; do start_proxy "$proxy"; done
 
@@ -159,7 +167,7 @@ load() { # mode, target, rep, args…
     local mode=$1 target=$2 rep=$3
     shift 3
     # shellcheck disable=SC2086
-    "$LOAD" "$mode" --url "ws://127.0.0.1:${PORT[$target]}/ws" --label "$target" ${AUTH[$target]} "$@" |
+    "$LOAD" "$mode" --url "ws://127.0.0.1:${PORT[$target]}/ws${QUERY[$target]:-}" --label "$target" ${AUTH[$target]} "$@" |
         python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['rep']=$rep; print(json.dumps(r))" >>"$RESULTS"
     tail -1 "$RESULTS"
 }
@@ -182,7 +190,7 @@ for rep in $(seq 1 "$REPS"); do
         pid=${PROXY_PID[$target]}
         before=$(tree_rss "$pid")
         # shellcheck disable=SC2086
-        "$LOAD" idle --url "ws://127.0.0.1:${PORT[$target]}/ws" --label "$target" ${AUTH[$target]} \
+        "$LOAD" idle --url "ws://127.0.0.1:${PORT[$target]}/ws${QUERY[$target]:-}" --label "$target" ${AUTH[$target]} \
             --connections "$IDLE" --hold 4s >"$OUT/idle.json" 2>"$OUT/idle.err" &
         idle_pid=$!
         until grep -q ready "$OUT/idle.err" 2>/dev/null; do

@@ -30,8 +30,8 @@ use crate::refusal::Refusal;
 use crate::relay::{self, CLOSE_TIMEOUT, Relay, RelayParams, RelayReport, Resumable};
 use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
 use crate::session::{
-    Attach, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings, SESSION_PARAM, SessionEntry,
-    SessionKey, valid_session_id,
+    Attach, AttachReceiver, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings,
+    SESSION_PARAM, SessionEntry, SessionKey, valid_session_id,
 };
 use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
 
@@ -372,7 +372,7 @@ enum SessionPlan {
     /// A new session under this id.
     New {
         entry: Arc<SessionEntry>,
-        attach: tokio::sync::mpsc::Receiver<Attach>,
+        attach: AttachReceiver,
         announce: Option<String>,
     },
     /// A client coming back to a live session.
@@ -525,7 +525,7 @@ fn resume(
             token_expires_at,
             request_id,
         };
-        if let Err(returned) = entry.attach.send(attach).await {
+        if let Err(returned) = entry.attach.send(Box::new(attach)).await {
             // The session ended between the check and now; the registry knows how.
             let why = shared_in_task
                 .registry

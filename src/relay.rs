@@ -34,7 +34,7 @@ use crate::frame::{Close, Event, FrameError, opcode};
 use crate::io::Io;
 use crate::leg::{Finish, Leg, Ping, close_leg};
 use crate::metrics::DirectionCounters;
-use crate::session::{Attach, NotResumable, ReplayBuffer, ResumeSettings, SessionEntry};
+use crate::session::{AttachReceiver, NotResumable, ReplayBuffer, ResumeSettings, SessionEntry};
 
 /// Close codes the edge itself sends (PRODUCT.md).
 pub mod codes {
@@ -183,7 +183,7 @@ pub struct Counters {
 pub struct Resumable {
     pub settings: ResumeSettings,
     pub entry: Arc<SessionEntry>,
-    pub attach: tokio::sync::mpsc::Receiver<Attach>,
+    pub attach: AttachReceiver,
     pub shared: Arc<Shared>,
     pub route: String,
     /// Audit fields naming the session's owner (only when an audit log is written).
@@ -204,7 +204,7 @@ impl Resumable {
     pub fn new(
         settings: ResumeSettings,
         entry: Arc<SessionEntry>,
-        attach: tokio::sync::mpsc::Receiver<Attach>,
+        attach: AttachReceiver,
         shared: Arc<Shared>,
         route: String,
         audit_fields: Option<Map<String, Value>>,

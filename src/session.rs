@@ -108,6 +108,11 @@ pub struct SessionKey {
     pub id: String,
 }
 
+/// Boxed through the channel: a channel keeps room for a block of its items from the start,
+/// and every resumable session has one.
+pub type AttachSender = mpsc::Sender<Box<Attach>>;
+pub type AttachReceiver = mpsc::Receiver<Box<Attach>>;
+
 /// A client connection handed to a live session.
 pub struct Attach {
     pub leg: Leg,
@@ -124,7 +129,7 @@ pub struct SessionEntry {
     pub conversation: Option<String>,
     /// The subprotocol the upstream chose: a resumed client gets the same.
     pub protocol: OnceLock<Option<HeaderValue>>,
-    pub attach: mpsc::Sender<Attach>,
+    pub attach: AttachSender,
     /// The oldest message still kept, and the number of upstream messages so far; kept
     /// current by the session for handshakes to check `last_seq` against.
     first_seq: AtomicU64,
@@ -192,7 +197,7 @@ impl Registry {
         &self,
         key: SessionKey,
         conversation: Option<String>,
-    ) -> Result<(Arc<SessionEntry>, mpsc::Receiver<Attach>), NotResumable> {
+    ) -> Result<(Arc<SessionEntry>, AttachReceiver), NotResumable> {
         let mut inner = self.lock();
         if inner.live.contains_key(&key) {
             return Err(NotResumable::InUse);
@@ -265,7 +270,7 @@ impl Registry {
 pub struct Reservation<'a> {
     registry: &'a Registry,
     tasks: &'a tokio_util::task::TaskTracker,
-    session: Option<(Arc<SessionEntry>, mpsc::Receiver<Attach>)>,
+    session: Option<(Arc<SessionEntry>, AttachReceiver)>,
 }
 
 impl<'a> Reservation<'a> {
@@ -273,7 +278,7 @@ impl<'a> Reservation<'a> {
         registry: &'a Registry,
         tasks: &'a tokio_util::task::TaskTracker,
         entry: Arc<SessionEntry>,
-        attach: mpsc::Receiver<Attach>,
+        attach: AttachReceiver,
     ) -> Self {
         Self {
             registry,
@@ -287,7 +292,7 @@ impl<'a> Reservation<'a> {
     }
 
     /// The session starts: it owns its registry entry from now on.
-    pub fn keep(mut self) -> Option<(Arc<SessionEntry>, mpsc::Receiver<Attach>)> {
+    pub fn keep(mut self) -> Option<(Arc<SessionEntry>, AttachReceiver)> {
         self.session.take()
     }
 }
