@@ -26,6 +26,7 @@ use crate::auth::{FoundToken, Identity, TokenSource};
 use crate::frame::Close;
 use crate::io::Io;
 use crate::leg::{Finish, Leg, close_leg};
+use crate::query;
 use crate::refusal::Refusal;
 use crate::relay::{self, CLOSE_TIMEOUT, Relay, RelayParams, RelayReport, Resumable};
 use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
@@ -68,7 +69,7 @@ pub fn redacted_target(uri: &http::Uri) -> String {
 /// What the handshake has learned so far, for the refusal's log line, metric and audit event.
 #[derive(Default)]
 struct Known {
-    route: Option<String>,
+    route: Option<Arc<str>>,
     identity: Option<Identity>,
 }
 
@@ -119,14 +120,16 @@ pub async fn handle(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "refused"
             );
-            let mut fields = Map::new();
-            fields.insert("request_id".into(), request_id.clone().into());
-            fields.insert("route".into(), known.route().into());
-            fields.insert("client".into(), conn.peer.to_string().into());
-            fields.insert("status".into(), status.into());
-            fields.insert("reason".into(), refusal.reason.into());
-            identity_fields(&mut fields, known.identity.as_ref());
-            shared.audit.record("refusal", fields);
+            if shared.audit.enabled() {
+                let mut fields = Map::new();
+                fields.insert("request_id".into(), request_id.clone().into());
+                fields.insert("route".into(), known.route().into());
+                fields.insert("client".into(), conn.peer.to_string().into());
+                fields.insert("status".into(), status.into());
+                fields.insert("reason".into(), refusal.reason.into());
+                identity_fields(&mut fields, known.identity.as_ref());
+                shared.audit.record("refusal", fields);
+            }
             let mut response = refusal.into_response();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert("x-request-id", value);
@@ -185,13 +188,16 @@ async fn prepare(
     };
     // Kept in `known` (for the refusal's audit event) and borrowed from there: no copy.
     let identity = known.identity.insert(identity);
-    let mut named = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .filter(|(key, _)| key == CONVERSATION_PARAM)
-        .map(|(_, value)| value.into_owned());
-    let query_conversation = named.next().filter(|c| !c.is_empty());
-    if named.next().is_some() {
-        return Err(Refusal::bad_handshake("conversation_id may be given once"));
-    }
+    let query_conversation = {
+        let mut named = query::pairs(query.unwrap_or(""))
+            .filter(|pair| pair.key == CONVERSATION_PARAM)
+            .map(|pair| pair.value().into_owned());
+        let first = named.next().filter(|c| !c.is_empty());
+        if named.next().is_some() {
+            return Err(Refusal::bad_handshake("conversation_id may be given once"));
+        }
+        first
+    };
     // A conversation the edge made up cannot be asked for again: a resume takes the session's.
     let conversation_named = identity.conversation.is_some() || query_conversation.is_some();
     route.resolve_identity(identity, host.as_deref(), path, query_conversation)?;
@@ -267,8 +273,11 @@ async fn prepare(
     // On any refusal from here on the reservation is dropped, and with it the session's id.
     let (upstream, upstream_url) = connected?;
     let connect_took = connect_started.elapsed();
-    shared.metrics.observe_connect(&route.label, connect_took);
-    shared.metrics.handshake(&route.label, 101, "ok");
+    let metrics = route
+        .metrics
+        .get_or_init(|| shared.metrics.for_route(&route.label));
+    metrics.connect.observe(connect_took.as_secs_f64());
+    metrics.upgraded.inc();
 
     let response = switching_protocols(&reply, upstream.protocol.as_ref());
     tracing::info!(
@@ -283,20 +292,22 @@ async fn prepare(
         connect_ms = connect_took.as_secs_f64() * 1000.0,
         "connected"
     );
-    let mut fields = Map::new();
-    fields.insert("request_id".into(), request_id.into());
-    fields.insert("route".into(), route.label.clone().into());
-    fields.insert("client".into(), conn.peer.to_string().into());
-    fields.insert("upstream".into(), upstream_url.into());
-    fields.insert("status".into(), 101.into());
-    identity_fields(&mut fields, Some(identity));
-    if let Some(id) = &session_id {
-        fields.insert("session_id".into(), id.clone().into());
-    }
-    // Kept for the disconnect event only when there is an audit log: every idle connection
-    // would otherwise carry them.
-    let audit_fields = shared.audit.enabled().then(|| fields.clone());
-    shared.audit.record("connect", fields);
+    // Built only for an audit log, and then kept for the disconnect event: every idle
+    // connection would otherwise carry them, and every handshake pay for them.
+    let audit_fields = shared.audit.enabled().then(|| {
+        let mut fields = Map::new();
+        fields.insert("request_id".into(), request_id.into());
+        fields.insert("route".into(), route.label.to_string().into());
+        fields.insert("client".into(), conn.peer.to_string().into());
+        fields.insert("upstream".into(), upstream_url.into());
+        fields.insert("status".into(), 101.into());
+        identity_fields(&mut fields, Some(identity));
+        if let Some(id) = &session_id {
+            fields.insert("session_id".into(), id.clone().into());
+        }
+        shared.audit.record("connect", fields.clone());
+        fields
+    });
 
     let kept = session.and_then(|(reservation, announce)| Some((reservation.keep()?, announce)));
     let resumable = match (kept, &route.resume) {
@@ -313,7 +324,7 @@ async fn prepare(
                     entry,
                     attach,
                     shared.clone(),
-                    route.label.clone(),
+                    route.label.to_string(),
                     session_fields,
                 )),
                 announce,
@@ -326,8 +337,9 @@ async fn prepare(
         None => (None, None),
     };
     let connection = Connection {
-        request_id: request_id.to_owned(),
+        request_id: request_id.into(),
         route: route.label.clone(),
+        session_duration: metrics.session.clone(),
         started: Instant::now(),
         audit_fields,
     };
@@ -339,8 +351,8 @@ async fn prepare(
             max_message: route.max_message_size,
             token_expires_at,
             counters: relay::Counters {
-                client_to_upstream: shared.metrics.direction(&route.label, "client_to_upstream"),
-                upstream_to_client: shared.metrics.direction(&route.label, "upstream_to_client"),
+                client_to_upstream: metrics.client_to_upstream.clone(),
+                upstream_to_client: metrics.upstream_to_client.clone(),
             },
             shutdown: shared.shutdown.clone(),
             tasks: shared.tasks.clone(),
@@ -353,7 +365,7 @@ async fn prepare(
         shared.stats.open_guard(),
         permit,
         user_slot,
-        GaugeGuard::new(shared.metrics.open_gauge(&route.label)),
+        GaugeGuard::new(metrics.open.clone()),
     );
     let shared_after = shared.clone();
     // A combinator rather than an `async` block: an async block awaiting a future it holds
@@ -388,7 +400,8 @@ enum SessionPlan {
 fn session_params(query: Option<&str>) -> Result<(Option<String>, Option<u64>), Refusal> {
     let mut id = None;
     let mut last_seq = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for pair in query::pairs(query.unwrap_or("")) {
+        let (key, value) = (pair.key.as_ref(), pair.value());
         if key == SESSION_PARAM {
             if id.is_some() {
                 return Err(Refusal::bad_handshake("session_id may be given once"));
@@ -430,7 +443,7 @@ fn plan_session(
         None => return Ok(SessionPlan::Plain),
     };
     let key = SessionKey {
-        route: route.label.clone(),
+        route: route.label.to_string(),
         tenant: identity.tenant.clone().unwrap_or_default(),
         user: identity.user.clone(),
         id,
@@ -562,7 +575,7 @@ fn not_resumable(
     tracing::info!(request_id = %reply.request_id, client = %conn.peer, route = %route.label, reason = why.reason(), "session not resumable");
     let mut fields = Map::new();
     fields.insert("request_id".into(), reply.request_id.into());
-    fields.insert("route".into(), route.label.clone().into());
+    fields.insert("route".into(), route.label.to_string().into());
     fields.insert("client".into(), conn.peer.to_string().into());
     fields.insert("reason".into(), why.reason().into());
     identity_fields(&mut fields, Some(identity));
@@ -604,8 +617,9 @@ impl Drop for GaugeGuard {
 
 /// What is reported when a proxied connection (or resumable session) ends.
 struct Connection {
-    request_id: String,
-    route: String,
+    request_id: Box<str>,
+    route: Arc<str>,
+    session_duration: prometheus_client::metrics::histogram::Histogram,
     started: Instant,
     /// The connect event's fields, when an audit log is being written.
     audit_fields: Option<Map<String, Value>>,
@@ -615,7 +629,7 @@ impl Connection {
     fn finish(self, report: RelayReport, shared: &Shared) {
         let lasted = self.started.elapsed();
         let metrics = &shared.metrics;
-        metrics.observe_session(&self.route, lasted);
+        self.session_duration.observe(lasted.as_secs_f64());
         if let Some(code) = report.client_close {
             metrics.close("client", code);
         }
@@ -856,26 +870,30 @@ fn upstream_query(
             .iter()
             .any(|s| matches!(s, TokenSource::Query(name) if name == key))
     };
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    for (key, value) in form_urlencoded::parse(client_query.unwrap_or("").as_bytes()) {
+    // Pairs the upstream gets as the client wrote them; only the route's own are encoded here.
+    let mut query = String::new();
+    for pair in query::pairs(client_query.unwrap_or("")) {
+        let key = pair.key.as_ref();
         // The conversation reaches the upstream only as the edge decided it (upstream_query),
         // never as the client wrote it.
         let edge_decides =
             key == CONVERSATION_PARAM && route.conversation != ConversationMode::None;
-        if is_token_param(&key)
-            || edge_decides
-            || route.upstream_query.iter().any(|(k, _)| *k == key)
+        if is_token_param(key) || edge_decides || route.upstream_query.iter().any(|(k, _)| k == key)
         {
             continue;
         }
-        query.append_pair(&key, &value);
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(pair.raw);
     }
+    let mut serializer = form_urlencoded::Serializer::for_suffix(query, 0);
     for (key, template) in &route.upstream_query {
         if let Some(value) = template.render(identity) {
-            query.append_pair(key, &value);
+            serializer.append_pair(key, &value);
         }
     }
-    query.finish()
+    serializer.finish()
 }
 
 /// The upstream request before a target is chosen: each target has its own path and query.
@@ -888,7 +906,7 @@ struct ShapedRequest {
 }
 
 impl ShapedRequest {
-    fn for_target(&self, target: &UpstreamTarget) -> UpstreamRequest {
+    fn for_target(&self, target: &UpstreamTarget) -> UpstreamRequest<'_> {
         let mut path = target.path.clone();
         let remainder = self.remainder.as_str();
         match (path.ends_with('/'), remainder.strip_prefix('/')) {
@@ -915,8 +933,8 @@ impl ShapedRequest {
         }
         UpstreamRequest {
             path_and_query,
-            headers: self.headers.clone(),
-            subprotocols: self.subprotocols.clone(),
+            headers: &self.headers,
+            subprotocols: self.subprotocols.as_deref(),
         }
     }
 }

@@ -4,8 +4,6 @@
 //! Handles are resolved once per connection (a label lookup takes a lock); per batch of
 //! frames the relay only adds to atomics it already holds.
 
-use std::time::Duration;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -76,6 +74,17 @@ pub struct Metrics {
     pub sessions_detached: Gauge,
     pub resume_buffered_messages: Gauge,
     pub resume_buffered_bytes: Gauge,
+}
+
+/// A route's handles for what every upgraded connection touches, resolved once per route
+/// (each lookup by label takes a lock and an allocation) rather than once per handshake.
+pub struct RouteMetrics {
+    pub upgraded: Counter,
+    pub connect: Histogram,
+    pub session: Histogram,
+    pub open: Gauge,
+    pub client_to_upstream: DirectionCounters,
+    pub upstream_to_client: DirectionCounters,
 }
 
 /// The two counters of one direction of one connection.
@@ -223,6 +232,24 @@ impl Metrics {
         }
     }
 
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            upgraded: self.handshakes.get_or_create_owned(&HandshakeLabels {
+                route: route.to_owned(),
+                status: 101,
+                reason: "ok".to_owned(),
+            }),
+            connect: self.upstream_connect.get_or_create_owned(&labels),
+            session: self.session_duration.get_or_create_owned(&labels),
+            open: self.open_connections.get_or_create_owned(&labels),
+            client_to_upstream: self.direction(route, "client_to_upstream"),
+            upstream_to_client: self.direction(route, "upstream_to_client"),
+        }
+    }
+
     pub fn handshake(&self, route: &str, status: u16, reason: &str) {
         self.handshakes
             .get_or_create(&HandshakeLabels {
@@ -239,28 +266,6 @@ impl Metrics {
 
     pub fn close(&self, side: &'static str, code: u16) {
         self.closes.get_or_create(&CloseLabels { side, code }).inc();
-    }
-
-    pub fn observe_connect(&self, route: &str, took: Duration) {
-        self.upstream_connect
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn observe_session(&self, route: &str, lasted: Duration) {
-        self.session_duration
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(lasted.as_secs_f64());
-    }
-
-    pub fn open_gauge(&self, route: &str) -> Gauge {
-        self.open_connections.get_or_create_owned(&RouteLabels {
-            route: route.to_owned(),
-        })
     }
 
     pub fn resume(&self, route: &str, outcome: &'static str) {
@@ -289,7 +294,7 @@ mod tests {
         metrics
             .direction("/ws/chat", "upstream_to_client")
             .add(3, 96);
-        metrics.open_gauge("/ws/chat").inc();
+        metrics.for_route("/ws/chat").open.inc();
         let text = metrics.encode();
         assert!(text.contains("wsedge_handshakes_total{route=\"/ws/chat\",status=\"401\",reason=\"token_missing\"} 1"), "{text}");
         assert!(

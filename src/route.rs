@@ -203,9 +203,11 @@ pub struct RouteSettings {
 
 pub struct Route {
     pub settings: RouteSettings,
-    /// A short label for logs: the host (if any) and path.
-    pub label: String,
+    /// A short label for logs and metrics: the host (if any) and path.
+    pub label: Arc<str>,
     next_target: AtomicUsize,
+    /// This route's metric handles, resolved at its first connection.
+    pub metrics: OnceLock<crate::metrics::RouteMetrics>,
 }
 
 impl std::ops::Deref for Route {
@@ -227,8 +229,9 @@ impl Route {
         };
         Self {
             settings,
-            label,
+            label: label.into(),
             next_target: AtomicUsize::new(0),
+            metrics: OnceLock::new(),
         }
     }
 
@@ -446,7 +449,7 @@ mod tests {
             route(PathMatch::Exact("/ws/chat".into()), None),
             route(PathMatch::Prefix("/ws".into()), Some("admin.example.com")),
         ]);
-        let label = |host, path| router.find(host, path).map(|r| r.label.clone());
+        let label = |host, path| router.find(host, path).map(|r| r.label.to_string());
         assert_eq!(label(None, "/ws/chat").as_deref(), Some("/ws/chat"));
         assert_eq!(label(None, "/ws/chat/7").as_deref(), Some("/ws/chat*"));
         assert_eq!(label(None, "/ws/other").as_deref(), Some("/ws*"));

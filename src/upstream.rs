@@ -21,11 +21,11 @@ use crate::io::Io;
 use crate::route::UpstreamTarget;
 
 /// The request the edge sends upstream, shaped by the handshake module.
-pub struct UpstreamRequest {
+pub struct UpstreamRequest<'a> {
     pub path_and_query: String,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: &'a [(HeaderName, HeaderValue)],
     /// The client's offered subprotocols (minus a token entry), comma-joined.
-    pub subprotocols: Option<String>,
+    pub subprotocols: Option<&'a str>,
 }
 
 pub struct UpstreamConnection {
@@ -53,7 +53,7 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 pub async fn connect(
     target: &UpstreamTarget,
-    request: &UpstreamRequest,
+    request: &UpstreamRequest<'_>,
     timeout: Duration,
 ) -> Result<UpstreamConnection, ConnectError> {
     tokio::time::timeout(timeout, connect_inner(target, request))
@@ -63,7 +63,7 @@ pub async fn connect(
 
 async fn connect_inner(
     target: &UpstreamTarget,
-    request: &UpstreamRequest,
+    request: &UpstreamRequest<'_>,
 ) -> Result<UpstreamConnection, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
@@ -152,7 +152,7 @@ async fn connect_inner(
         return Err(ConnectError::BadResponse("wrong Sec-WebSocket-Accept"));
     }
     if let Some(chosen) = &protocol {
-        let offered = request.subprotocols.as_deref().unwrap_or("");
+        let offered = request.subprotocols.unwrap_or("");
         let chosen = chosen.to_str().unwrap_or("");
         if !offered.split(',').any(|p| p.trim() == chosen) {
             return Err(ConnectError::BadResponse(
@@ -169,7 +169,7 @@ async fn connect_inner(
     })
 }
 
-fn request_head(target: &UpstreamTarget, request: &UpstreamRequest, key: &str) -> Vec<u8> {
+fn request_head(target: &UpstreamTarget, request: &UpstreamRequest<'_>, key: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     let mut line = |parts: &[&[u8]]| {
         for part in parts {
@@ -183,10 +183,10 @@ fn request_head(target: &UpstreamTarget, request: &UpstreamRequest, key: &str) -
     line(&[b"Connection: Upgrade"]);
     line(&[b"Sec-WebSocket-Key: ", key.as_bytes()]);
     line(&[b"Sec-WebSocket-Version: 13"]);
-    if let Some(protocols) = &request.subprotocols {
+    if let Some(protocols) = request.subprotocols {
         line(&[b"Sec-WebSocket-Protocol: ", protocols.as_bytes()]);
     }
-    for (name, value) in &request.headers {
+    for (name, value) in request.headers {
         line(&[name.as_str().as_bytes(), b": ", value.as_bytes()]);
     }
     line(&[]);

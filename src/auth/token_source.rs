@@ -95,9 +95,9 @@ fn bearer_from_authorization(headers: &HeaderMap) -> Option<String> {
 
 /// The first value of a query parameter, percent-decoded.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    form_urlencoded::parse(query?.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
+    crate::query::pairs(query?)
+        .find(|pair| pair.key == name)
+        .map(|pair| pair.value().into_owned())
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
