@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -32,7 +34,8 @@ pub async fn run(port: u16, page_port: u16, once: bool) -> anyhow::Result<()> {
         .await
         .context("cannot start the chat core")?;
     let core_addr = core_listener.local_addr()?;
-    tokio::spawn(serve_chat_core(core_listener));
+    let core_connections = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(serve_chat_core(core_listener, core_connections.clone()));
 
     let secret = format!(
         "{}{}",
@@ -63,6 +66,7 @@ auth = "demo"
 allowed_origins = ["http://{page_addr}", "http://localhost:{page_port}"]
 conversation = "query-or-token"
 upstream_query = {{ conversation_id = "{{conversation}}" }}
+resume = {{ window = "30s" }}
 "#,
         page_port = page_addr.port()
     );
@@ -83,7 +87,7 @@ upstream_query = {{ conversation_id = "{{conversation}}" }}
     println!("  chat core  ws://{core_addr}/ws/chat   (trusts x-user-id, streams replies)");
     println!("  page       http://{page_addr}/");
     println!();
-    self_check(edge_addr, &token).await?;
+    self_check(edge_addr, &token, &core_connections).await?;
 
     if once {
         handle.shutdown();
@@ -119,8 +123,13 @@ fn mint(secret: &str, user: &str, tenant: &str, ttl: Duration) -> anyhow::Result
 }
 
 /// Connects like a client would: first without a token, then with one (and a forged
-/// `x-user-id`, which the edge must replace), and prints what the chat core streams back.
-async fn self_check(edge: SocketAddr, token: &str) -> anyhow::Result<()> {
+/// `x-user-id`, which the edge must replace); prints what the chat core streams back, cuts the
+/// connection mid-answer the way a phone in a tunnel does, and resumes.
+async fn self_check(
+    edge: SocketAddr,
+    token: &str,
+    core_connections: &AtomicUsize,
+) -> anyhow::Result<()> {
     let stream = TcpStream::connect(edge).await?;
     match tokio_tungstenite::client_async(format!("ws://{edge}/ws/chat"), stream).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -130,38 +139,29 @@ async fn self_check(edge: SocketAddr, token: &str) -> anyhow::Result<()> {
         Err(error) => bail!("unexpected failure without a token: {error}"),
     }
 
-    let mut request = http::Request::builder()
-        .uri(format!(
-            "ws://{edge}/ws/chat?token={token}&conversation_id=c42"
-        ))
-        .header("x-user-id", "mallory");
-    for (name, value) in [
-        ("Host", edge.to_string()),
-        ("Connection", "Upgrade".into()),
-        ("Upgrade", "websocket".into()),
-        ("Sec-WebSocket-Version", "13".into()),
-        (
-            "Sec-WebSocket-Key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        ),
-    ] {
-        request = request.header(name, value);
-    }
-    let stream = TcpStream::connect(edge).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(request.body(())?, stream)
+    let session = uuid::Uuid::new_v4();
+    let url = format!("ws://{edge}/ws/chat?token={token}&conversation_id=c42&session_id={session}");
+    let mut ws = demo_client(edge, &url, &[("x-user-id", "mallory")])
         .await
         .context("the demo client could not connect through the edge")?;
     println!("with a token:     connected (the client also sent a forged x-user-id: mallory)");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut sent = false;
+    // Upstream messages received on the session: what a client counts to resume.
+    let mut received: u64 = 0;
+    let mut words = Vec::new();
+    let mut cut = false;
     loop {
         let message = tokio::time::timeout_at(deadline, ws.next())
             .await
             .context("the chat core did not answer within 10s")?;
-        let Some(Ok(Message::Text(text))) = message else {
-            bail!("the connection ended before the reply was complete");
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            // The edge's pings (answered by the client library) are not the chat core's.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => bail!("the connection ended before the reply was complete"),
         };
+        received += 1;
         let event: serde_json::Value = serde_json::from_str(&text)?;
         match event["type"].as_str() {
             Some("hello") => {
@@ -175,26 +175,83 @@ async fn self_check(edge: SocketAddr, token: &str) -> anyhow::Result<()> {
                 ws.send(Message::text("hello")).await?;
                 println!("> hello");
                 print!("< ");
-                sent = true;
             }
-            Some("token") if sent => {
+            Some("token") => {
                 use std::io::Write;
-                print!("{}", event["text"].as_str().unwrap_or(""));
+                let word = event["text"].as_str().unwrap_or("").to_owned();
+                print!("{word}");
                 let _ = std::io::stdout().flush();
+                words.push(word);
+                if words.len() == 6 && !cut {
+                    // No close frame: the TCP connection just ends, whatever was in flight lost.
+                    drop(ws);
+                    cut = true;
+                    println!();
+                    println!(
+                        "  [connection cut after {received} messages; the answer goes on streaming]"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let resumed = format!("{url}&last_seq={received}");
+                    ws = demo_client(edge, &resumed, &[])
+                        .await
+                        .context("the demo client could not resume")?;
+                    println!(
+                        "  [reconnected with last_seq={received}: the edge replays what was missed]"
+                    );
+                    print!("< ");
+                }
             }
-            Some("done") if sent => {
+            Some("done") => {
                 println!();
                 break;
             }
             _ => {}
         }
     }
+    let expected = REPLY.replace("{user}", "alice");
+    if words.concat() != expected {
+        bail!(
+            "the reply arrived damaged:\n{}\nexpected:\n{expected}",
+            words.concat()
+        );
+    }
+    println!(
+        "resumed:          every word once, in order; the chat core saw {} connection",
+        core_connections.load(Ordering::SeqCst)
+    );
     let _ = ws.close(None).await;
     Ok(())
 }
 
-async fn serve_chat_core(listener: TcpListener) {
+async fn demo_client(
+    edge: SocketAddr,
+    url: &str,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<TcpStream>> {
+    let mut request = http::Request::builder().uri(url);
+    for (name, value) in [
+        ("Host", edge.to_string()),
+        ("Connection", "Upgrade".into()),
+        ("Upgrade", "websocket".into()),
+        ("Sec-WebSocket-Version", "13".into()),
+        (
+            "Sec-WebSocket-Key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        ),
+    ] {
+        request = request.header(name, value);
+    }
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let stream = TcpStream::connect(edge).await?;
+    let (ws, _) = tokio_tungstenite::client_async(request.body(())?, stream).await?;
+    Ok(ws)
+}
+
+async fn serve_chat_core(listener: TcpListener, connections: Arc<AtomicUsize>) {
     while let Ok((stream, _)) = listener.accept().await {
+        connections.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let _ = chat_session(stream).await;
         });
@@ -299,22 +356,40 @@ const PAGE: &str = r#"<!doctype html>
   // A browser cannot set Authorization on a WebSocket: the token travels as a subprotocol
   // entry, which wsedge takes out before the request reaches the chat core.
   const token = "{{TOKEN}}";
-  const ws = new WebSocket("{{URL}}?conversation_id=browser-demo", ["bearer." + token]);
+  // Resume: name the session, count what arrives, and come back for the rest after a drop.
+  const session = self.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+  let seq = 0;
+  let ws;
   const log = document.getElementById("log");
   const status = document.getElementById("status");
-  ws.onopen = () => { status.textContent = "connected through wsedge"; };
-  ws.onclose = (e) => { status.textContent = "closed: " + e.code + " " + e.reason; };
-  ws.onmessage = (e) => {
-    const event = JSON.parse(e.data);
-    if (event.type === "hello") {
-      const id = event.identity;
-      status.textContent = "the chat core sees user " + id.user + ", tenant " + id.tenant + ", conversation " + id.conversation;
-    } else if (event.type === "token") {
-      log.textContent += event.text;
-    } else if (event.type === "done") {
-      log.textContent += "\n\n";
-    }
-  };
+  function connect(resume) {
+    let url = "{{URL}}?conversation_id=browser-demo&session_id=" + session;
+    if (resume) url += "&last_seq=" + seq;
+    ws = new WebSocket(url, ["bearer." + token]);
+    ws.onopen = () => { status.textContent = resume ? "resumed: nothing missed" : "connected through wsedge"; };
+    ws.onclose = (e) => {
+      status.textContent = "closed: " + e.code + " " + e.reason;
+      // 1006: the connection dropped (network change, sleep). 4001: the token expired; a real
+      // page fetches a fresh one first. 4002 would mean the session is gone: start over.
+      if (e.code === 1006 || e.code === 4001) {
+        status.textContent += " - resuming…";
+        setTimeout(() => connect(true), 1000);
+      }
+    };
+    ws.onmessage = (e) => {
+      seq += 1;
+      const event = JSON.parse(e.data);
+      if (event.type === "hello") {
+        const id = event.identity;
+        status.textContent = "the chat core sees user " + id.user + ", tenant " + id.tenant + ", conversation " + id.conversation;
+      } else if (event.type === "token") {
+        log.textContent += event.text;
+      } else if (event.type === "done") {
+        log.textContent += "\n\n";
+      }
+    };
+  }
+  connect(false);
   document.getElementById("form").onsubmit = (e) => {
     e.preventDefault();
     const text = document.getElementById("text").value;

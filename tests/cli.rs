@@ -735,6 +735,13 @@ fn demo_once_runs_end_to_end_and_exits_0() {
         "the forged identity must not reach the core:\n{}",
         run.stdout
     );
+    // The answer survives the connection cut in the middle of it.
+    assert!(
+        run.stdout
+            .contains("every word once, in order; the chat core saw 1 connection"),
+        "stdout:\n{}",
+        run.stdout
+    );
 }
 
 #[test]
