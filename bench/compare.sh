@@ -5,12 +5,12 @@
 # Prints one JSON line per run into $OUT/results.jsonl and a summary table (medians, min–max,
 # ratios to nginx) at the end. See BENCHMARKS.md for the method and the latest figures.
 #
-#   bench/compare.sh                       # full run (~8 minutes on 2 cores)
+#   bench/compare.sh                       # full run (~14 minutes on 2 cores)
 #   REPS=1 STREAM_MESSAGES=20000 IDLE=1000 bench/compare.sh   # quick look
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 STREAM_CONNECTIONS=${STREAM_CONNECTIONS:-20}
 # 20 × 1,000,000 tokens: a couple of seconds per run, not a few hundred milliseconds.
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000000}
@@ -173,13 +173,18 @@ load() { # mode, target, rep, args…
 }
 
 for rep in $(seq 1 "$REPS"); do
-    for target in "${TARGETS[@]}"; do
+    # Each repetition starts one target later (A B C, B C A, C A B): no target always runs
+    # right after the others have filled the kernel's tables (handshake runs leave tens of
+    # thousands of TIME_WAIT sockets toward the shared upstream for a minute).
+    shift_by=$(( (rep - 1) % ${#TARGETS[@]} ))
+    ORDER=("${TARGETS[@]:shift_by}" "${TARGETS[@]:0:shift_by}")
+    for target in "${ORDER[@]}"; do
         load stream "$target" "$rep" --connections "$STREAM_CONNECTIONS" --messages "$STREAM_MESSAGES" --size "$STREAM_SIZE"
     done
-    for target in "${TARGETS[@]}"; do
+    for target in "${ORDER[@]}"; do
         load rtt "$target" "$rep" --connections "$RTT_CONNECTIONS" --round-trips "$RTT_ROUND_TRIPS"
     done
-    for target in "${TARGETS[@]}"; do
+    for target in "${ORDER[@]}"; do
         load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
     done
     for target in "${PROXIES[@]}"; do
