@@ -31,8 +31,8 @@ use crate::refusal::Refusal;
 use crate::relay::{self, CLOSE_TIMEOUT, Relay, RelayParams, RelayReport, Resumable};
 use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
 use crate::session::{
-    Attach, AttachReceiver, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings,
-    SESSION_PARAM, SessionEntry, SessionKey, valid_session_id,
+    Attach, Delivery, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings, SESSION_PARAM,
+    SessionEntry, SessionKey, close_not_resumable, valid_session_id,
 };
 use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
 
@@ -239,12 +239,8 @@ async fn prepare(
             ));
         }
         SessionPlan::Plain => None,
-        SessionPlan::New {
-            entry,
-            attach,
-            announce,
-        } => Some((
-            Reservation::new(&shared.registry, &shared.tasks, entry, attach),
+        SessionPlan::New { entry, announce } => Some((
+            Reservation::new(&shared.registry, &shared.tasks, entry),
             announce,
         )),
     };
@@ -311,7 +307,7 @@ async fn prepare(
 
     let kept = session.and_then(|(reservation, announce)| Some((reservation.keep()?, announce)));
     let resumable = match (kept, &route.resume) {
-        (Some(((entry, attach), announce)), Some(settings)) => {
+        (Some((entry, announce)), Some(settings)) => {
             let _ = entry.protocol.set(upstream.protocol.clone());
             let mut session_fields = audit_fields.clone();
             if let Some(fields) = session_fields.as_mut() {
@@ -322,7 +318,6 @@ async fn prepare(
                 Box::new(Resumable::new(
                     settings.clone(),
                     entry,
-                    attach,
                     shared.clone(),
                     route.label.to_string(),
                     session_fields,
@@ -384,7 +379,6 @@ enum SessionPlan {
     /// A new session under this id.
     New {
         entry: Arc<SessionEntry>,
-        attach: AttachReceiver,
         announce: Option<String>,
     },
     /// A client coming back to a live session.
@@ -472,13 +466,12 @@ fn plan_session(
             Ok(SessionPlan::Refuse(failed.unwrap_or(NotResumable::InUse)))
         }
         Err(why) => Ok(SessionPlan::Refuse(why)),
-        Ok((entry, attach)) => {
+        Ok(entry) => {
             if let Some(why) = failed {
                 shared.metrics.resume(&route.label, why.label());
             }
             Ok(SessionPlan::New {
                 entry,
-                attach,
                 announce: settings.announce.then(|| {
                     let mut announce = serde_json::json!({
                         "type": "edge.session",
@@ -538,16 +531,23 @@ fn resume(
             token_expires_at,
             request_id,
         };
-        if let Err(returned) = entry.attach.send(Box::new(attach)).await {
+        match entry.deliver(Box::new(attach)) {
+            Delivery::Delivered => {}
+            // Two reconnects raced: this one takes the session, the earlier one is told.
+            Delivery::Replaced(earlier) => {
+                let close = Close::new(relay::codes::SESSION_TAKEN_OVER, "session taken over");
+                close_leg(earlier.leg, Finish::Close(close), CLOSE_TIMEOUT, true).await;
+            }
             // The session ended between the check and now; the registry knows how.
-            let why = shared_in_task
-                .registry
-                .find(&entry.key)
-                .err()
-                .unwrap_or(NotResumable::Expired);
-            shared_in_task.metrics.resume(&route_label, why.label());
-            let close = Close::new(relay::codes::SESSION_NOT_RESUMABLE, why.reason());
-            close_leg(returned.0.leg, Finish::Close(close), CLOSE_TIMEOUT, true).await;
+            Delivery::Ended(returned) => {
+                let why = shared_in_task
+                    .registry
+                    .find(&entry.key)
+                    .err()
+                    .unwrap_or(NotResumable::Expired);
+                shared_in_task.metrics.resume(&route_label, why.label());
+                close_not_resumable(returned.leg, why).await;
+            }
         }
     });
     response
@@ -587,14 +587,7 @@ fn not_resumable(
             return;
         };
         let (io, initial) = Io::from_upgraded(upgraded);
-        let close = Close::new(relay::codes::SESSION_NOT_RESUMABLE, why.reason());
-        close_leg(
-            Leg::client(io, &initial, max_message),
-            Finish::Close(close),
-            CLOSE_TIMEOUT,
-            true,
-        )
-        .await;
+        close_not_resumable(Leg::client(io, &initial, max_message), why).await;
     });
     response
 }

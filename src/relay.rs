@@ -34,7 +34,9 @@ use crate::frame::{Close, Event, FrameError, opcode};
 use crate::io::Io;
 use crate::leg::{Finish, Leg, Ping, close_leg};
 use crate::metrics::DirectionCounters;
-use crate::session::{AttachReceiver, NotResumable, ReplayBuffer, ResumeSettings, SessionEntry};
+use crate::session::{
+    NotResumable, ReplayBuffer, ResumeSettings, SessionEntry, close_not_resumable,
+};
 
 /// Close codes the edge itself sends (PRODUCT.md).
 pub mod codes {
@@ -183,7 +185,6 @@ pub struct Counters {
 pub struct Resumable {
     pub settings: ResumeSettings,
     pub entry: Arc<SessionEntry>,
-    pub attach: AttachReceiver,
     pub shared: Arc<Shared>,
     pub route: String,
     /// Audit fields naming the session's owner (only when an audit log is written).
@@ -204,7 +205,6 @@ impl Resumable {
     pub fn new(
         settings: ResumeSettings,
         entry: Arc<SessionEntry>,
-        attach: AttachReceiver,
         shared: Arc<Shared>,
         route: String,
         audit_fields: Option<Map<String, Value>>,
@@ -212,7 +212,6 @@ impl Resumable {
         Self {
             settings,
             entry,
-            attach,
             shared,
             route,
             audit_fields,
@@ -776,7 +775,7 @@ impl Relay {
             let Some(resume) = self.resume.as_mut() else {
                 return;
             };
-            let Poll::Ready(Some(attach)) = resume.attach.poll_recv(cx) else {
+            let Some(attach) = resume.entry.poll_take(cx) else {
                 return;
             };
             let metrics = &resume.shared.metrics;
@@ -785,12 +784,7 @@ impl Relay {
                 Err(why) => {
                     metrics.resume(&resume.route, why.label());
                     tracing::info!(request_id = %attach.request_id, session = %resume.entry.key.id, reason = why.reason(), "resume refused");
-                    self.tasks.spawn(close_leg(
-                        attach.leg,
-                        close(codes::SESSION_NOT_RESUMABLE, why.reason()),
-                        CLOSE_TIMEOUT,
-                        true,
-                    ));
+                    self.tasks.spawn(close_not_resumable(attach.leg, why));
                     continue;
                 }
             };
@@ -881,15 +875,10 @@ impl Relay {
         };
         if let Some(resume) = self.resume.as_mut() {
             resume.shared.registry.end(&resume.entry, plan.session);
-            // Clients on their way in are told, not dropped with the channel.
-            resume.attach.close();
-            while let Ok(attach) = resume.attach.try_recv() {
-                self.tasks.spawn(close_leg(
-                    attach.leg,
-                    close(codes::SESSION_NOT_RESUMABLE, plan.session.reason()),
-                    CLOSE_TIMEOUT,
-                    true,
-                ));
+            // A client on its way in is told, not dropped.
+            if let Some(waiting) = resume.entry.close() {
+                self.tasks
+                    .spawn(close_not_resumable(waiting.leg, plan.session));
             }
             if resume.detached_since.is_some() {
                 resume.shared.metrics.sessions_detached.dec();

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::task::AtomicWaker;
 use http::HeaderValue;
-use tokio::sync::mpsc;
 
 use crate::leg::Leg;
 
@@ -108,11 +108,6 @@ pub struct SessionKey {
     pub id: String,
 }
 
-/// Boxed through the channel: a channel keeps room for a block of its items from the start,
-/// and every resumable session has one.
-pub type AttachSender = mpsc::Sender<Box<Attach>>;
-pub type AttachReceiver = mpsc::Receiver<Box<Attach>>;
-
 /// A client connection handed to a live session.
 pub struct Attach {
     pub leg: Leg,
@@ -124,19 +119,75 @@ pub struct Attach {
 
 /// What the registry and handshakes know of a live session.
 pub struct SessionEntry {
-    pub key: SessionKey,
+    /// Shared with the registry's map.
+    pub key: Arc<SessionKey>,
     serial: u64,
     pub conversation: Option<String>,
     /// The subprotocol the upstream chose: a resumed client gets the same.
     pub protocol: OnceLock<Option<HeaderValue>>,
-    pub attach: AttachSender,
+    /// A client handed over by a handshake, until the session takes it. One slot and a waker
+    /// rather than a channel: every resumable session carries it, and a channel is several
+    /// times the size.
+    mailbox: Mutex<Mailbox>,
+    waker: AtomicWaker,
     /// The oldest message still kept, and the number of upstream messages so far; kept
     /// current by the session for handshakes to check `last_seq` against.
     first_seq: AtomicU64,
     completed: AtomicU64,
 }
 
+#[derive(Default)]
+struct Mailbox {
+    waiting: Option<Box<Attach>>,
+    /// The session has ended: nothing is taken any more.
+    closed: bool,
+}
+
+/// What became of a client handed to a session.
+pub enum Delivery {
+    /// The session will take it.
+    Delivered,
+    /// The session will take it instead of this one, handed over a moment earlier (two
+    /// reconnects racing: the later one wins, as a takeover would).
+    Replaced(Box<Attach>),
+    /// The session has ended; here is the client back.
+    Ended(Box<Attach>),
+}
+
 impl SessionEntry {
+    fn mailbox(&self) -> std::sync::MutexGuard<'_, Mailbox> {
+        // Every update is a single assignment: a poisoned lock still holds a consistent slot.
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a resuming client to the session.
+    pub fn deliver(&self, attach: Box<Attach>) -> Delivery {
+        let mut mailbox = self.mailbox();
+        if mailbox.closed {
+            return Delivery::Ended(attach);
+        }
+        let replaced = mailbox.waiting.replace(attach);
+        drop(mailbox);
+        self.waker.wake();
+        match replaced {
+            Some(earlier) => Delivery::Replaced(earlier),
+            None => Delivery::Delivered,
+        }
+    }
+
+    /// The session's side: a client handed over, if any (and a wake-up when one comes).
+    pub fn poll_take(&self, cx: &mut std::task::Context<'_>) -> Option<Box<Attach>> {
+        self.waker.register(cx.waker());
+        self.mailbox().waiting.take()
+    }
+
+    /// The session ends: later clients are given back, and one already waiting is returned.
+    pub fn close(&self) -> Option<Box<Attach>> {
+        let mut mailbox = self.mailbox();
+        mailbox.closed = true;
+        mailbox.waiting.take()
+    }
+
     /// Whether a client that has received `last_seq` messages can be given all the rest.
     pub fn check(&self, last_seq: u64) -> Result<(), NotResumable> {
         if last_seq > self.completed.load(Ordering::Relaxed) {
@@ -162,7 +213,7 @@ pub struct Registry {
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<SessionKey, Arc<SessionEntry>>,
+    live: HashMap<Arc<SessionKey>, Arc<SessionEntry>>,
     ended: HashMap<SessionKey, (NotResumable, Instant)>,
     ended_order: VecDeque<(Instant, SessionKey)>,
     serial: u64,
@@ -197,25 +248,26 @@ impl Registry {
         &self,
         key: SessionKey,
         conversation: Option<String>,
-    ) -> Result<(Arc<SessionEntry>, AttachReceiver), NotResumable> {
+    ) -> Result<Arc<SessionEntry>, NotResumable> {
         let mut inner = self.lock();
         if inner.live.contains_key(&key) {
             return Err(NotResumable::InUse);
         }
         inner.serial += 1;
-        let (attach, receiver) = mpsc::channel(1);
+        inner.ended.remove(&key);
+        let key = Arc::new(key);
         let entry = Arc::new(SessionEntry {
             key: key.clone(),
             serial: inner.serial,
             conversation,
             protocol: OnceLock::new(),
-            attach,
+            mailbox: Mutex::default(),
+            waker: AtomicWaker::new(),
             first_seq: AtomicU64::new(1),
             completed: AtomicU64::new(0),
         });
-        inner.ended.remove(&key);
         inner.live.insert(key, entry.clone());
-        Ok((entry, receiver))
+        Ok(entry)
     }
 
     /// The live session under `key`, or why there is none.
@@ -237,12 +289,12 @@ impl Registry {
         let now = Instant::now();
         if inner
             .live
-            .get(&entry.key)
+            .get(&*entry.key)
             .is_some_and(|live| live.serial == entry.serial)
         {
-            inner.live.remove(&entry.key);
-            inner.ended.insert(entry.key.clone(), (why, now));
-            inner.ended_order.push_back((now, entry.key.clone()));
+            inner.live.remove(&*entry.key);
+            inner.ended.insert((*entry.key).clone(), (why, now));
+            inner.ended_order.push_back((now, (*entry.key).clone()));
         }
         inner.forget_old(now);
     }
@@ -252,10 +304,10 @@ impl Registry {
         let mut inner = self.lock();
         if inner
             .live
-            .get(&entry.key)
+            .get(&*entry.key)
             .is_some_and(|live| live.serial == entry.serial)
         {
-            inner.live.remove(&entry.key);
+            inner.live.remove(&*entry.key);
         }
     }
 
@@ -270,7 +322,7 @@ impl Registry {
 pub struct Reservation<'a> {
     registry: &'a Registry,
     tasks: &'a tokio_util::task::TaskTracker,
-    session: Option<(Arc<SessionEntry>, AttachReceiver)>,
+    entry: Option<Arc<SessionEntry>>,
 }
 
 impl<'a> Reservation<'a> {
@@ -278,46 +330,48 @@ impl<'a> Reservation<'a> {
         registry: &'a Registry,
         tasks: &'a tokio_util::task::TaskTracker,
         entry: Arc<SessionEntry>,
-        attach: AttachReceiver,
     ) -> Self {
         Self {
             registry,
             tasks,
-            session: Some((entry, attach)),
+            entry: Some(entry),
         }
     }
 
     pub fn entry(&self) -> Option<&Arc<SessionEntry>> {
-        self.session.as_ref().map(|(entry, _)| entry)
+        self.entry.as_ref()
     }
 
     /// The session starts: it owns its registry entry from now on.
-    pub fn keep(mut self) -> Option<(Arc<SessionEntry>, AttachReceiver)> {
-        self.session.take()
+    pub fn keep(mut self) -> Option<Arc<SessionEntry>> {
+        self.entry.take()
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let Some((entry, mut attach)) = self.session.take() else {
+        let Some(entry) = self.entry.take() else {
             return;
         };
         self.registry.cancel(&entry);
         // A client that tried to resume the session while it was starting is told it is gone.
-        attach.close();
-        while let Ok(waiting) = attach.try_recv() {
-            let close = crate::frame::Close::new(
-                crate::relay::codes::SESSION_NOT_RESUMABLE,
-                NotResumable::Unknown.reason(),
-            );
-            self.tasks.spawn(crate::leg::close_leg(
-                waiting.leg,
-                crate::leg::Finish::Close(close),
-                crate::relay::CLOSE_TIMEOUT,
-                true,
-            ));
+        if let Some(waiting) = entry.close() {
+            self.tasks
+                .spawn(close_not_resumable(waiting.leg, NotResumable::Unknown));
         }
     }
+}
+
+/// Closes a client that cannot have its session with 4002 and the reason.
+pub async fn close_not_resumable(leg: Leg, why: NotResumable) {
+    let close = crate::frame::Close::new(crate::relay::codes::SESSION_NOT_RESUMABLE, why.reason());
+    crate::leg::close_leg(
+        leg,
+        crate::leg::Finish::Close(close),
+        crate::relay::CLOSE_TIMEOUT,
+        true,
+    )
+    .await;
 }
 
 /// The upstream's data frames as passed to the client, from the oldest message the client may
@@ -534,7 +588,7 @@ mod tests {
             user: user.into(),
             id: "s1".into(),
         };
-        let (entry, _rx) = registry.begin(key("alice"), None).unwrap();
+        let entry = registry.begin(key("alice"), None).unwrap();
         assert!(matches!(
             registry.begin(key("alice"), None),
             Err(NotResumable::InUse)
@@ -550,7 +604,7 @@ mod tests {
             Some(NotResumable::Expired)
         );
         // A new session under the id replaces the memory of the old one.
-        let (_again, _rx) = registry.begin(key("alice"), None).unwrap();
+        let _again = registry.begin(key("alice"), None).unwrap();
         assert!(registry.find(&key("alice")).is_ok());
         // The old session's end does not touch the new one.
         registry.end(&entry, NotResumable::Closed);
