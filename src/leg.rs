@@ -21,6 +21,35 @@ use crate::io::Io;
 
 /// The read chunk: one `recv` serves hundreds of token-sized messages.
 const CHUNK: usize = 16 * 1024;
+/// Chunks a worker thread keeps for its connections to reuse (1 MiB): a chat connection
+/// that goes idle after each message would otherwise free its buffers and allocate them
+/// again for the next one (measured: 40 % of the relay's instructions per echoed message).
+const SPARE_CHUNKS: usize = 64;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty chunk, from this thread's spares when it has one.
+fn take_chunk() -> Vec<u8> {
+    SPARE
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(CHUNK))
+}
+
+/// Gives a buffer back: a chunk becomes a spare (while there is room), anything else is freed.
+fn give_back(mut buffer: Vec<u8>) {
+    if buffer.capacity() != CHUNK {
+        return;
+    }
+    buffer.clear();
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_CHUNKS {
+            spare.push(buffer);
+        }
+    });
+}
 
 /// A ping the edge sent and the peer has not answered yet.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +154,9 @@ impl Leg {
             self.input.drain(..self.consumed);
             self.consumed = 0;
         }
-        if self.input.capacity() - self.input.len() < CHUNK / 4 {
+        if self.input.capacity() == 0 {
+            self.input = take_chunk();
+        } else if self.input.capacity() - self.input.len() < CHUNK / 4 {
             self.input.reserve(CHUNK);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input)
@@ -143,6 +174,12 @@ impl Leg {
 
     /// Data passed through from the other peer.
     pub fn push_data(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.out.capacity() == 0 {
+            self.out = take_chunk();
+        }
         self.out.extend_from_slice(bytes);
     }
 
@@ -235,11 +272,18 @@ impl Leg {
     /// Frees buffers that hold nothing: called when the connection goes quiet.
     pub fn release_idle(&mut self) {
         if self.input.is_empty() && self.input.capacity() > 0 {
-            self.input = Vec::new();
+            give_back(std::mem::take(&mut self.input));
         }
         if self.out.is_empty() && self.out.capacity() > 0 {
-            self.out = Vec::new();
+            give_back(std::mem::take(&mut self.out));
         }
+    }
+}
+
+impl Drop for Leg {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.input));
+        give_back(std::mem::take(&mut self.out));
     }
 }
 

@@ -285,7 +285,12 @@ pub struct Relay {
     lifecycle: Lifecycle,
     max_message: usize,
     announce: Option<String>,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown: CancellationToken,
+    /// Registers the task to be woken when `shutdown` is cancelled. Polled once: the
+    /// registration lasts as long as the future is kept, and after that a look at the token
+    /// is enough.
+    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_registered: bool,
     tasks: TaskTracker,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
@@ -328,7 +333,9 @@ impl Relay {
             lifecycle,
             max_message: params.max_message,
             announce: params.announce,
-            shutdown: Box::pin(params.shutdown.cancelled_owned()),
+            shutdown_wait: Box::pin(params.shutdown.clone().cancelled_owned()),
+            shutdown_registered: false,
+            shutdown: params.shutdown,
             tasks: params.tasks,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
@@ -377,24 +384,18 @@ impl Relay {
     }
 
     fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<Plan> {
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        if !self.shutdown_registered {
+            if self.shutdown_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Plan::shutdown());
+            }
+            self.shutdown_registered = true;
+        } else if self.shutdown.is_cancelled() {
             return Poll::Ready(Plan::shutdown());
         }
         self.poll_attach(cx);
         for _ in 0..4 {
             let now = Instant::now();
-            // Deadlines first (they queue pings), and again after the pumps, which may have
-            // started one (a write that blocks) that the timer must be armed for.
-            if let Err(deadline) = self.deadlines(now) {
-                match self.on_deadline(deadline) {
-                    Some(plan) => return Poll::Ready(plan),
-                    None => continue,
-                }
-            }
-            let moved = self
-                .pump_up(cx, now)
-                .and_then(|()| self.pump_down(cx, now))
-                .and_then(|()| self.flush(cx, now));
+            let moved = self.pump_up(cx, now).and_then(|()| self.pump_down(cx, now));
             if let Err((side, end)) = moved {
                 match self.on_end(side, end) {
                     Some(plan) => return Poll::Ready(plan),
@@ -404,6 +405,8 @@ impl Relay {
             if let Some(plan) = self.check_overflow().or_else(|| self.final_close_due()) {
                 return Poll::Ready(plan);
             }
+            // After the pumps: a write they found blocked starts a deadline, and the pings the
+            // deadlines queue go out with the flush below.
             let next = match self.deadlines(now) {
                 Ok(next) => next,
                 Err(deadline) => match self.on_deadline(deadline) {
@@ -411,6 +414,12 @@ impl Relay {
                     None => continue,
                 },
             };
+            if let Err((side, end)) = self.flush(cx, now) {
+                match self.on_end(side, end) {
+                    Some(plan) => return Poll::Ready(plan),
+                    None => continue,
+                }
+            }
             if !self.arm_timer(next, cx) {
                 return Poll::Pending;
             }
@@ -431,12 +440,16 @@ impl Relay {
         if self.timer_at.is_none_or(|at| next < at) {
             self.timer.as_mut().reset(next);
             self.timer_at = Some(next);
+            // A poll registers the task's waker with the timer; it stays registered until
+            // the timer fires, so until then a look at the timer is enough.
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+        } else if !self.timer.is_elapsed() {
+            return false;
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            self.timer_at = None;
-            return true;
-        }
-        false
+        self.timer_at = None;
+        true
     }
 
     /// Client → upstream.
