@@ -1362,6 +1362,66 @@ auth = "main"
     }
 
     #[test]
+    fn resume_settings_are_checked_where_they_are() {
+        let config = load(&minimal(r#"resume = { window = "30s" }"#)).unwrap();
+        let route = &config.router.routes()[0];
+        let resume = route.resume.as_ref().unwrap();
+        assert_eq!(
+            (
+                resume.window,
+                resume.max_messages,
+                resume.max_bytes,
+                resume.announce
+            ),
+            (Duration::from_secs(30), 1000, 4 << 20, false)
+        );
+        for (value, at, mentions) in [
+            (
+                r#"resume = { window = "2h" }"#,
+                "proxy.toml:14:21",
+                "resume.window",
+            ),
+            (
+                r#"resume = { window = "30s", max_messages = 0 }"#,
+                "proxy.toml:14:43",
+                "resume.max_messages",
+            ),
+            (
+                r#"resume = { window = "30s", max_bytes = "1GiB1" }"#,
+                "proxy.toml:14:40",
+                "invalid size",
+            ),
+            (
+                r#"resume = { window = "30s", max_bytes = "100B" }"#,
+                "proxy.toml:14:40",
+                "resume.max_bytes",
+            ),
+            (
+                r#"resume = { window = "30s", replay = true }"#,
+                "proxy.toml:14:",
+                "unknown field",
+            ),
+        ] {
+            let error = first_error(&minimal(value));
+            assert!(
+                error.starts_with(at) && error.contains(mentions),
+                "{value}: {error}"
+            );
+        }
+        let open =
+            minimal(r#"resume = { window = "30s" }"#).replace("auth = \"main\"", "auth = \"none\"");
+        let config = load(&open).unwrap();
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("anyone who knows a session_id")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
     fn short_hmac_secrets_are_refused() {
         let text = minimal("").replace(SECRET, "short");
         assert!(first_error(&text).contains("at least 32"));

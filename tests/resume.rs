@@ -666,3 +666,26 @@ async fn a_refused_handshake_does_not_keep_its_session_id() {
     let mut second = RawClient::connect(edge.addr, &path(&token, "two", None), &[]).await;
     assert_eq!(upstream_connection(&mut second).await, "conn 2");
 }
+
+#[tokio::test]
+async fn a_drain_ends_detached_sessions_too() {
+    let (mut upstream, edge) = setup(RESUME).await;
+    let mut client =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "away", None), &[]).await;
+    upstream.next_request().await;
+    assert_eq!(upstream_connection(&mut client).await, "conn 1");
+    client.vanish();
+    detached(&edge, 1.0).await;
+    let started = std::time::Instant::now();
+    edge.handle.shutdown();
+    assert_eq!(
+        upstream.next_close().await,
+        Some((1001, "edge shutting down".to_owned()))
+    );
+    edge.wait_idle().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a detached session held the drain for {:?}",
+        started.elapsed()
+    );
+}
