@@ -292,30 +292,35 @@ pub fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Appends a frame with `payload` to `out`; masked with a fresh key when `masked` (frames the
-/// edge sends upstream, as a client).
-pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], masked: bool) {
-    out.push(0x80 | opcode);
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        len @ 0..=125 => out.push(mask_bit | len as u8),
-        len @ 126..=0xffff => {
+/// Appends a frame header: `first` is the FIN bit and opcode, `len` the payload's length.
+fn write_header(out: &mut Vec<u8>, first: u8, len: usize, mask: Option<[u8; 4]>) {
+    out.push(first);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match len {
+        0..=125 => out.push(mask_bit | len as u8),
+        126..=0xffff => {
             out.push(mask_bit | 126);
             out.extend_from_slice(&(len as u16).to_be_bytes());
         }
-        len => {
+        _ => {
             out.push(mask_bit | 127);
             out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    if masked {
-        let key = mask_key();
+    if let Some(key) = mask {
         out.extend_from_slice(&key);
-        let start = out.len();
-        out.extend_from_slice(payload);
+    }
+}
+
+/// Appends a final frame with `payload` to `out`; masked with a fresh key when `masked`
+/// (frames the edge sends upstream, as a client).
+pub fn write_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], masked: bool) {
+    let mask = masked.then(mask_key);
+    write_header(out, 0x80 | opcode, payload.len(), mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
         apply_mask(&mut out[start..], key, 0);
-    } else {
-        out.extend_from_slice(payload);
     }
 }
 
@@ -574,26 +579,17 @@ mod tests {
     use super::*;
 
     fn frame(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | op];
-        let bit = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n @ 0..=125 => out.push(bit | n as u8),
-            n @ 126..=0xffff => {
-                out.push(bit | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(bit | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
+        let mut out = Vec::new();
+        write_header(
+            &mut out,
+            if fin { 0x80 } else { 0 } | op,
+            payload.len(),
+            mask,
+        );
         let start = out.len();
+        out.extend_from_slice(payload);
         if let Some(key) = mask {
-            out.extend_from_slice(&key);
-            out.extend_from_slice(payload);
-            apply_mask(&mut out[start + 4..], key, 0);
-        } else {
-            out.extend_from_slice(payload);
+            apply_mask(&mut out[start..], key, 0);
         }
         out
     }

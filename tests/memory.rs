@@ -22,6 +22,12 @@ fn config(upstream: &str, route_extra: &str) -> String {
     process_config(upstream, "", &route)
 }
 
+/// A raw client of alice's on the edge's chat route; `query` is appended to the token.
+async fn alice(edge: &EdgeProcess, query: &str) -> RawClient {
+    let path = format!("/ws/chat?token={}{query}", token_for("alice"));
+    RawClient::connect(edge.addr(), &path, &[]).await
+}
+
 /// Waits until a writer's byte counter has not moved for a whole second (its writes are
 /// blocked by backpressure) and returns the count; fails if it never stops within a minute.
 async fn stalled(counter: &AtomicU64, writer: &str) -> u64 {
@@ -50,12 +56,7 @@ async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
     let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat"), ""), &[]).await;
     let baseline = edge.memory_kib("VmRSS");
 
-    let mut client = RawClient::connect(
-        edge.addr(),
-        &format!("/ws/chat?token={}", token_for("alice")),
-        &[],
-    )
-    .await;
+    let mut client = alice(&edge, "").await;
     client.send_text(&format!("flood {MESSAGES} {SIZE}")).await;
 
     // Wait until the upstream's writes stall: no progress for a whole second.
@@ -102,12 +103,7 @@ async fn a_frozen_upstream_holds_the_edge_to_a_bounded_memory_too() {
     let text = config(&upstream.url("/ws/chat"), "message_rate = \"off\"");
     let edge = EdgeProcess::start(&text, &[]).await;
     let baseline = edge.memory_kib("VmRSS");
-    let mut client = RawClient::connect(
-        edge.addr(),
-        &format!("/ws/chat?token={}", token_for("alice")),
-        &[],
-    )
-    .await;
+    let mut client = alice(&edge, "").await;
     client.send_text("freeze").await;
     // The client pushes 100 MiB at an upstream that reads nothing; its writes must stall.
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -142,12 +138,7 @@ async fn a_detached_session_holds_no_more_than_its_resume_bounds() {
     );
     let edge = EdgeProcess::start(&text, &[]).await;
     let baseline = edge.memory_kib("VmRSS");
-    let mut client = RawClient::connect(
-        edge.addr(),
-        &format!("/ws/chat?token={}&session_id=big", token_for("alice")),
-        &[],
-    )
-    .await;
+    let mut client = alice(&edge, "&session_id=big").await;
     upstream.next_request().await;
     client.send_text(&format!("flood {MESSAGES} {SIZE}")).await;
     // Gone without a word: the session keeps reading the upstream for a resume, until what it
@@ -169,12 +160,7 @@ async fn a_client_that_pings_and_reads_nothing_is_stopped_too() {
     let upstream = Upstream::start().await;
     let edge = EdgeProcess::start(&config(&upstream.url("/ws/chat"), ""), &[]).await;
     let baseline = edge.memory_kib("VmRSS");
-    let mut client = RawClient::connect(
-        edge.addr(),
-        &format!("/ws/chat?token={}", token_for("alice")),
-        &[],
-    )
-    .await;
+    let mut client = alice(&edge, "").await;
     // Every ping is answered; a client that never reads its pongs must stop being read.
     let mut writer = client.take_writer();
     let sent = std::sync::Arc::new(AtomicU64::new(0));
