@@ -15,6 +15,7 @@ pub mod io;
 pub mod leg;
 pub mod limits;
 pub mod metrics;
+pub mod pump;
 pub mod query;
 pub mod refusal;
 pub mod relay;

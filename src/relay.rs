@@ -30,10 +30,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
-use crate::frame::{Close, Event, FrameError, opcode};
+use crate::frame::{Close, opcode};
 use crate::io::Io;
 use crate::leg::{Finish, Leg, Ping, close_leg};
 use crate::metrics::DirectionCounters;
+use crate::pump::{End, Outcome, Pump, TokenBucket, held_limit};
 use crate::session::{
     NotResumable, ReplayBuffer, ResumeSettings, SessionEntry, close_not_resumable,
 };
@@ -58,11 +59,6 @@ const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// With heartbeats off, a side whose writes stay blocked this long (plus `pong_timeout`) is
 /// still closed: turning pings off must not let a stalled reader hold its slots forever.
 const STALL_WINDOW_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(30);
-/// Unwritten bytes at which a destination stops its source from being read.
-const OUT_HIGH: usize = 64 * 1024;
-/// Reads per direction in one poll before the task yields, so that one busy connection
-/// cannot starve the others on its worker.
-const READS_PER_POLL: usize = 16;
 
 /// A token bucket: `per_second` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -123,21 +119,6 @@ impl Side {
             Side::Upstream => "upstream",
         }
     }
-}
-
-/// Why a direction stopped.
-#[derive(Debug)]
-enum End {
-    /// The source sent a close frame (passed on to the other side).
-    Closed(Close),
-    /// The source's connection went away without a close frame.
-    Lost,
-    /// The source broke the protocol or the size limit.
-    Violation(FrameError),
-    /// Writing to the destination failed: the destination is gone.
-    DestinationLost,
-    /// The client sent faster than `message_rate`.
-    RateLimited,
 }
 
 /// What the deadlines decided.
@@ -977,260 +958,6 @@ impl Next {
     fn later(&mut self, at: Instant) {
         self.at = Some(self.at.map_or(at, |next| next.min(at)));
     }
-}
-
-/// What one pass of a pump found besides the data it moved.
-#[derive(Default)]
-struct Outcome {
-    data: bool,
-    /// The payloads of the pings read, each to be answered.
-    pings: Vec<Vec<u8>>,
-    /// A pong answered the outstanding ping.
-    pong: bool,
-    end: Option<End>,
-}
-
-/// One direction for one poll: parse what the source sent, pass data frames on, write.
-struct Pump<'a> {
-    source: &'a mut Leg,
-    /// `None` while a resumable session's client is away.
-    dest: Option<&'a mut Leg>,
-    bucket: Option<&'a mut TokenBucket>,
-    /// Only whole messages reach the destination.
-    atomic: bool,
-    /// The most a whole-message destination may hold of one unfinished message.
-    held_limit: usize,
-    replay: Option<&'a mut ReplayBuffer>,
-    /// Stop reading while the replay buffer holds this many (messages, bytes).
-    replay_cap: Option<(usize, usize)>,
-    traffic: &'a mut Traffic,
-    counters: &'a DirectionCounters,
-}
-
-impl Pump<'_> {
-    fn run(mut self, cx: &mut Context<'_>, now: Instant) -> Outcome {
-        let mut outcome = Outcome::default();
-        let mut reads = 0;
-        loop {
-            if let Err(end) = self.parse(&mut outcome) {
-                outcome.end = Some(end);
-                return outcome;
-            }
-            if let Some(dest) = self.dest.as_deref_mut()
-                && dest.has_output()
-            {
-                match dest.poll_drain(cx) {
-                    Poll::Ready(Ok(())) => dest.write_blocked_since = None,
-                    Poll::Ready(Err(_)) => {
-                        outcome.end = Some(End::DestinationLost);
-                        return outcome;
-                    }
-                    Poll::Pending => {
-                        dest.write_blocked_since.get_or_insert(now);
-                        if dest.pending_out() >= OUT_HIGH {
-                            return outcome;
-                        }
-                    }
-                }
-            }
-            if let (Some(replay), Some((messages, bytes))) = (&self.replay, self.replay_cap)
-                && (replay.messages() >= messages || replay.bytes() >= bytes)
-                && !self.source.reader.mid_message()
-            {
-                // Full of what the client has not confirmed: its pong will make room. (A
-                // message is finished first: only whole messages can be let go.)
-                return outcome;
-            }
-            // The edge's own frames to the source (pongs): one that sends pings and reads
-            // nothing is not read any further until it takes its answers.
-            if self.source.has_output()
-                && let Poll::Ready(Err(_)) = self.source.poll_drain(cx)
-            {
-                outcome.end = Some(End::Lost);
-                return outcome;
-            }
-            if self.source.pending_out() >= OUT_HIGH {
-                return outcome;
-            }
-            if reads == READS_PER_POLL {
-                cx.waker().wake_by_ref();
-                return outcome;
-            }
-            match self.source.poll_fill(cx) {
-                Poll::Pending => {
-                    self.source.release_idle();
-                    return outcome;
-                }
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    self.source.gone = true;
-                    outcome.end = Some(End::Lost);
-                    return outcome;
-                }
-                Poll::Ready(Ok(_)) => reads += 1,
-            }
-        }
-    }
-
-    /// Consumes every whole frame (and any data frame's available bytes) read so far.
-    fn parse(&mut self, outcome: &mut Outcome) -> Result<(), End> {
-        let expected_pong = self.source.ping.map(|ping| ping.payload.to_be_bytes());
-        let (input, reader) = self.source.parse_parts();
-        let mut at = 0;
-        // Data bytes not yet copied to the destination: copied in one piece when possible.
-        let mut run_start = 0;
-        let mut messages = 0;
-        let mut payload_bytes = 0;
-        let mut result = Ok(());
-        // Runs of whole single-frame messages pass in one step when nothing needs to see
-        // each message (rate limit, replay buffer, whole-message holding).
-        let skim = self.bucket.is_none() && self.replay.is_none() && !self.atomic;
-        while at < input.len() {
-            if skim {
-                match reader.skim(&input[at..]) {
-                    Ok((len, skimmed, payload)) => {
-                        at += len;
-                        messages += skimmed;
-                        payload_bytes += payload;
-                    }
-                    Err(error) => {
-                        result = Err(End::Violation(error));
-                        break;
-                    }
-                }
-                if at == input.len() {
-                    break;
-                }
-            }
-            match reader.next(&input[at..]) {
-                Err(error) => {
-                    result = Err(End::Violation(error));
-                    break;
-                }
-                Ok(Event::NeedMore) => break,
-                Ok(Event::Data {
-                    len,
-                    payload,
-                    message_start,
-                    frame_end,
-                    message_end,
-                }) => {
-                    if message_start
-                        && let Some(bucket) = self.bucket.as_deref_mut()
-                        && !bucket.allow()
-                    {
-                        result = Err(End::RateLimited);
-                        break;
-                    }
-                    let bytes = &input[at..at + len];
-                    if let Some(replay) = self.replay.as_deref_mut() {
-                        replay.push(bytes);
-                        if message_end {
-                            replay.message_ended();
-                        }
-                    }
-                    messages += u64::from(message_end);
-                    payload_bytes += payload as u64;
-                    if self.atomic && !(message_start && message_end) {
-                        if let Some(dest) = self.dest.as_deref_mut() {
-                            dest.push_data(&input[run_start..at]);
-                            // Frame headers count too: endless empty fragments must not
-                            // grow what is held.
-                            if dest.hold(bytes) > self.held_limit {
-                                result = Err(End::Violation(FrameError {
-                                    code: 1009,
-                                    reason: "message too big",
-                                }));
-                                run_start = at;
-                                break;
-                            }
-                            if message_end {
-                                dest.release_held();
-                            }
-                        }
-                        at += len;
-                        run_start = at;
-                        continue;
-                    }
-                    at += len;
-                    if frame_end
-                        && let Some(dest) = self.dest.as_deref_mut()
-                        && dest.has_deferred()
-                    {
-                        dest.push_data(&input[run_start..at]);
-                        run_start = at;
-                        dest.set_mid_frame(false);
-                    }
-                }
-                Ok(Event::Control { len, frame }) => {
-                    if let Some(dest) = self.dest.as_deref_mut() {
-                        dest.push_data(&input[run_start..at]);
-                    }
-                    at += len;
-                    run_start = at;
-                    match frame.opcode {
-                        opcode::PING => outcome.pings.push(frame.payload().to_vec()),
-                        opcode::PONG => {
-                            if expected_pong.is_some_and(|p| p[..] == *frame.payload()) {
-                                outcome.pong = true;
-                            }
-                        }
-                        _ => {
-                            result = Close::parse(frame.payload())
-                                .map_err(End::Violation)
-                                .and_then(|close| Err(End::Closed(close)));
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(dest) = self.dest.as_deref_mut() {
-            dest.push_data(&input[run_start..at]);
-            dest.set_mid_frame(!self.atomic && reader.mid_frame());
-        }
-        self.source.consume(at);
-        if payload_bytes > 0 || messages > 0 {
-            outcome.data = true;
-            self.traffic.messages += messages;
-            self.traffic.bytes += payload_bytes;
-            self.counters.add(messages, payload_bytes);
-        }
-        result
-    }
-}
-
-struct TokenBucket {
-    limit: RateLimit,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(limit: RateLimit) -> Self {
-        Self {
-            limit,
-            tokens: f64::from(limit.burst),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.limit.per_second;
-        self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// A message's payload plus its frame headers, at a generous number of fragments.
-fn held_limit(max_message: usize) -> usize {
-    max_message * 2 + 4096
 }
 
 fn close(code: u16, reason: &'static str) -> Finish {
