@@ -5,7 +5,7 @@
 //! One task owns both sockets of a connection and moves frames between them without decoding
 //! them into messages (`frame.rs` reads what the edge must know as the bytes pass). Per
 //! direction the edge holds what one read brought and what the destination has not taken yet;
-//! once the destination holds [`OUT_HIGH`] unwritten, the pump stops reading its source and TCP
+//! once the destination holds 64 KiB unwritten, the pump stops reading its source and TCP
 //! pushes back on the sender. No queue grows with what a peer does.
 //!
 //! Pings and pongs are per hop: each side's pings are answered by the edge and never forwarded
