@@ -55,9 +55,13 @@ fn give_back(mut buffer: Vec<u8>) {
 #[derive(Debug, Clone, Copy)]
 pub struct Ping {
     pub payload: u64,
-    /// When it went out; `None` while it waits behind a frame passing through, since the peer
-    /// cannot answer what it has not been sent.
+    /// When its last byte was written to the socket; `None` while it waits behind what is
+    /// queued before it, since the peer cannot answer what it has not been sent (a slow link
+    /// may take seconds to take a long stream's backlog).
     pub sent: Option<Instant>,
+    /// Where it ends in the stream of bytes written to this peer; `None` while it waits
+    /// behind a frame passing through, before it is queued.
+    ends_at: Option<u64>,
 }
 
 pub struct Leg {
@@ -69,6 +73,8 @@ pub struct Leg {
     /// Bytes to write to this peer; those before `written` are written.
     out: Vec<u8>,
     written: usize,
+    /// Bytes written to this peer since the connection began.
+    total_written: u64,
     /// The edge's own control frames, waiting until `out` ends at a frame boundary.
     deferred: Vec<u8>,
     /// The data written to `out` so far ends inside a frame passed through from the other peer.
@@ -83,8 +89,13 @@ pub struct Leg {
     pub ping: Option<Ping>,
     /// Bytes were written since the last flush (TLS keeps them until flushed).
     needs_flush: bool,
-    /// Since when a write to this peer has been waiting for it to read.
+    /// Since when writes to this peer have made no progress: it has taken no byte since. A
+    /// slow reader that keeps taking some is not blocked (like nginx's `send_timeout`).
     pub write_blocked_since: Option<Instant>,
+    /// When the peer last took bytes written to it.
+    pub took_bytes_at: Option<Instant>,
+    /// When the edge last read bytes the peer sent.
+    pub gave_bytes_at: Option<Instant>,
     /// The peer's socket has ended (read EOF or error).
     pub gone: bool,
 }
@@ -118,6 +129,7 @@ impl Leg {
             reader,
             out: Vec::new(),
             written: 0,
+            total_written: 0,
             deferred: Vec::new(),
             out_mid_frame: false,
             held: Vec::new(),
@@ -125,6 +137,8 @@ impl Leg {
             ping: None,
             needs_flush: false,
             write_blocked_since: None,
+            took_bytes_at: None,
+            gave_bytes_at: None,
             gone: false,
         }
     }
@@ -190,8 +204,9 @@ impl Leg {
         if !mid_frame && !self.deferred.is_empty() {
             self.out.extend_from_slice(&self.deferred);
             self.deferred = Vec::new();
+            let queued_end = self.queued_end();
             if let Some(ping) = self.ping.as_mut() {
-                ping.sent.get_or_insert_with(Instant::now);
+                ping.ends_at.get_or_insert(queued_end);
             }
         }
     }
@@ -228,12 +243,18 @@ impl Leg {
         frame::write_frame(target, opcode, payload, self.masked);
     }
 
+    /// Where the bytes queued in `out` end, in the stream written to this peer.
+    fn queued_end(&self) -> u64 {
+        self.total_written + (self.out.len() - self.written) as u64
+    }
+
     /// Queues a ping carrying `payload`, and remembers it until the matching pong.
-    pub fn send_ping(&mut self, payload: u64, now: Instant) {
+    pub fn send_ping(&mut self, payload: u64) {
         self.send_frame(frame::opcode::PING, &payload.to_be_bytes());
         self.ping = Some(Ping {
             payload,
-            sent: (!self.out_mid_frame).then_some(now),
+            sent: None,
+            ends_at: (!self.out_mid_frame).then(|| self.queued_end()),
         });
     }
 
@@ -246,6 +267,31 @@ impl Leg {
         true
     }
 
+    /// Writes everything queued, and keeps the clocks of a relayed peer: since when it has
+    /// taken nothing, and when the edge's ping reached it. `Pending` while it is not reading.
+    pub fn poll_write_out(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
+        let before = self.total_written;
+        let result = self.poll_drain(cx);
+        if self.total_written > before {
+            self.took_bytes_at = Some(now);
+            if let Some(ping) = self.ping.as_mut()
+                && ping.sent.is_none()
+                && ping.ends_at.is_some_and(|end| self.total_written >= end)
+            {
+                ping.sent = Some(now);
+            }
+        }
+        match result {
+            Poll::Ready(Ok(())) => self.write_blocked_since = None,
+            Poll::Pending if self.total_written > before => self.write_blocked_since = Some(now),
+            Poll::Pending => {
+                self.write_blocked_since.get_or_insert(now);
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+        result
+    }
+
     /// Writes everything queued. `Pending` while the peer is not reading.
     pub fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.out.len() {
@@ -254,6 +300,7 @@ impl Leg {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
+            self.total_written += n as u64;
             self.needs_flush = true;
         }
         if !self.out.is_empty() {
@@ -382,14 +429,65 @@ mod tests {
         // Half a frame has been passed on: the ping must wait, and its clock with it.
         leg.push_data(&[0x82, 10, 1, 2, 3]);
         leg.set_mid_frame(true);
-        leg.send_ping(7, Instant::now());
+        leg.send_ping(7);
         assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
         assert_eq!(leg.pending_out(), 5 + 10, "the ping counts as output");
         leg.push_data(&[4, 5, 6, 7, 8, 9, 10]);
         leg.set_mid_frame(false);
-        assert!(leg.ping.is_some_and(|ping| ping.sent.is_some()));
         // The ping follows the frame's last byte.
         assert_eq!(&leg.out[12..], &[0x89, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
+        // Queued is not sent: the clock starts when the socket has taken the ping.
+        assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
+        let now = Instant::now();
+        poll_fn(|cx| leg.poll_write_out(cx, now)).await.unwrap();
+        assert!(leg.ping.is_some_and(|ping| ping.sent == Some(now)));
+    }
+
+    #[tokio::test]
+    async fn a_ping_behind_a_backlog_is_timed_from_when_the_backlog_has_gone() {
+        let (mut leg, mut peer) = leg_pair().await;
+        // More than the socket buffers take: the peer has to read before the ping goes out.
+        let backlog = vec![0u8; 8 << 20];
+        leg.push_data(&backlog);
+        leg.send_ping(9);
+        let start = Instant::now();
+        let blocked = poll_fn(|cx| Poll::Ready(leg.poll_write_out(cx, start))).await;
+        assert!(
+            blocked.is_pending(),
+            "8 MiB should not fit the socket buffers"
+        );
+        assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
+        let blocked_since = leg.write_blocked_since.expect("blocked");
+        // The peer takes some: writes make progress, so the peer is no longer "blocked" since
+        // the first write that waited.
+        let mut chunk = vec![0u8; 1 << 20];
+        use tokio::io::AsyncReadExt;
+        peer.read_exact(&mut chunk).await.unwrap();
+        let later = start + Duration::from_secs(1);
+        let progressed = tokio::time::timeout(Duration::from_secs(10), async {
+            // Until the runtime has seen the socket become writable again.
+            while leg.write_blocked_since == Some(blocked_since) {
+                let _ = poll_fn(|cx| Poll::Ready(leg.poll_write_out(cx, later))).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(
+            progressed.is_ok(),
+            "the peer read 1 MiB and nothing more was written"
+        );
+        assert_eq!(leg.write_blocked_since, Some(later));
+        // Everything read: the ping is written, and timed from then.
+        let reader = tokio::spawn(async move {
+            let mut rest = vec![0u8; (8 << 20) + 10 - (1 << 20)];
+            peer.read_exact(&mut rest).await.unwrap();
+            rest[rest.len() - 10..].to_vec()
+        });
+        let end = start + Duration::from_secs(2);
+        poll_fn(|cx| leg.poll_write_out(cx, end)).await.unwrap();
+        assert_eq!(reader.await.unwrap(), [0x89, 8, 0, 0, 0, 0, 0, 0, 0, 9]);
+        assert!(leg.ping.is_some_and(|ping| ping.sent == Some(end)));
+        assert_eq!(leg.write_blocked_since, None);
     }
 
     #[tokio::test]

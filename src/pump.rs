@@ -14,6 +14,11 @@ use crate::session::ReplayBuffer;
 
 /// Unwritten bytes at which a destination stops its source from being read.
 const OUT_HIGH: usize = 64 * 1024;
+/// Unwritten bytes at which a source is not read any further: what the other direction has
+/// queued for it (about `OUT_HIGH` at most) plus the edge's answers to its pings. A peer that
+/// sends pings and reads nothing is stopped there; a slow reader is still read, or its pongs
+/// could not be seen.
+const SOURCE_OUT_HIGH: usize = 2 * OUT_HIGH;
 /// Reads per direction in one poll before the task yields, so that one busy connection
 /// cannot starve the others on its worker.
 const READS_PER_POLL: usize = 16;
@@ -73,14 +78,13 @@ impl Pump<'_> {
             if let Some(dest) = self.dest.as_deref_mut()
                 && dest.has_output()
             {
-                match dest.poll_drain(cx) {
-                    Poll::Ready(Ok(())) => dest.write_blocked_since = None,
+                match dest.poll_write_out(cx, now) {
+                    Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(_)) => {
                         outcome.end = Some(End::DestinationLost);
                         return outcome;
                     }
                     Poll::Pending => {
-                        dest.write_blocked_since.get_or_insert(now);
                         if dest.pending_out() >= OUT_HIGH {
                             return outcome;
                         }
@@ -98,12 +102,12 @@ impl Pump<'_> {
             // The edge's own frames to the source (pongs): one that sends pings and reads
             // nothing is not read any further until it takes its answers.
             if self.source.has_output()
-                && let Poll::Ready(Err(_)) = self.source.poll_drain(cx)
+                && let Poll::Ready(Err(_)) = self.source.poll_write_out(cx, now)
             {
                 outcome.end = Some(End::Lost);
                 return outcome;
             }
-            if self.source.pending_out() >= OUT_HIGH {
+            if self.source.pending_out() >= SOURCE_OUT_HIGH {
                 return outcome;
             }
             if reads == READS_PER_POLL {
@@ -120,7 +124,10 @@ impl Pump<'_> {
                     outcome.end = Some(End::Lost);
                     return outcome;
                 }
-                Poll::Ready(Ok(_)) => reads += 1,
+                Poll::Ready(Ok(_)) => {
+                    self.source.gave_bytes_at = Some(now);
+                    reads += 1;
+                }
             }
         }
     }

@@ -497,7 +497,7 @@ impl Relay {
                 && client.ping.is_none()
                 && resume.replay.bytes() > 0
             {
-                client.send_ping(resume.replay.end(), now);
+                client.send_ping(resume.replay.end());
             }
         }
         result
@@ -547,19 +547,13 @@ impl Relay {
             if !leg.has_output() {
                 continue;
             }
-            match leg.poll_drain(cx) {
-                Poll::Ready(Ok(())) => leg.write_blocked_since = None,
-                Poll::Ready(Err(_)) => {
-                    // Writing to this side failed: for the relay, the other side's destination.
-                    let source = match side {
-                        Side::Client => Side::Upstream,
-                        Side::Upstream => Side::Client,
-                    };
-                    return Err((source, End::DestinationLost));
-                }
-                Poll::Pending => {
-                    leg.write_blocked_since.get_or_insert(now);
-                }
+            if let Poll::Ready(Err(_)) = leg.poll_write_out(cx, now) {
+                // Writing to this side failed: for the relay, the other side's destination.
+                let source = match side {
+                    Side::Client => Side::Upstream,
+                    Side::Upstream => Side::Client,
+                };
+                return Err((source, End::DestinationLost));
             }
         }
         Ok(())
@@ -599,12 +593,20 @@ impl Relay {
             // While writes to the other side are blocked this side may not be read, so its
             // pong cannot be seen: judging it would blame the wrong peer.
             let other_blocked = other.is_some_and(|o| o.write_blocked_since.is_some());
+            // A pong comes after everything either way that was queued before it: a peer
+            // still taking or sending that (a slow link, deep buffers, a destination that
+            // lets the edge read it only in bursts) is alive, and the clock runs from its
+            // last progress. Like a proxy's read and send timeouts, it judges silence.
             if !other_blocked
                 && let Some(Ping {
                     sent: Some(sent), ..
                 }) = leg.ping
             {
-                next.due(sent + pong_timeout, Deadline::Unresponsive(side))?;
+                let since = [leg.took_bytes_at, leg.gave_bytes_at]
+                    .into_iter()
+                    .flatten()
+                    .fold(sent, Instant::max);
+                next.due(since + pong_timeout, Deadline::Unresponsive(side))?;
             }
             // A side that reads nothing would have had a ping within the interval and the
             // pong timeout to answer it.
@@ -627,12 +629,12 @@ impl Relay {
                 if let Some(client) = self.client.as_mut()
                     && client.ping.is_none()
                 {
-                    client.send_ping(client_payload, now);
+                    client.send_ping(client_payload);
                 }
                 if let Some(upstream) = self.upstream.as_mut()
                     && upstream.ping.is_none()
                 {
-                    upstream.send_ping(serial, now);
+                    upstream.send_ping(serial);
                 }
                 self.next_ping = Some(now + interval);
             }
@@ -679,7 +681,15 @@ impl Relay {
                     return None;
                 }
                 (Side::Upstream, _) if self.client.is_none() => {
-                    self.upstream_ended_while_detached(end);
+                    self.upstream_ended(end);
+                    return None;
+                }
+                // The client may not have the last messages yet, though they left the edge:
+                // its link can be dead without a sign. The close is passed on once it has
+                // confirmed them, and a client lost before that comes back for the rest.
+                (Side::Upstream, End::Closed(_)) => {
+                    self.upstream_ended(end);
+                    self.final_close = self.resume.as_mut()?.upstream_final.take();
                     return None;
                 }
                 _ => {}
@@ -688,22 +698,40 @@ impl Relay {
         Some(plan_for_end(side, end))
     }
 
+    /// Takes the session's client out, undoing what it was in the middle of, so that the next
+    /// client of the session (after a detach, or taking over) starts clean.
+    fn let_client_go(
+        client: &mut Option<Leg>,
+        upstream: &mut Option<Leg>,
+        final_close: &mut Option<Close>,
+        resume: &mut Resumable,
+    ) -> Option<Leg> {
+        // A client that leaves in the middle of its replay leaves the rest, and the upstream's
+        // close after it, to the next one.
+        if let Some(close) = final_close.take() {
+            resume.upstream_final = Some(close);
+        }
+        // Half a client message never reaches the upstream: the next client's frames would
+        // be read as its rest.
+        if let Some(upstream) = upstream.as_mut() {
+            upstream.drop_held();
+            upstream.write_blocked_since = None;
+        }
+        client.take()
+    }
+
     /// The client left without ending its session: keep the upstream for the window.
     fn detach(&mut self, finish: Finish, wait: Duration, why: &'static str) {
         let Some(resume) = self.resume.as_mut() else {
             return;
         };
-        if let Some(leg) = self.client.take() {
+        if let Some(leg) = Self::let_client_go(
+            &mut self.client,
+            &mut self.upstream,
+            &mut self.final_close,
+            resume,
+        ) {
             self.tasks.spawn(close_leg(leg, finish, wait, true));
-        }
-        // A client that leaves in the middle of its replay can come back for it again.
-        if let Some(final_close) = self.final_close.take() {
-            resume.upstream_final = Some(final_close);
-        }
-        // Half a client message never reaches the upstream.
-        if let Some(upstream) = self.upstream.as_mut() {
-            upstream.drop_held();
-            upstream.write_blocked_since = None;
         }
         self.token_deadline = None;
         resume.detached_since = Some(Instant::now());
@@ -721,8 +749,8 @@ impl Relay {
         });
     }
 
-    /// While detached, the upstream ended: remember how, to tell the client after its replay.
-    fn upstream_ended_while_detached(&mut self, end: End) {
+    /// The session's upstream ended: remember how, to tell the client after the rest.
+    fn upstream_ended(&mut self, end: End) {
         let Some(resume) = self.resume.as_mut() else {
             return;
         };
@@ -772,17 +800,21 @@ impl Relay {
             let Some(attach) = resume.entry.poll_take(cx) else {
                 return;
             };
-            let metrics = &resume.shared.metrics;
             let start = match resume.replay.replay_start(attach.last_seq) {
                 Ok(start) => start,
                 Err(why) => {
-                    metrics.resume(&resume.route, why.label());
+                    resume.shared.metrics.resume(&resume.route, why.label());
                     tracing::info!(request_id = %attach.request_id, session = %resume.entry.key.id, reason = why.reason(), "resume refused");
                     self.tasks.spawn(close_not_resumable(attach.leg, why));
                     continue;
                 }
             };
-            if let Some(old) = self.client.take() {
+            if let Some(old) = Self::let_client_go(
+                &mut self.client,
+                &mut self.upstream,
+                &mut self.final_close,
+                resume,
+            ) {
                 self.tasks.spawn(close_leg(
                     old,
                     close(codes::SESSION_TAKEN_OVER, "session taken over"),
@@ -790,8 +822,9 @@ impl Relay {
                     true,
                 ));
             } else {
-                metrics.sessions_detached.dec();
+                resume.shared.metrics.sessions_detached.dec();
             }
+            let metrics = &resume.shared.metrics;
             let mut leg = attach.leg;
             let mut replay = Vec::new();
             // After an upstream that ended mid-message only whole messages are replayed: its
@@ -840,10 +873,20 @@ impl Relay {
         }
     }
 
-    /// A resumed client has taken everything an ended upstream left: pass on its close.
+    /// The client has taken everything an ended upstream left: pass on its close.
     fn final_close_due(&mut self) -> Option<Plan> {
-        let client = self.client.as_ref()?;
-        if self.final_close.is_none() || client.has_output() || client.pending_out() > 0 {
+        let client = self.client.as_mut()?;
+        self.final_close.as_ref()?;
+        if let Some(resume) = &self.resume
+            && resume.replay.messages() > 0
+        {
+            // Written is not received: the close waits for the client to confirm the rest.
+            if client.ping.is_none() {
+                client.send_ping(resume.replay.end());
+            }
+            return None;
+        }
+        if client.has_output() || client.pending_out() > 0 {
             return None;
         }
         Some(Plan {

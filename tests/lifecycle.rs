@@ -108,6 +108,41 @@ async fn a_client_that_reads_nothing_while_the_upstream_streams_is_closed() {
 }
 
 #[tokio::test]
+async fn a_slow_reader_that_keeps_reading_is_not_closed() {
+    // A phone on a slow link: it takes the stream at ~4 MB/s, far slower than the upstream
+    // sends, for about twice the stall window (interval + timeout = 2.25 s). Its pongs come
+    // after the backlog queued before each ping (loopback lets the edge's send buffer grow to
+    // MiBs: the timeout is sized to drain it).
+    let (mut upstream, edge) =
+        setup("ping_interval = \"250ms\"\npong_timeout = \"2s\"\nmessage_rate = \"off\"").await;
+    let mut client = RawClient::connect_with_receive_buffer(
+        edge.addr,
+        &path_with(&token_for("alice")),
+        128 << 10,
+    )
+    .await;
+    upstream.next_request().await;
+    const MESSAGES: usize = 1250;
+    client.send_text(&format!("flood {MESSAGES} 16384")).await;
+    let expected = pattern(16384);
+    let started = Instant::now();
+    for i in 0..MESSAGES {
+        let frame = client.read_answering_pings().await.expect("the stream");
+        assert_eq!(frame.opcode, 2, "message {i}: {:?}", frame.close_code());
+        assert!(frame.payload == expected, "message {i} corrupted");
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    assert!(started.elapsed() > Duration::from_millis(4500));
+    client.send_frame(true, 8, &1000u16.to_be_bytes()).await;
+    assert_eq!(client.read_close_code().await, Some(1000));
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(1000)
+    );
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
 async fn a_token_that_expires_gets_4001_on_time_and_a_longer_one_stays() {
     let (mut upstream, edge) = setup("").await;
     let expires = now() + 2;

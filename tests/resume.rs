@@ -363,6 +363,105 @@ async fn a_second_connection_takes_a_live_session_over() {
 }
 
 #[tokio::test]
+async fn a_takeover_drops_what_the_old_connection_left_unfinished() {
+    let (mut upstream, edge) = setup(RESUME).await;
+    let mut first =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "switch", None), &[]).await;
+    upstream.next_request().await;
+    // The old connection starts a message in fragments and is cut off in the middle of it.
+    first.send_frame(false, 1, b"half of an old ").await;
+    // Its ping's pong proves the edge has read (and is holding) the fragment.
+    first.send_frame(true, 9, b"p").await;
+    loop {
+        let frame = first.read_frame().await.expect("a pong");
+        if frame.opcode == 10 {
+            break;
+        }
+    }
+    first
+        .send_frame_prefix(false, 0, b"message that never ends", 12)
+        .await;
+    let mut second = RawClient::connect(
+        edge.addr,
+        &path(&token_for("alice"), "switch", Some(0)),
+        &[],
+    )
+    .await;
+    // The new connection's own fragmented message reaches the upstream whole and alone: the
+    // echo is exactly it.
+    second.send_frame(false, 1, b"new ").await;
+    second.send_frame(true, 0, b"message").await;
+    assert_eq!(next_text_raw(&mut second).await, "new message");
+    assert_eq!(upstream_connection(&mut second).await, "conn 1");
+    assert_eq!(close_of(&mut first).await.0, 4003);
+}
+
+#[tokio::test]
+async fn a_takeover_during_the_last_replay_still_gets_the_upstreams_close() {
+    let (mut upstream, edge) = setup(RESUME).await;
+    let mut gone =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "final", None), &[]).await;
+    upstream.next_request().await;
+    gone.send_text("trickle 20 20").await;
+    gone.send_text("close 4000 answer complete").await;
+    gone.vanish();
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(4000)
+    );
+    detached(&edge, 1.0).await;
+    // One connection resumes and takes nothing (a phone between networks)...
+    let mut stalled =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "final", Some(0)), &[]).await;
+    detached(&edge, 0.0).await;
+    // ...and another takes over before the first has confirmed the rest.
+    let mut back =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "final", Some(0)), &[]).await;
+    expect_numbers(&mut back, 0, 20).await;
+    assert_eq!(
+        close_of(&mut back).await,
+        (4000, "answer complete".to_owned())
+    );
+    assert_eq!(close_of(&mut stalled).await.0, 4003);
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_back() {
+    let (mut upstream, edge) = setup(RESUME).await;
+    let mut first =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "tunnel", None), &[]).await;
+    upstream.next_request().await;
+    first.send_text("stream 3000").await;
+    first.send_text("close 4000 answer complete").await;
+    // The answer and its close left the edge while the phone's link was already dead: it
+    // read 100 messages, and its pongs never arrive.
+    for expected in 0..100 {
+        let frame = first.read_ignoring_pings().await.expect("a message");
+        assert_eq!(frame.payload, expected.to_string().as_bytes());
+    }
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(4000)
+    );
+    first.vanish();
+    detached(&edge, 1.0).await;
+    let mut back = RawClient::connect(
+        edge.addr,
+        &path(&token_for("alice"), "tunnel", Some(100)),
+        &[],
+    )
+    .await;
+    expect_numbers(&mut back, 100, 3000).await;
+    assert_eq!(
+        close_of(&mut back).await,
+        (4000, "answer complete".to_owned())
+    );
+    edge.wait_idle().await;
+    detached(&edge, 0.0).await;
+}
+
+#[tokio::test]
 async fn a_clean_close_ends_the_session_at_once() {
     let (mut upstream, edge) = setup(RESUME).await;
     let mut first =

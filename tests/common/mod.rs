@@ -781,7 +781,33 @@ impl RawFrame {
 impl RawClient {
     /// Performs the upgrade; panics unless the edge answers 101.
     pub async fn connect(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> Self {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        Self::upgrade(
+            TcpStream::connect(addr).await.unwrap(),
+            path_and_query,
+            headers,
+        )
+        .await
+    }
+
+    /// Connects with a fixed receive buffer, as on a real link (loopback's grows to tens of
+    /// MiB, so that a slow reader's backlog would take many seconds to drain).
+    pub async fn connect_with_receive_buffer(
+        addr: SocketAddr,
+        path_and_query: &str,
+        receive_buffer: u32,
+    ) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(receive_buffer).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        Self::upgrade(stream, path_and_query, &[]).await
+    }
+
+    async fn upgrade(
+        mut stream: TcpStream,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Self {
+        let addr = stream.peer_addr().unwrap();
         let mut request = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n",
             generate_key()
@@ -918,6 +944,26 @@ impl RawClient {
                 continue;
             }
             return Some(frame);
+        }
+    }
+
+    /// Sends the first `len` bytes of a masked frame: the sender is cut off inside it.
+    pub async fn send_frame_prefix(&mut self, fin: bool, opcode: u8, payload: &[u8], len: usize) {
+        let mut frame = masked(opcode, payload);
+        if !fin {
+            frame[0] &= 0x7f;
+        }
+        self.writer().write_all(&frame[..len]).await.unwrap();
+    }
+
+    /// The next data or close frame, leaving pings unanswered (a client whose answers never
+    /// arrive).
+    pub async fn read_ignoring_pings(&mut self) -> Option<RawFrame> {
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.opcode != 9 {
+                return Some(frame);
+            }
         }
     }
 
