@@ -492,14 +492,22 @@ impl FrameReader {
                     _ => {}
                 }
                 let message_len = if message_start { 0 } else { self.message_len };
-                if header.len > self.max_message.saturating_sub(message_len) {
+                // An empty fragment that does not end its message carries nothing but costs
+                // a frame to pass on: it counts as a byte, so that a message is bounded in
+                // frames as well as in bytes.
+                let cost = if header.len == 0 && !header.fin {
+                    1
+                } else {
+                    header.len
+                };
+                if cost > self.max_message.saturating_sub(message_len) {
                     return Err(FrameError::TOO_BIG);
                 }
                 if message_start {
                     self.message = Some(header.opcode == opcode::TEXT);
                     self.message_len = 0;
                 }
-                self.message_len += header.len;
+                self.message_len += cost;
                 self.in_frame = true;
                 self.frame_fin = header.fin;
                 self.remaining = header.len;
@@ -754,6 +762,27 @@ mod tests {
             Err(e) => assert_eq!(e.code, 1009),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn endless_empty_fragments_are_bounded_like_bytes() {
+        // A full-size message may end with an empty final fragment...
+        let mut reader = FrameReader::new(Writer::Server, 100);
+        let input = [
+            frame(false, opcode::BINARY, &[0; 100], None),
+            frame(true, opcode::CONTINUATION, &[], None),
+        ]
+        .concat();
+        assert_eq!(run(&mut reader, &input, 1000).unwrap().1, 1);
+        // ...but empty fragments that end nothing count: 100 pass, the 101st does not.
+        let mut reader = FrameReader::new(Writer::Server, 100);
+        let mut input = frame(false, opcode::BINARY, &[], None);
+        for _ in 0..99 {
+            input.extend(frame(false, opcode::CONTINUATION, &[], None));
+        }
+        assert!(run(&mut reader, &input, 1000).is_ok());
+        let more = frame(false, opcode::CONTINUATION, &[], None);
+        assert_eq!(run(&mut reader, &more, 1000).unwrap_err().code, 1009);
     }
 
     #[test]

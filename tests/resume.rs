@@ -703,8 +703,8 @@ async fn endless_empty_fragments_from_a_client_are_stopped_with_1009() {
     client.send_frame(false, 1, b"start").await;
     let mut writer = client.take_writer();
     let flood = tokio::spawn(async move {
-        // Payload-free continuation frames: nothing counts toward the message size but the
-        // edge holds every frame until the message is complete.
+        // Payload-free continuation frames, which the edge would hold until the message is
+        // complete: each counts as a byte of the message.
         for _ in 0..100_000 {
             if !writer.send_fragment(0, b"").await {
                 break;
