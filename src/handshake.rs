@@ -858,21 +858,32 @@ fn upstream_query(
     identity: &Identity,
     token_sources: &[TokenSource],
 ) -> String {
-    let is_token_param = |key: &str| {
-        token_sources
+    // The token, and what the edge decides: the conversation reaches the upstream only as the
+    // edge decided it (upstream_query), never as the client wrote it. Dropped in any spelling
+    // an upstream's parser may read as the same key: in another letter case (some compare keys
+    // so), or behind a `;` (some split pairs on it too).
+    let edge_owns = |key: &str| {
+        let token = token_sources
             .iter()
-            .any(|s| matches!(s, TokenSource::Query(name) if name == key))
+            .any(|s| matches!(s, TokenSource::Query(name) if name.eq_ignore_ascii_case(key)));
+        let conversation = key.eq_ignore_ascii_case(CONVERSATION_PARAM)
+            && route.conversation != ConversationMode::None;
+        token
+            || conversation
+            || route
+                .upstream_query
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(key))
     };
     // Pairs the upstream gets as the client wrote them; only the route's own are encoded here.
     let mut query = String::new();
     for pair in query::pairs(client_query.unwrap_or("")) {
-        let key = pair.key.as_ref();
-        // The conversation reaches the upstream only as the edge decided it (upstream_query),
-        // never as the client wrote it.
-        let edge_decides =
-            key == CONVERSATION_PARAM && route.conversation != ConversationMode::None;
-        if is_token_param(key) || edge_decides || route.upstream_query.iter().any(|(k, _)| k == key)
-        {
+        let hidden_owned = pair.raw.contains(';')
+            && pair
+                .raw
+                .split(';')
+                .any(|part| query::pairs(part).any(|inner| edge_owns(&inner.key)));
+        if edge_owns(&pair.key) || hidden_owned {
             continue;
         }
         if !query.is_empty() {

@@ -480,6 +480,21 @@ async fn the_client_cannot_smuggle_a_conversation_to_the_upstream() {
     assert_eq!(seen.query_param("conversation_id"), None, "{}", seen.target);
     assert_eq!(seen.query_param("lang").as_deref(), Some("en"));
     assert_eq!(seen.header("x-conversation-id"), Some("c1"));
+    // Nor in a spelling some upstream parsers read as the same key: another letter case, or
+    // behind a `;`.
+    connect_ok(
+        &with_token(
+            &edge,
+            "/ws/chat?conversation_id=c1&Conversation_ID=evil&lang=en;conversation_id=evil&tz=utc",
+            &token,
+        ),
+        &[],
+    )
+    .await;
+    let seen = upstream.next_request().await;
+    assert!(!seen.target.contains("evil"), "{}", seen.target);
+    assert!(!seen.target.contains("lang"), "{}", seen.target);
+    assert_eq!(seen.query_param("tz").as_deref(), Some("utc"));
     edge.stop().await;
 
     // With conversation = "none" the edge does not deal with conversations and passes it on.
