@@ -1,15 +1,17 @@
 //! JWT verification (and minting, for `wsedge token` and tests).
 //!
 //! Algorithm confusion is closed twice: the policy's algorithm list must all belong to the
-//! family of its key (checked when the config is loaded), and jsonwebtoken refuses a token
-//! whose header names an algorithm outside that list or a family other than the key's.
-//! `alg: none` is not an algorithm jsonwebtoken knows, so such a token never parses.
+//! family of its key (checked when the config is loaded), and a token whose header names an
+//! algorithm outside that list is refused — by `hmac_jwt.rs` for HS* policies, which holds
+//! only HMAC keys, and by jsonwebtoken for the others, which also refuses a family other than
+//! the key's. `alg: none` is an algorithm neither knows, so such a token never parses.
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 use std::time::Duration;
 
 use super::AuthError;
+use super::hmac_jwt::HmacVerifier;
 
 pub type Claims = Map<String, Value>;
 
@@ -19,9 +21,14 @@ pub enum VerifyingKey {
     PublicPem(Vec<u8>),
 }
 
-pub struct JwtVerifier {
-    key: DecodingKey,
-    validation: Validation,
+pub enum JwtVerifier {
+    /// HS*: verified by the edge with keys prepared once (`hmac_jwt.rs`).
+    Hmac(HmacVerifier),
+    /// RS*, PS*, ES*, EdDSA: verified by jsonwebtoken.
+    Library {
+        key: DecodingKey,
+        validation: Validation,
+    },
 }
 
 pub struct JwtSettings<'a> {
@@ -71,14 +78,25 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 impl JwtVerifier {
     pub fn new(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, String> {
         let family = common_family(settings.algorithms)?;
+        if let (AlgorithmFamily::Hmac, VerifyingKey::Secret(secret)) = (family, key) {
+            check_secret(secret)?;
+            return Ok(Self::Hmac(HmacVerifier::new(
+                settings.algorithms,
+                secret,
+                settings.issuer,
+                settings.audience,
+                settings.leeway,
+            )));
+        }
+        Self::library(settings, key)
+    }
+
+    /// The jsonwebtoken verifier, for every family (HS* too, to compare the two in tests).
+    pub(super) fn library(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, String> {
+        let family = common_family(settings.algorithms)?;
         let key = match (family, key) {
             (AlgorithmFamily::Hmac, VerifyingKey::Secret(secret)) => {
-                if secret.len() < 32 {
-                    return Err(format!(
-                        "the HMAC secret is {} bytes; use at least 32 random bytes",
-                        secret.len()
-                    ));
-                }
+                check_secret(secret)?;
                 DecodingKey::from_secret(secret)
             }
             (AlgorithmFamily::Hmac, VerifyingKey::PublicPem(_)) => {
@@ -115,12 +133,16 @@ impl JwtVerifier {
             required.push("aud");
         }
         validation.set_required_spec_claims(&required);
-        Ok(Self { key, validation })
+        Ok(Self::Library { key, validation })
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let (key, validation) = match self {
+            Self::Hmac(verifier) => return verifier.verify(token),
+            Self::Library { key, validation } => (key, validation),
+        };
+        jsonwebtoken::decode::<Claims>(token, key, validation)
             .map(|data| data.claims)
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -137,6 +159,16 @@ impl JwtVerifier {
                 _ => AuthError::Invalid("token is malformed"),
             })
     }
+}
+
+fn check_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() < 32 {
+        return Err(format!(
+            "the HMAC secret is {} bytes; use at least 32 random bytes",
+            secret.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Signs claims with a policy's key: the HMAC secret, or a PEM private key for the other families.

@@ -1,6 +1,7 @@
 //! Authentication policies: where the token comes from, how it is verified, and which claims
 //! become the identity.
 
+mod hmac_jwt;
 pub mod jwt;
 pub mod token_source;
 
