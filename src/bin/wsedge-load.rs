@@ -488,7 +488,14 @@ async fn serve_upstream(mut ws: Socket) -> anyhow::Result<()> {
                 ws.flush().await?;
             }
             message @ (Message::Text(_) | Message::Binary(_)) => ws.send(message).await?,
-            Message::Close(_) => break,
+            Message::Close(_) => {
+                // Answer the close (tungstenite queues the answer; a flush sends it), as every
+                // chat core's WebSocket library does: without it a proxy that tunnels bytes
+                // hands its client no close frame, and the client's side of the benchmark
+                // does less work than with a proxy that answers the close itself.
+                ws.flush().await?;
+                break;
+            }
             _ => {}
         }
     }
