@@ -73,7 +73,8 @@ impl HmacVerifier {
         if header.crit.is_some() {
             return Err(AuthError::Invalid("token names critical extensions"));
         }
-        let algorithm = algorithm_named(&header.alg).ok_or(MALFORMED)?;
+        // The names jsonwebtoken's `Algorithm` reads; anything else is malformed, as there.
+        let algorithm = super::jwt::parse_algorithm(&header.alg).map_err(|_| MALFORMED)?;
         let key = self
             .keys
             .iter()
@@ -143,25 +144,6 @@ impl HmacVerifier {
 
 fn decode(part: &str) -> Result<Vec<u8>, AuthError> {
     URL_SAFE_NO_PAD.decode(part).map_err(|_| MALFORMED)
-}
-
-/// The names jsonwebtoken's `Algorithm` reads (case-sensitive); anything else is malformed.
-fn algorithm_named(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
 }
 
 /// The JOSE header: only what verification needs; other members are not looked at.

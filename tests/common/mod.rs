@@ -967,6 +967,23 @@ impl RawClient {
         }
     }
 
+    /// Starts a text message, then sends payload-free fragments that never end it, until the
+    /// edge closes; returns the close code it sent.
+    pub async fn flood_empty_fragments(mut self) -> Option<u16> {
+        self.send_frame(false, 1, b"start").await;
+        let mut writer = self.take_writer();
+        let flood = tokio::spawn(async move {
+            for _ in 0..100_000 {
+                if !writer.send_fragment(0, b"").await {
+                    break;
+                }
+            }
+        });
+        let code = self.read_close_code().await;
+        flood.abort();
+        code
+    }
+
     /// Sends a masked text frame.
     pub async fn send_text(&mut self, text: &str) {
         self.send_frame(true, 1, text.as_bytes()).await;
