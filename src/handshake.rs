@@ -860,20 +860,20 @@ fn upstream_query(
 ) -> String {
     // The token, and what the edge decides: the conversation reaches the upstream only as the
     // edge decided it (upstream_query), never as the client wrote it. Dropped in any spelling
-    // an upstream's parser may read as the same key: in another letter case (some compare keys
-    // so), or behind a `;` (some split pairs on it too).
+    // an upstream's parser may read as the same key (`may_read_as`), and behind a `;` (some
+    // split pairs on it too).
     let edge_owns = |key: &str| {
         let token = token_sources
             .iter()
-            .any(|s| matches!(s, TokenSource::Query(name) if name.eq_ignore_ascii_case(key)));
-        let conversation = key.eq_ignore_ascii_case(CONVERSATION_PARAM)
-            && route.conversation != ConversationMode::None;
+            .any(|s| matches!(s, TokenSource::Query(name) if may_read_as(key, name)));
+        let conversation =
+            may_read_as(key, CONVERSATION_PARAM) && route.conversation != ConversationMode::None;
         token
             || conversation
             || route
                 .upstream_query
                 .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case(key))
+                .any(|(name, _)| may_read_as(key, name))
     };
     // Pairs the upstream gets as the client wrote them; only the route's own are encoded here.
     let mut query = String::new();
@@ -898,6 +898,21 @@ fn upstream_query(
         }
     }
     serializer.finish()
+}
+
+/// Whether some upstream's query parser may read `key` as `name`: frameworks compare keys
+/// ignoring case, Unicode's too (.NET, Java: `conversatıon_id` with a dotless ı), merge
+/// `name[]` and `name[x]` into `name` (Rack, PHP, Express's `qs`), and PHP reads `.` and
+/// spaces in a key as `_`.
+fn may_read_as(key: &str, name: &str) -> bool {
+    fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
+        let base = text.split('[').next().unwrap_or(text);
+        base.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .map(|c| if c == '.' || c == ' ' { '_' } else { c })
+    }
+    fold(key).eq(fold(name))
 }
 
 /// The upstream request before a target is chosen: each target has its own path and query.

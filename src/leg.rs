@@ -92,10 +92,9 @@ pub struct Leg {
     /// Since when writes to this peer have made no progress: it has taken no byte since. A
     /// slow reader that keeps taking some is not blocked (like nginx's `send_timeout`).
     pub write_blocked_since: Option<Instant>,
-    /// When the peer last took bytes written to it.
-    pub took_bytes_at: Option<Instant>,
-    /// When the edge last read bytes the peer sent.
-    pub gave_bytes_at: Option<Instant>,
+    /// The edge holds off reading this peer (what it sent has nowhere to go yet): its pong
+    /// may be behind what is not read, so it is not judged by it meanwhile.
+    pub read_held: bool,
     /// The peer's socket has ended (read EOF or error).
     pub gone: bool,
 }
@@ -137,8 +136,7 @@ impl Leg {
             ping: None,
             needs_flush: false,
             write_blocked_since: None,
-            took_bytes_at: None,
-            gave_bytes_at: None,
+            read_held: false,
             gone: false,
         }
     }
@@ -272,14 +270,13 @@ impl Leg {
     pub fn poll_write_out(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
         let before = self.total_written;
         let result = self.poll_drain(cx);
-        if self.total_written > before {
-            self.took_bytes_at = Some(now);
-            if let Some(ping) = self.ping.as_mut()
-                && ping.sent.is_none()
-                && ping.ends_at.is_some_and(|end| self.total_written >= end)
-            {
-                ping.sent = Some(now);
-            }
+        let written = self.total_written;
+        if written > before
+            && let Some(ping) = self.ping.as_mut()
+            && ping.sent.is_none()
+            && ping.ends_at.is_some_and(|end| written >= end)
+        {
+            ping.sent = Some(now);
         }
         match result {
             Poll::Ready(Ok(())) => self.write_blocked_since = None,
@@ -314,6 +311,17 @@ impl Leg {
             self.needs_flush = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The edge reads this peer again after holding off: an unanswered ping gets its whole
+    /// timeout from now, since its pong may have been waiting behind what was not read.
+    pub fn resume_reading(&mut self, now: Instant) {
+        if std::mem::take(&mut self.read_held)
+            && let Some(ping) = self.ping.as_mut()
+            && ping.sent.is_some()
+        {
+            ping.sent = Some(now);
+        }
     }
 
     /// Frees buffers that hold nothing: called when the connection goes quiet.

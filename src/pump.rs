@@ -86,6 +86,7 @@ impl Pump<'_> {
                     }
                     Poll::Pending => {
                         if dest.pending_out() >= OUT_HIGH {
+                            self.source.read_held = true;
                             return outcome;
                         }
                     }
@@ -97,6 +98,7 @@ impl Pump<'_> {
             {
                 // Full of what the client has not confirmed: its pong will make room. (A
                 // message is finished first: only whole messages can be let go.)
+                self.source.read_held = true;
                 return outcome;
             }
             // The edge's own frames to the source (pongs): one that sends pings and reads
@@ -114,6 +116,7 @@ impl Pump<'_> {
                 cx.waker().wake_by_ref();
                 return outcome;
             }
+            self.source.resume_reading(now);
             match self.source.poll_fill(cx) {
                 Poll::Pending => {
                     self.source.release_idle();
@@ -124,10 +127,7 @@ impl Pump<'_> {
                     outcome.end = Some(End::Lost);
                     return outcome;
                 }
-                Poll::Ready(Ok(_)) => {
-                    self.source.gave_bytes_at = Some(now);
-                    reads += 1;
-                }
+                Poll::Ready(Ok(_)) => reads += 1,
             }
         }
     }

@@ -585,28 +585,20 @@ impl Relay {
             .ping_interval
             .unwrap_or(STALL_WINDOW_WITHOUT_HEARTBEATS);
         for side in [Side::Client, Side::Upstream] {
-            let (leg, other) = match side {
-                Side::Client => (self.client.as_ref(), self.upstream.as_ref()),
-                Side::Upstream => (self.upstream.as_ref(), self.client.as_ref()),
+            let leg = match side {
+                Side::Client => self.client.as_ref(),
+                Side::Upstream => self.upstream.as_ref(),
             };
             let Some(leg) = leg else { continue };
-            // While writes to the other side are blocked this side may not be read, so its
-            // pong cannot be seen: judging it would blame the wrong peer.
-            let other_blocked = other.is_some_and(|o| o.write_blocked_since.is_some());
-            // A pong comes after everything either way that was queued before it: a peer
-            // still taking or sending that (a slow link, deep buffers, a destination that
-            // lets the edge read it only in bursts) is alive, and the clock runs from its
-            // last progress. Like a proxy's read and send timeouts, it judges silence.
-            if !other_blocked
+            // While the edge holds off reading a side (the other is not taking what it
+            // sends), its pong cannot be seen: judging it would blame the wrong peer. It gets
+            // the whole timeout again once it is read (`Leg::resume_reading`).
+            if !leg.read_held
                 && let Some(Ping {
                     sent: Some(sent), ..
                 }) = leg.ping
             {
-                let since = [leg.took_bytes_at, leg.gave_bytes_at]
-                    .into_iter()
-                    .flatten()
-                    .fold(sent, Instant::max);
-                next.due(since + pong_timeout, Deadline::Unresponsive(side))?;
+                next.due(sent + pong_timeout, Deadline::Unresponsive(side))?;
             }
             // A side that reads nothing would have had a ping within the interval and the
             // pong timeout to answer it.
@@ -715,7 +707,6 @@ impl Relay {
         // be read as its rest.
         if let Some(upstream) = upstream.as_mut() {
             upstream.drop_held();
-            upstream.write_blocked_since = None;
         }
         client.take()
     }
@@ -873,7 +864,7 @@ impl Relay {
         }
     }
 
-    /// The client has taken everything an ended upstream left: pass on its close.
+    /// The client has confirmed everything an ended upstream left: pass on its close.
     fn final_close_due(&mut self) -> Option<Plan> {
         let client = self.client.as_mut()?;
         self.final_close.as_ref()?;
@@ -886,9 +877,7 @@ impl Relay {
             }
             return None;
         }
-        if client.has_output() || client.pending_out() > 0 {
-            return None;
-        }
+        // What is still queued for the client (pongs) goes out before the close.
         Some(Plan {
             to_client: Finish::Close(self.final_close.take()?),
             to_upstream: Finish::Gone,

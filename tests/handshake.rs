@@ -480,12 +480,13 @@ async fn the_client_cannot_smuggle_a_conversation_to_the_upstream() {
     assert_eq!(seen.query_param("conversation_id"), None, "{}", seen.target);
     assert_eq!(seen.query_param("lang").as_deref(), Some("en"));
     assert_eq!(seen.header("x-conversation-id"), Some("c1"));
-    // Nor in a spelling some upstream parsers read as the same key: another letter case, or
-    // behind a `;`.
+    // Nor in a spelling some upstream parsers read as the same key: another letter case
+    // (a dotless ı included), brackets, a dot for the underscore, or behind a `;`.
     connect_ok(
         &with_token(
             &edge,
-            "/ws/chat?conversation_id=c1&Conversation_ID=evil&lang=en;conversation_id=evil&tz=utc",
+            "/ws/chat?conversation_id=c1&Conversation_ID=evil&lang=en;conversation_id=evil\
+             &conversat%C4%B1on_id=evil&conversation_id%5B%5D=evil&conversation.id=evil&tz=utc",
             &token,
         ),
         &[],

@@ -93,6 +93,84 @@ async fn an_upstream_that_stops_answering_gives_the_client_1014() {
 }
 
 #[tokio::test]
+async fn a_client_that_sends_but_never_answers_pings_is_closed() {
+    let (mut upstream, edge) =
+        setup("ping_interval = \"200ms\"\npong_timeout = \"300ms\"\nmessage_rate = \"off\"").await;
+    let mut client = RawClient::connect(edge.addr, &path_with(&token_for("alice")), &[]).await;
+    upstream.next_request().await;
+    // Sending is not answering: its own pings every 50 ms, never a pong.
+    let mut writer = client.take_writer();
+    let chatter = tokio::spawn(async move {
+        while writer.send_frame(9, b"mine").await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let started = Instant::now();
+    // The edge's pongs to its pings, then its close.
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            let frame = client.read_ignoring_pings().await.expect("a close frame");
+            if frame.opcode == 8 {
+                break frame.close_code();
+            }
+        }
+    })
+    .await
+    .expect("the client was never closed");
+    assert_eq!(code, Some(1001));
+    assert!(started.elapsed() < Duration::from_millis(500 + 900));
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(1001)
+    );
+    chatter.abort();
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn a_frozen_upstream_is_found_while_the_client_keeps_sending() {
+    let (_upstream, edge) =
+        setup("ping_interval = \"200ms\"\npong_timeout = \"300ms\"\nmessage_rate = \"off\"").await;
+    let mut client = RawClient::connect(edge.addr, &path_with(&token_for("alice")), &[]).await;
+    client.send_text("freeze").await;
+    // The upstream's kernel still takes what the edge writes: that is no answer. The client
+    // itself is alive: it answers the edge's pings.
+    let mut writer = client.take_writer();
+    let (pongs, mut to_answer) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let chatter = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            let sent = tokio::select! {
+                _ = tick.tick() => writer.send_frame(1, b"are you there?").await,
+                Some(payload) = to_answer.recv() => writer.send_frame(10, &payload).await,
+            };
+            if !sent {
+                break;
+            }
+        }
+    });
+    let frozen_at = Instant::now();
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            let frame = client.read_frame().await.expect("a close frame");
+            match frame.opcode {
+                8 => break frame.close_code(),
+                9 => {
+                    let _ = pongs.send(frame.payload);
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the frozen upstream was never found");
+    assert_eq!(code, Some(1014));
+    assert!(frozen_at.elapsed() < Duration::from_millis(500 + 900));
+    chatter.abort();
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
 async fn a_client_that_reads_nothing_while_the_upstream_streams_is_closed() {
     let (mut upstream, edge) = setup("ping_interval = \"300ms\"\npong_timeout = \"300ms\"").await;
     let mut client = RawClient::connect(edge.addr, &path_with(&token_for("alice")), &[]).await;
@@ -146,7 +224,8 @@ async fn a_slow_reader_that_keeps_reading_is_not_closed() {
 async fn a_token_that_expires_gets_4001_on_time_and_a_longer_one_stays() {
     let (mut upstream, edge) = setup("").await;
     let expires = now() + 2;
-    let short = hs256(&claims("alice", json!({ "exp": expires })));
+    // A fractional `exp`, as Python's `time.time()` writes it, is enforced like a whole one.
+    let short = hs256(&claims("alice", json!({ "exp": expires as f64 + 0.25 })));
     let mut long_lived = connect_ok(&edge.url(&path_with(&token_for("bob"))), &[]).await;
     upstream.next_request().await;
     let mut client = RawClient::connect(edge.addr, &path_with(&short), &[]).await;

@@ -462,6 +462,43 @@ async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_b
 }
 
 #[tokio::test]
+async fn the_upstreams_close_follows_the_last_confirmation_even_behind_a_ping() {
+    // Heartbeats at their default (30 s): nothing but the confirmation may wake the edge.
+    let (mut upstream, edge) = setup(RESUME).await;
+    let mut client =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "pingy", None), &[]).await;
+    upstream.next_request().await;
+    client.send_text("stream 5").await;
+    client.send_text("close 4000 answer complete").await;
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(4000)
+    );
+    let mut received = 0;
+    let code = loop {
+        let frame = client.read_frame().await.expect("the rest, then the close");
+        match frame.opcode {
+            1 => received += 1,
+            // Each confirmation comes with a ping of the client's own (as some libraries
+            // send theirs), so the edge has a pong to write when it learns it may close.
+            9 => {
+                client
+                    .send_frames_at_once(&[(9, b"mine"), (10, &frame.payload)])
+                    .await
+            }
+            10 => {}
+            8 => {
+                client.send_frame(true, 8, &frame.payload[..2]).await;
+                break frame.close_code();
+            }
+            other => panic!("opcode {other}"),
+        }
+    };
+    assert_eq!((received, code), (5, Some(4000)));
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
 async fn a_clean_close_ends_the_session_at_once() {
     let (mut upstream, edge) = setup(RESUME).await;
     let mut first =

@@ -184,6 +184,14 @@ fn numeric(value: Option<&Value>) -> Parsed<u64> {
     }
 }
 
+/// A NumericDate in whole seconds, as the verifiers accept it (`exp: 1767225600.5` included).
+pub fn numeric_date(value: &Value) -> Option<u64> {
+    match numeric(Some(value)) {
+        Parsed::Value(seconds) => Some(seconds),
+        Parsed::Malformed | Parsed::Absent => None,
+    }
+}
+
 /// `iss` or `aud`: a string, or an array of strings.
 fn names(value: Option<&Value>) -> Parsed<Vec<&str>> {
     match value {

@@ -81,7 +81,9 @@ impl AuthPolicy {
             user,
             tenant: claim_string(&claims, &self.claims.tenant),
             conversation: claim_string(&claims, &self.claims.conversation),
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            // A fractional `exp` (Python's `time.time()`) passed verification: it must end
+            // the session too.
+            expires_at: claims.get("exp").and_then(hmac_jwt::numeric_date),
             claims,
         };
         Ok((identity, found))

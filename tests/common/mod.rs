@@ -947,6 +947,15 @@ impl RawClient {
         }
     }
 
+    /// Sends final masked frames in one write: the edge reads them together.
+    pub async fn send_frames_at_once(&mut self, frames: &[(u8, &[u8])]) {
+        let bytes: Vec<u8> = frames
+            .iter()
+            .flat_map(|(opcode, payload)| masked(*opcode, payload))
+            .collect();
+        self.writer().write_all(&bytes).await.unwrap();
+    }
+
     /// Sends the first `len` bytes of a masked frame: the sender is cut off inside it.
     pub async fn send_frame_prefix(&mut self, fin: bool, opcode: u8, payload: &[u8], len: usize) {
         let mut frame = masked(opcode, payload);
