@@ -95,6 +95,15 @@ async fn expect_numbers(client: &mut RawClient, from: usize, to: usize) {
     }
 }
 
+/// Receives `from..to`, then the upstream's close ("answer complete"), after which the
+/// session is gone.
+async fn expect_rest_then_close(client: &mut RawClient, edge: &TestEdge, from: usize, to: usize) {
+    expect_numbers(client, from, to).await;
+    assert_eq!(close_of(client).await, (4000, "answer complete".to_owned()));
+    edge.wait_idle().await;
+    detached(edge, 0.0).await;
+}
+
 /// The upstream connection the client is talking to, as the upstream numbers it.
 async fn upstream_connection(client: &mut RawClient) -> String {
     client.send_text("conn").await;
@@ -452,13 +461,7 @@ async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_b
         &[],
     )
     .await;
-    expect_numbers(&mut back, 100, 3000).await;
-    assert_eq!(
-        close_of(&mut back).await,
-        (4000, "answer complete".to_owned())
-    );
-    edge.wait_idle().await;
-    detached(&edge, 0.0).await;
+    expect_rest_then_close(&mut back, &edge, 100, 3000).await;
 }
 
 #[tokio::test]
@@ -652,13 +655,7 @@ async fn an_upstream_that_closes_while_the_client_is_away_is_closed_after_the_re
     );
     let mut back =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "end", Some(0)), &[]).await;
-    expect_numbers(&mut back, 0, 20).await;
-    assert_eq!(
-        close_of(&mut back).await,
-        (4000, "answer complete".to_owned())
-    );
-    edge.wait_idle().await;
-    detached(&edge, 0.0).await;
+    expect_rest_then_close(&mut back, &edge, 0, 20).await;
 }
 
 #[tokio::test]
