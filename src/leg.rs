@@ -280,7 +280,7 @@ impl Leg {
         }
         match result {
             Poll::Ready(Ok(())) => self.write_blocked_since = None,
-            Poll::Pending if self.total_written > before => self.write_blocked_since = Some(now),
+            Poll::Pending if written > before => self.write_blocked_since = Some(now),
             Poll::Pending => {
                 self.write_blocked_since.get_or_insert(now);
             }

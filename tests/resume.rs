@@ -95,6 +95,30 @@ async fn expect_numbers(client: &mut RawClient, from: usize, to: usize) {
     }
 }
 
+/// Connects as alice to `session` and asks the upstream for `command`, then for its close
+/// ("answer complete") right after it.
+async fn ask_for_an_answer(
+    edge: &TestEdge,
+    upstream: &mut Upstream,
+    session: &str,
+    command: &str,
+) -> RawClient {
+    let mut client =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), session, None), &[]).await;
+    upstream.next_request().await;
+    client.send_text(command).await;
+    client.send_text("close 4000 answer complete").await;
+    client
+}
+
+/// Waits until the upstream has closed after its answer (and the edge has answered it).
+async fn answer_complete(upstream: &mut Upstream) {
+    assert_eq!(
+        upstream.next_close().await.map(|(code, _)| code),
+        Some(4000)
+    );
+}
+
 /// Receives `from..to`, then the upstream's close ("answer complete"), after which the
 /// session is gone.
 async fn expect_rest_then_close(client: &mut RawClient, edge: &TestEdge, from: usize, to: usize) {
@@ -408,16 +432,9 @@ async fn a_takeover_drops_what_the_old_connection_left_unfinished() {
 #[tokio::test]
 async fn a_takeover_during_the_last_replay_still_gets_the_upstreams_close() {
     let (mut upstream, edge) = setup(RESUME).await;
-    let mut gone =
-        RawClient::connect(edge.addr, &path(&token_for("alice"), "final", None), &[]).await;
-    upstream.next_request().await;
-    gone.send_text("trickle 20 20").await;
-    gone.send_text("close 4000 answer complete").await;
+    let gone = ask_for_an_answer(&edge, &mut upstream, "final", "trickle 20 20").await;
     gone.vanish();
-    assert_eq!(
-        upstream.next_close().await.map(|(code, _)| code),
-        Some(4000)
-    );
+    answer_complete(&mut upstream).await;
     detached(&edge, 1.0).await;
     // One connection resumes and takes nothing (a phone between networks)...
     let mut stalled =
@@ -438,21 +455,14 @@ async fn a_takeover_during_the_last_replay_still_gets_the_upstreams_close() {
 #[tokio::test]
 async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_back() {
     let (mut upstream, edge) = setup(RESUME).await;
-    let mut first =
-        RawClient::connect(edge.addr, &path(&token_for("alice"), "tunnel", None), &[]).await;
-    upstream.next_request().await;
-    first.send_text("stream 3000").await;
-    first.send_text("close 4000 answer complete").await;
+    let mut first = ask_for_an_answer(&edge, &mut upstream, "tunnel", "stream 3000").await;
     // The answer and its close left the edge while the phone's link was already dead: it
     // read 100 messages, and its pongs never arrive.
     for expected in 0..100 {
         let frame = first.read_ignoring_pings().await.expect("a message");
         assert_eq!(frame.payload, expected.to_string().as_bytes());
     }
-    assert_eq!(
-        upstream.next_close().await.map(|(code, _)| code),
-        Some(4000)
-    );
+    answer_complete(&mut upstream).await;
     first.vanish();
     detached(&edge, 1.0).await;
     let mut back = RawClient::connect(
@@ -468,15 +478,8 @@ async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_b
 async fn the_upstreams_close_follows_the_last_confirmation_even_behind_a_ping() {
     // Heartbeats at their default (30 s): nothing but the confirmation may wake the edge.
     let (mut upstream, edge) = setup(RESUME).await;
-    let mut client =
-        RawClient::connect(edge.addr, &path(&token_for("alice"), "pingy", None), &[]).await;
-    upstream.next_request().await;
-    client.send_text("stream 5").await;
-    client.send_text("close 4000 answer complete").await;
-    assert_eq!(
-        upstream.next_close().await.map(|(code, _)| code),
-        Some(4000)
-    );
+    let mut client = ask_for_an_answer(&edge, &mut upstream, "pingy", "stream 5").await;
+    answer_complete(&mut upstream).await;
     let mut received = 0;
     let code = loop {
         let frame = client.read_frame().await.expect("the rest, then the close");
@@ -641,18 +644,11 @@ async fn a_pong_frees_only_what_was_sent_before_its_ping() {
 #[tokio::test]
 async fn an_upstream_that_closes_while_the_client_is_away_is_closed_after_the_replay() {
     let (mut upstream, edge) = setup(RESUME).await;
-    let mut client =
-        RawClient::connect(edge.addr, &path(&token_for("alice"), "end", None), &[]).await;
-    upstream.next_request().await;
-    client.send_text("trickle 20 20").await;
-    client.send_text("close 4000 answer complete").await;
+    let client = ask_for_an_answer(&edge, &mut upstream, "end", "trickle 20 20").await;
     client.vanish();
     detached(&edge, 1.0).await;
     // The upstream finished its answer and closed while nobody was there.
-    assert_eq!(
-        upstream.next_close().await.map(|(code, _)| code),
-        Some(4000)
-    );
+    answer_complete(&mut upstream).await;
     let mut back =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "end", Some(0)), &[]).await;
     expect_rest_then_close(&mut back, &edge, 0, 20).await;
@@ -741,16 +737,9 @@ async fn endless_empty_fragments_from_a_client_are_stopped_with_1009() {
 async fn a_replay_that_takes_longer_than_the_close_timeout_still_arrives_whole() {
     let (mut upstream, edge) =
         setup(r#"resume = { window = "30s", max_messages = 1000, max_bytes = "8MiB" }"#).await;
-    let mut first =
-        RawClient::connect(edge.addr, &path(&token_for("alice"), "slow", None), &[]).await;
-    upstream.next_request().await;
-    first.send_text("flood 64 65536").await;
-    first.send_text("close 4000 answer complete").await;
+    let first = ask_for_an_answer(&edge, &mut upstream, "slow", "flood 64 65536").await;
     first.vanish();
-    assert_eq!(
-        upstream.next_close().await.map(|(code, _)| code),
-        Some(4000)
-    );
+    answer_complete(&mut upstream).await;
     let mut back =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "slow", Some(0)), &[]).await;
     // 4 MiB read at about 1 MiB/s: longer than the edge waits for a closing peer.

@@ -122,23 +122,23 @@ impl HmacVerifier {
         {
             return Err(AuthError::Invalid("token is not valid yet"));
         }
-        if !self.issuer.is_empty()
-            && let Parsed::Value(iss) = &iss
-            && !iss
-                .iter()
-                .any(|name| self.issuer.iter().any(|ok| ok == name))
-        {
+        if !self.issuer.is_empty() && !names_one_of(&iss, &self.issuer) {
             return Err(AuthError::Invalid("token issuer is not accepted"));
         }
-        if !self.audience.is_empty()
-            && let Parsed::Value(aud) = &aud
-            && !aud
-                .iter()
-                .any(|name| self.audience.iter().any(|ok| ok == name))
-        {
+        if !self.audience.is_empty() && !names_one_of(&aud, &self.audience) {
             return Err(AuthError::Invalid("token audience is not accepted"));
         }
         Ok(())
+    }
+}
+
+/// Whether a claim's names include one of the accepted (required claims are present here).
+fn names_one_of(names: &Parsed<Vec<&str>>, accepted: &[String]) -> bool {
+    match names {
+        Parsed::Value(names) => names
+            .iter()
+            .any(|name| accepted.iter().any(|ok| ok == name)),
+        Parsed::Malformed | Parsed::Absent => false,
     }
 }
 
