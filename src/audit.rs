@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
-use serde_json::{Map, Value};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 8192;
@@ -22,8 +22,40 @@ enum Message {
     Reopen(Option<PathBuf>),
 }
 
+/// Who a connection is, as each of its audit lines names it: never a token, never a query.
+#[derive(Debug, Serialize)]
+pub(crate) struct Who {
+    /// Written by [`AuditLog::record`], which may name another request (a resume's).
+    #[serde(skip)]
+    pub(crate) request_id: String,
+    /// The route's label, or `-` before a route was found.
+    pub(crate) route: String,
+    /// The client's address.
+    pub(crate) client: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) conversation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) session_id: Option<String>,
+}
+
+/// One line: the time, the event, the request, who, and what the event adds.
+#[derive(Serialize)]
+struct Line<'a, D> {
+    time: String,
+    event: &'static str,
+    request_id: &'a str,
+    #[serde(flatten)]
+    who: &'a Who,
+    #[serde(flatten)]
+    details: D,
+}
+
 #[derive(Clone)]
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     tx: mpsc::Sender<Message>,
     enabled: Arc<AtomicBool>,
     dropped: Counter,
@@ -32,7 +64,7 @@ pub struct AuditLog {
 impl AuditLog {
     /// Starts the writer. The file is opened (append, create) before this returns, so that a
     /// path that cannot be written is an error at start-up rather than silence later.
-    pub fn start(path: Option<PathBuf>, dropped: Counter) -> std::io::Result<Self> {
+    pub(crate) fn start(path: Option<PathBuf>, dropped: Counter) -> std::io::Result<Self> {
         let file = path.as_ref().map(open).transpose()?;
         let enabled = Arc::new(AtomicBool::new(file.is_some()));
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -49,25 +81,33 @@ impl AuditLog {
     }
 
     /// Whether events are being written (callers skip building them otherwise).
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Records an event: `fields` plus `time` and `event`. Never waits.
-    pub fn record(&self, event: &'static str, fields: Map<String, Value>) {
+    /// Records an event of `request_id` (usually `who`'s own): who, and the event's `details`
+    /// (a struct of named fields). Never waits.
+    pub(crate) fn record(
+        &self,
+        event: &'static str,
+        request_id: &str,
+        who: &Who,
+        details: impl Serialize,
+    ) {
         if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
-        let mut line = Map::with_capacity(fields.len() + 2);
-        line.insert(
-            "time".into(),
-            humantime::format_rfc3339_millis(SystemTime::now())
-                .to_string()
-                .into(),
-        );
-        line.insert("event".into(), event.into());
-        line.extend(fields);
-        let mut text = Value::Object(line).to_string();
+        let line = Line {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event,
+            request_id,
+            who,
+            details,
+        };
+        let Ok(mut text) = serde_json::to_string(&line) else {
+            self.dropped.inc();
+            return;
+        };
         text.push('\n');
         if self.tx.try_send(Message::Line(text)).is_err() {
             self.dropped.inc();
@@ -75,7 +115,7 @@ impl AuditLog {
     }
 
     /// Reopens the file (after rotation) or switches to a new path; waits only for queue space.
-    pub async fn reopen(&self, path: Option<PathBuf>) {
+    pub(crate) async fn reopen(&self, path: Option<PathBuf>) {
         let _ = self.tx.send(Message::Reopen(path)).await;
     }
 }

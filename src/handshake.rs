@@ -17,24 +17,27 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
-use serde_json::{Map, Value};
+use serde::Serialize;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::Shared;
+use crate::audit::Who;
 use crate::auth::token_source::{self, SUBPROTOCOL_PREFIX};
 use crate::auth::{FoundToken, Identity, TokenSource};
-use crate::frame::Close;
-use crate::io::Io;
-use crate::leg::{Finish, Leg, close_leg};
 use crate::query;
 use crate::refusal::Refusal;
-use crate::relay::{self, CLOSE_TIMEOUT, Relay, RelayParams, RelayReport, Resumable};
+use crate::relay::{Counters, Relay, RelayParams, RelayReport};
 use crate::route::{ConversationMode, PathMatch, Route, UpstreamTarget};
+use crate::session::registry::{Attach, Delivery, Reservation, SessionEntry};
+use crate::session::resumable::Resumable;
 use crate::session::{
-    Attach, Delivery, LAST_SEQ_PARAM, NotResumable, Reservation, ResumeSettings, SESSION_PARAM,
-    SessionEntry, SessionKey, close_not_resumable, valid_session_id,
+    LAST_SEQ_PARAM, ResumeSettings, SESSION_PARAM, SessionKey, close_not_resumable,
+    valid_session_id,
 };
 use crate::upstream::{self, ConnectError, UpstreamConnection, UpstreamRequest};
+use crate::ws::close::{EdgeClose, Finish, NotResumable};
+use crate::ws::io::Io;
+use crate::ws::leg::{CLOSE_TIMEOUT, Leg, close_leg};
 
 /// What the accept loop knows about the client's connection.
 #[derive(Debug, Clone, Copy)]
@@ -79,18 +82,56 @@ impl Known {
     }
 }
 
-/// Audit fields describing who connected (never the token, never the raw query).
-fn identity_fields(fields: &mut Map<String, Value>, identity: Option<&Identity>) {
-    let Some(identity) = identity else { return };
-    if !identity.user.is_empty() {
-        fields.insert("user".into(), identity.user.clone().into());
+/// Who connected, for audit lines (never the token, never the raw query).
+fn who(
+    request_id: &str,
+    route: &str,
+    conn: ClientConn,
+    identity: Option<&Identity>,
+    session_id: Option<&str>,
+) -> Who {
+    Who {
+        request_id: request_id.to_owned(),
+        route: route.to_owned(),
+        client: conn.peer.to_string(),
+        user: identity
+            .map(|identity| identity.user.clone())
+            .filter(|user| !user.is_empty()),
+        tenant: identity.and_then(|identity| identity.tenant.clone()),
+        conversation: identity.and_then(|identity| identity.conversation.clone()),
+        session_id: session_id.map(str::to_owned),
     }
-    if let Some(tenant) = &identity.tenant {
-        fields.insert("tenant".into(), tenant.clone().into());
-    }
-    if let Some(conversation) = &identity.conversation {
-        fields.insert("conversation".into(), conversation.clone().into());
-    }
+}
+
+#[derive(Serialize)]
+struct Outcome<'a> {
+    status: u16,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct Connected<'a> {
+    upstream: &'a str,
+    status: u16,
+}
+
+#[derive(Serialize)]
+struct Refused<'a> {
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct Disconnected<'a> {
+    upstream: &'a str,
+    reason: &'a str,
+    ended_by: Option<&'a str>,
+    client_close: Option<u16>,
+    upstream_close: Option<u16>,
+    duration_ms: u64,
+    messages_up: u64,
+    bytes_up: u64,
+    messages_down: u64,
+    bytes_down: u64,
 }
 
 pub async fn handle(
@@ -121,14 +162,18 @@ pub async fn handle(
                 "refused"
             );
             if shared.audit.enabled() {
-                let mut fields = Map::new();
-                fields.insert("request_id".into(), request_id.clone().into());
-                fields.insert("route".into(), known.route().into());
-                fields.insert("client".into(), conn.peer.to_string().into());
-                fields.insert("status".into(), status.into());
-                fields.insert("reason".into(), refusal.reason.into());
-                identity_fields(&mut fields, known.identity.as_ref());
-                shared.audit.record("refusal", fields);
+                let who = who(
+                    &request_id,
+                    known.route(),
+                    conn,
+                    known.identity.as_ref(),
+                    None,
+                );
+                let outcome = Outcome {
+                    status,
+                    reason: refusal.reason,
+                };
+                shared.audit.record("refusal", &request_id, &who, outcome);
             }
             let mut response = refusal.into_response();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -240,7 +285,7 @@ async fn prepare(
         }
         SessionPlan::Plain => None,
         SessionPlan::New { entry, announce } => Some((
-            Reservation::new(&shared.registry, &shared.tasks, entry),
+            Reservation::new(&shared.sessions.registry, &shared.tasks, entry),
             announce,
         )),
     };
@@ -290,37 +335,33 @@ async fn prepare(
     );
     // Built only for an audit log, and then kept for the disconnect event: every idle
     // connection would otherwise carry them, and every handshake pay for them.
-    let audit_fields = shared.audit.enabled().then(|| {
-        let mut fields = Map::new();
-        fields.insert("request_id".into(), request_id.into());
-        fields.insert("route".into(), route.label.to_string().into());
-        fields.insert("client".into(), conn.peer.to_string().into());
-        fields.insert("upstream".into(), upstream_url.into());
-        fields.insert("status".into(), 101.into());
-        identity_fields(&mut fields, Some(identity));
-        if let Some(id) = &session_id {
-            fields.insert("session_id".into(), id.clone().into());
-        }
-        shared.audit.record("connect", fields.clone());
-        fields
+    let audit = shared.audit.enabled().then(|| {
+        let who = Arc::new(who(
+            request_id,
+            &route.label,
+            conn,
+            Some(identity),
+            session_id.as_deref(),
+        ));
+        let connected = Connected {
+            upstream: &upstream_url,
+            status: 101,
+        };
+        shared.audit.record("connect", request_id, &who, connected);
+        (who, upstream_url.clone())
     });
 
     let kept = session.and_then(|(reservation, announce)| Some((reservation.keep()?, announce)));
     let resumable = match (kept, &route.resume) {
         (Some((entry, announce)), Some(settings)) => {
             let _ = entry.protocol.set(upstream.protocol.clone());
-            let mut session_fields = audit_fields.clone();
-            if let Some(fields) = session_fields.as_mut() {
-                fields.remove("status");
-                fields.remove("upstream");
-            }
             Some((
                 Box::new(Resumable::new(
                     settings.clone(),
                     entry,
-                    shared.clone(),
-                    route.label.to_string(),
-                    session_fields,
+                    shared.sessions.clone(),
+                    route.label.clone(),
+                    audit.as_ref().map(|(who, _)| who.clone()),
                 )),
                 announce,
             ))
@@ -336,25 +377,36 @@ async fn prepare(
         route: route.label.clone(),
         session_duration: metrics.session.clone(),
         started: Instant::now(),
-        audit_fields,
+        audit,
     };
-    let relay = Relay::new(
-        Leg::upstream(upstream.io, &upstream.leftover, route.max_message_size),
-        hyper::upgrade::on(request),
-        RelayParams {
-            lifecycle: route.lifecycle.clone(),
-            max_message: route.max_message_size,
-            token_expires_at,
-            counters: relay::Counters {
-                client_to_upstream: metrics.client_to_upstream.clone(),
-                upstream_to_client: metrics.upstream_to_client.clone(),
-            },
-            shutdown: shared.shutdown.clone(),
-            tasks: shared.tasks.clone(),
-            resume,
-            announce,
+    let upstream_leg = Leg::upstream(upstream.io, &upstream.leftover, route.max_message_size);
+    let params = RelayParams {
+        lifecycle: route.lifecycle.clone(),
+        max_message: route.max_message_size,
+        token_expires_at,
+        counters: Counters {
+            client_to_upstream: metrics.client_to_upstream.clone(),
+            upstream_to_client: metrics.upstream_to_client.clone(),
         },
-    );
+        shutdown: shared.shutdown.clone(),
+        tasks: shared.tasks.clone(),
+        resume,
+        announce,
+    };
+    let max_message = route.max_message_size;
+    // The relay starts once hyper hands over the client's socket after the 101.
+    let relay = hyper::upgrade::on(request)
+        .map(move |upgraded| match upgraded {
+            Ok(upgraded) => {
+                let (io, initial) = Io::from_upgraded(upgraded);
+                Some(Leg::client(io, &initial, max_message))
+            }
+            Err(error) => {
+                tracing::debug!(%error, "client vanished during the upgrade");
+                None
+            }
+        })
+        .then(move |client| Relay::new(client, upstream_leg, params));
     shared.stats.opened();
     let holds = (
         shared.stats.open_guard(),
@@ -444,7 +496,7 @@ fn plan_session(
     };
     let mut failed = None;
     if let Some(last_seq) = last_seq {
-        let found = shared.registry.find(&key).and_then(|entry| {
+        let found = shared.sessions.registry.find(&key).and_then(|entry| {
             if conversation_named && entry.conversation != identity.conversation {
                 return Err(NotResumable::Conversation);
             }
@@ -459,7 +511,11 @@ fn plan_session(
         }
     }
     let id = key.id.clone();
-    match shared.registry.begin(key, identity.conversation.clone()) {
+    match shared
+        .sessions
+        .registry
+        .begin(key, identity.conversation.clone())
+    {
         // A live session that could not be resumed cannot be replaced either: the client
         // hears why it could not be resumed.
         Err(NotResumable::InUse) if failed.is_some() => {
@@ -535,12 +591,13 @@ fn resume(
             Delivery::Delivered => {}
             // Two reconnects raced: this one takes the session, the earlier one is told.
             Delivery::Replaced(earlier) => {
-                let close = Close::new(relay::codes::SESSION_TAKEN_OVER, "session taken over");
-                close_leg(earlier.leg, Finish::Close(close), CLOSE_TIMEOUT, true).await;
+                let taken_over = Finish::Send(EdgeClose::TakenOver);
+                close_leg(earlier.leg, taken_over, CLOSE_TIMEOUT, true).await;
             }
             // The session ended between the check and now; the registry knows how.
             Delivery::Ended(returned) => {
                 let why = shared_in_task
+                    .sessions
                     .registry
                     .find(&entry.key)
                     .err()
@@ -573,13 +630,15 @@ fn not_resumable(
     shared.metrics.handshake(&route.label, 101, "not_resumable");
     shared.metrics.resume(&route.label, why.label());
     tracing::info!(request_id = %reply.request_id, client = %conn.peer, route = %route.label, reason = why.reason(), "session not resumable");
-    let mut fields = Map::new();
-    fields.insert("request_id".into(), reply.request_id.into());
-    fields.insert("route".into(), route.label.to_string().into());
-    fields.insert("client".into(), conn.peer.to_string().into());
-    fields.insert("reason".into(), why.reason().into());
-    identity_fields(&mut fields, Some(identity));
-    shared.audit.record("resume_refused", fields);
+    if shared.audit.enabled() {
+        let who = who(reply.request_id, &route.label, conn, Some(identity), None);
+        let refused = Refused {
+            reason: why.reason(),
+        };
+        shared
+            .audit
+            .record("resume_refused", reply.request_id, &who, refused);
+    }
     let on_upgrade = hyper::upgrade::on(request);
     let max_message = route.max_message_size;
     shared.tasks.spawn(async move {
@@ -614,8 +673,8 @@ struct Connection {
     route: Arc<str>,
     session_duration: prometheus_client::metrics::histogram::Histogram,
     started: Instant,
-    /// The connect event's fields, when an audit log is being written.
-    audit_fields: Option<Map<String, Value>>,
+    /// Who connected, and to which upstream, when an audit log is being written.
+    audit: Option<(Arc<Who>, String)>,
 }
 
 impl Connection {
@@ -645,29 +704,24 @@ impl Connection {
             duration_ms = lasted.as_millis() as u64,
             "disconnected"
         );
-        let Some(mut fields) = self.audit_fields else {
+        let Some((who, upstream)) = self.audit else {
             return;
         };
-        fields.remove("status");
-        fields.insert("reason".into(), report.reason.into());
-        fields.insert(
-            "ended_by".into(),
-            report.ended_by.map(relay::Side::name).into(),
-        );
-        fields.insert("client_close".into(), report.client_close.into());
-        fields.insert("upstream_close".into(), report.upstream_close.into());
-        fields.insert("duration_ms".into(), (lasted.as_millis() as u64).into());
-        fields.insert(
-            "messages_up".into(),
-            report.client_to_upstream.messages.into(),
-        );
-        fields.insert("bytes_up".into(), report.client_to_upstream.bytes.into());
-        fields.insert(
-            "messages_down".into(),
-            report.upstream_to_client.messages.into(),
-        );
-        fields.insert("bytes_down".into(), report.upstream_to_client.bytes.into());
-        shared.audit.record("disconnect", fields);
+        let disconnected = Disconnected {
+            upstream: &upstream,
+            reason: report.reason,
+            ended_by: report.ended_by.map(|side| side.name()),
+            client_close: report.client_close,
+            upstream_close: report.upstream_close,
+            duration_ms: lasted.as_millis() as u64,
+            messages_up: report.client_to_upstream.messages,
+            bytes_up: report.client_to_upstream.bytes,
+            messages_down: report.upstream_to_client.messages,
+            bytes_down: report.upstream_to_client.bytes,
+        };
+        shared
+            .audit
+            .record("disconnect", &who.request_id, &who, disconnected);
     }
 }
 

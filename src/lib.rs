@@ -9,13 +9,9 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;
-pub mod frame;
 pub mod handshake;
-pub mod io;
-pub mod leg;
 pub mod limits;
 pub mod metrics;
-pub mod pump;
 pub mod query;
 pub mod refusal;
 pub mod relay;
@@ -28,6 +24,7 @@ pub mod template;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -56,8 +53,8 @@ pub struct Shared {
     pub handshake_slots: Arc<Semaphore>,
     pub user_connections: Arc<limits::UserConnections>,
     pub handshake_rate: Option<limits::HandshakeRate>,
-    pub metrics: metrics::Metrics,
-    pub audit: audit::AuditLog,
+    pub metrics: Arc<metrics::Metrics>,
+    pub(crate) audit: audit::AuditLog,
     /// Resumable sessions, live and recently ended.
-    pub registry: session::Registry,
+    pub(crate) sessions: Arc<session::Sessions>,
 }

@@ -43,6 +43,41 @@ pub struct LimitLabels {
     pub kind: &'static str,
 }
 
+/// A limit that stopped a request or a connection: `wsedge_limit_hits_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    HandshakeRatePerIp,
+    MaxConnectionsPerUser,
+    MaxConnections,
+    MaxPendingHandshakes,
+    HandshakeTimeout,
+    MaxHeaderSize,
+    MaxMessageSize,
+    MessageRate,
+    IdleTimeout,
+    MaxSession,
+    ResumeBuffer,
+}
+
+impl Limit {
+    /// The `kind` label: the name of the setting that set the limit.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::HandshakeRatePerIp => "handshake_rate_per_ip",
+            Self::MaxConnectionsPerUser => "max_connections_per_user",
+            Self::MaxConnections => "max_connections",
+            Self::MaxPendingHandshakes => "max_pending_handshakes",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::MaxHeaderSize => "max_header_size",
+            Self::MaxMessageSize => "max_message_size",
+            Self::MessageRate => "message_rate",
+            Self::IdleTimeout => "idle_timeout",
+            Self::MaxSession => "max_session",
+            Self::ResumeBuffer => "resume_buffer",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResumeLabels {
     pub route: String,
@@ -260,8 +295,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn limit_hit(&self, kind: &'static str) {
-        self.limit_hits.get_or_create(&LimitLabels { kind }).inc();
+    pub(crate) fn limit_hit(&self, limit: Limit) {
+        self.limit_hits
+            .get_or_create(&LimitLabels {
+                kind: limit.label(),
+            })
+            .inc();
     }
 
     pub fn close(&self, side: &'static str, code: u16) {

@@ -129,11 +129,12 @@ impl Refusal {
     }
 
     /// The limit this refusal enforces, for `wsedge_limit_hits_total`.
-    pub fn limit_kind(&self) -> Option<&'static str> {
+    pub(crate) fn limit_kind(&self) -> Option<crate::metrics::Limit> {
+        use crate::metrics::Limit;
         match self.reason {
-            "rate_limited" => Some("handshake_rate_per_ip"),
-            "too_many_connections" => Some("max_connections_per_user"),
-            "capacity" => Some("max_connections"),
+            "rate_limited" => Some(Limit::HandshakeRatePerIp),
+            "too_many_connections" => Some(Limit::MaxConnectionsPerUser),
+            "capacity" => Some(Limit::MaxConnections),
             _ => None,
         }
     }

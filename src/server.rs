@@ -17,9 +17,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::handshake::{self, ClientConn};
-use crate::io::Io;
 use crate::limits::HandshakeRate;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
+use crate::session::Sessions;
+use crate::ws::io::Io;
 use crate::{Config, ConfigError, Shared, Stats};
 
 /// Pending connections the kernel queues per listening socket (tokio's default).
@@ -135,11 +136,17 @@ impl Edge {
                 )
             })?),
         };
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let audit = AuditLog::start(config.log.audit.clone(), metrics.audit_dropped.clone())?;
+        let sessions = Arc::new(Sessions {
+            registry: Default::default(),
+            metrics: metrics.clone(),
+            audit: audit.clone(),
+        });
         let shared = Arc::new(Shared {
             metrics,
             audit,
+            sessions,
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
             handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
             user_connections: Arc::default(),
@@ -148,7 +155,6 @@ impl Edge {
             stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            registry: Default::default(),
         });
         Ok(Edge {
             shared,
@@ -286,7 +292,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let Ok(pending) = shared.handshake_slots.clone().try_acquire_owned() else {
                     // Full of clients that have not finished their handshake: close at once
                     // rather than queue (the handshake timeout frees slots).
-                    shared.metrics.limit_hit("max_pending_handshakes");
+                    shared.metrics.limit_hit(Limit::MaxPendingHandshakes);
                     drop(tcp);
                     continue;
                 };
@@ -326,7 +332,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
                 }
                 Ok(Err(error)) => tracing::debug!(client = %peer, %error, "TLS handshake failed"),
                 Err(_) => {
-                    shared.metrics.limit_hit("handshake_timeout");
+                    shared.metrics.limit_hit(Limit::HandshakeTimeout);
                     tracing::debug!(client = %peer, "TLS handshake timed out");
                 }
             }
@@ -355,9 +361,9 @@ async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>) {
         result = connection.as_mut() => {
             if let Err(error) = result {
                 if error.is_timeout() {
-                    shared.metrics.limit_hit("handshake_timeout");
+                    shared.metrics.limit_hit(Limit::HandshakeTimeout);
                 } else if error.is_parse_too_large() {
-                    shared.metrics.limit_hit("max_header_size");
+                    shared.metrics.limit_hit(Limit::MaxHeaderSize);
                 }
                 tracing::debug!(client = %conn.peer, %error, "HTTP connection ended with an error");
             }

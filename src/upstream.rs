@@ -17,8 +17,8 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::io::Io;
 use crate::route::UpstreamTarget;
+use crate::ws::io::Io;
 
 /// The request the edge sends upstream, shaped by the handshake module.
 pub struct UpstreamRequest<'a> {
@@ -28,8 +28,8 @@ pub struct UpstreamRequest<'a> {
     pub subprotocols: Option<&'a str>,
 }
 
-pub struct UpstreamConnection {
-    pub io: Io,
+pub(crate) struct UpstreamConnection {
+    pub(crate) io: Io,
     /// What the upstream sent right behind its 101: the first frames.
     pub leftover: Vec<u8>,
     /// The subprotocol the upstream selected, if any.
@@ -51,7 +51,7 @@ pub enum ConnectError {
 /// The largest upgrade response the edge reads from an upstream.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-pub async fn connect(
+pub(crate) async fn connect(
     target: &UpstreamTarget,
     request: &UpstreamRequest<'_>,
     timeout: Duration,

@@ -6,11 +6,12 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
-use crate::frame::{Close, Event, FrameError, opcode};
-use crate::leg::Leg;
+use super::{RateLimit, Traffic};
 use crate::metrics::DirectionCounters;
-use crate::relay::{RateLimit, Traffic};
-use crate::session::ReplayBuffer;
+use crate::session::replay::ReplayBuffer;
+use crate::ws::close::{Close, End, FrameError};
+use crate::ws::frame::{Event, opcode};
+use crate::ws::leg::Leg;
 
 /// Unwritten bytes at which a destination stops its source from being read.
 const OUT_HIGH: usize = 64 * 1024;
@@ -23,51 +24,36 @@ const SOURCE_OUT_HIGH: usize = 2 * OUT_HIGH;
 /// cannot starve the others on its worker.
 const READS_PER_POLL: usize = 16;
 
-/// Why a direction stopped.
-#[derive(Debug)]
-pub enum End {
-    /// The source sent a close frame (passed on to the other side).
-    Closed(Close),
-    /// The source's connection went away without a close frame.
-    Lost,
-    /// The source broke the protocol or the size limit.
-    Violation(FrameError),
-    /// Writing to the destination failed: the destination is gone.
-    DestinationLost,
-    /// The client sent faster than `message_rate`.
-    RateLimited,
-}
-
 /// What one pass of a pump found besides the data it moved.
 #[derive(Default)]
-pub struct Outcome {
-    pub data: bool,
+pub(crate) struct Outcome {
+    pub(crate) data: bool,
     /// The payloads of the pings read, each to be answered.
-    pub pings: Vec<Vec<u8>>,
+    pub(crate) pings: Vec<Vec<u8>>,
     /// A pong answered the outstanding ping.
-    pub pong: bool,
-    pub end: Option<End>,
+    pub(crate) pong: bool,
+    pub(crate) end: Option<End>,
 }
 
 /// One direction for one poll: parse what the source sent, pass data frames on, write.
-pub struct Pump<'a> {
-    pub source: &'a mut Leg,
+pub(crate) struct Pump<'a> {
+    pub(crate) source: &'a mut Leg,
     /// `None` while a resumable session's client is away.
-    pub dest: Option<&'a mut Leg>,
-    pub bucket: Option<&'a mut TokenBucket>,
+    pub(crate) dest: Option<&'a mut Leg>,
+    pub(crate) bucket: Option<&'a mut TokenBucket>,
     /// Only whole messages reach the destination.
-    pub atomic: bool,
+    pub(crate) atomic: bool,
     /// The most a whole-message destination may hold of one unfinished message.
-    pub held_limit: usize,
-    pub replay: Option<&'a mut ReplayBuffer>,
+    pub(crate) held_limit: usize,
+    pub(crate) replay: Option<&'a mut ReplayBuffer>,
     /// Stop reading while the replay buffer holds this many (messages, bytes).
-    pub replay_cap: Option<(usize, usize)>,
-    pub traffic: &'a mut Traffic,
-    pub counters: &'a DirectionCounters,
+    pub(crate) replay_cap: Option<(usize, usize)>,
+    pub(crate) traffic: &'a mut Traffic,
+    pub(crate) counters: &'a DirectionCounters,
 }
 
 impl Pump<'_> {
-    pub fn run(mut self, cx: &mut Context<'_>, now: Instant) -> Outcome {
+    pub(crate) fn run(mut self, cx: &mut Context<'_>, now: Instant) -> Outcome {
         let mut outcome = Outcome::default();
         let mut reads = 0;
         loop {
@@ -86,7 +72,7 @@ impl Pump<'_> {
                     }
                     Poll::Pending => {
                         if dest.pending_out() >= OUT_HIGH {
-                            self.source.read_held = true;
+                            self.source.hold_reading();
                             return outcome;
                         }
                     }
@@ -94,11 +80,11 @@ impl Pump<'_> {
             }
             if let (Some(replay), Some((messages, bytes))) = (&self.replay, self.replay_cap)
                 && (replay.messages() >= messages || replay.bytes() >= bytes)
-                && !self.source.reader.mid_message()
+                && !self.source.reading_mid_message()
             {
                 // Full of what the client has not confirmed: its pong will make room. (A
                 // message is finished first: only whole messages can be let go.)
-                self.source.read_held = true;
+                self.source.hold_reading();
                 return outcome;
             }
             // The edge's own frames to the source (pongs): one that sends pings and reads
@@ -123,7 +109,6 @@ impl Pump<'_> {
                     return outcome;
                 }
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    self.source.gone = true;
                     outcome.end = Some(End::Lost);
                     return outcome;
                 }
@@ -134,7 +119,7 @@ impl Pump<'_> {
 
     /// Consumes every whole frame (and any data frame's available bytes) read so far.
     fn parse(&mut self, outcome: &mut Outcome) -> Result<(), End> {
-        let expected_pong = self.source.ping.map(|ping| ping.payload.to_be_bytes());
+        let expected_pong = self.source.ping().map(|ping| ping.payload.to_be_bytes());
         let (input, reader) = self.source.parse_parts();
         let mut at = 0;
         // Data bytes not yet copied to the destination: copied in one piece when possible.
@@ -197,10 +182,7 @@ impl Pump<'_> {
                             // Frame headers count too: endless empty fragments must not
                             // grow what is held.
                             if dest.hold(bytes) > self.held_limit {
-                                result = Err(End::Violation(FrameError {
-                                    code: 1009,
-                                    reason: "message too big",
-                                }));
+                                result = Err(End::Violation(FrameError::TooBig));
                                 run_start = at;
                                 break;
                             }
@@ -260,14 +242,14 @@ impl Pump<'_> {
     }
 }
 
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     limit: RateLimit,
     tokens: f64,
     last: Instant,
 }
 
 impl TokenBucket {
-    pub fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         Self {
             limit,
             tokens: f64::from(limit.burst),
@@ -290,6 +272,6 @@ impl TokenBucket {
 }
 
 /// A message's payload plus its frame headers, at a generous number of fragments.
-pub fn held_limit(max_message: usize) -> usize {
+pub(crate) fn held_limit(max_message: usize) -> usize {
     max_message * 2 + 4096
 }

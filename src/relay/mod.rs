@@ -1,60 +1,42 @@
-//! The frame pump: frames both ways, in order, with backpressure; heartbeats, timeouts, token
-//! expiry and the message rate; resumable sessions; and the closing of both sides with codes
-//! that say what happened.
+//! The relay: one proxied connection (a session, when resumable) from the 101 to the last
+//! close. Frames go both ways, in order, with backpressure; heartbeats, timeouts, token expiry
+//! and the message rate are enforced; both sides are closed with codes that say what happened.
 //!
-//! One task owns both sockets of a connection and moves frames between them without decoding
-//! them into messages (`frame.rs` reads what the edge must know as the bytes pass). Per
-//! direction the edge holds what one read brought and what the destination has not taken yet;
-//! once the destination holds 64 KiB unwritten, the pump stops reading its source and TCP
-//! pushes back on the sender. No queue grows with what a peer does.
+//! The relay is given two ready legs and owns both sockets from then on; it moves frames
+//! between them without decoding them into messages (`ws::frame` reads what the edge must know
+//! as the bytes pass). Per direction the edge holds what one read brought and what the
+//! destination has not taken yet; once the destination holds 64 KiB unwritten, the pump stops
+//! reading its source and TCP pushes back on the sender. No queue grows with what a peer does.
 //!
 //! Pings and pongs are per hop: each side's pings are answered by the edge and never forwarded
 //! (forwarding would produce duplicate pongs); the edge pings each side itself. On a resumable
 //! session the pongs also tell the edge what the client has received, so that a dropped
-//! client can come back and get exactly the rest (`session.rs`).
+//! client can come back and get exactly the rest (`session`).
 //!
 //! The relay is a hand-written future rather than an `async fn`: it is what every open
 //! connection keeps in memory, most of them idle, and its size is the sum of its fields.
 
+mod pump;
+
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use futures_util::future::{OptionFuture, join};
-use hyper::upgrade::OnUpgrade;
-use serde_json::{Map, Value};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
-use crate::Shared;
-use crate::frame::{Close, opcode};
-use crate::io::Io;
-use crate::leg::{Finish, Leg, Ping, close_leg};
-use crate::metrics::DirectionCounters;
-use crate::pump::{End, Outcome, Pump, TokenBucket, held_limit};
-use crate::session::{
-    NotResumable, ReplayBuffer, ResumeSettings, SessionEntry, close_not_resumable,
-};
+use crate::metrics::{DirectionCounters, Limit};
+use crate::session::close_not_resumable;
+use crate::session::resumable::Resumable;
+use crate::ws::close::{Close, Deadline, EdgeClose, End, Finish, Plan, Side};
+use crate::ws::frame::opcode;
+use crate::ws::leg::{CLOSE_TIMEOUT, Leg, Ping, close_leg};
+use pump::{Outcome, Pump, TokenBucket, held_limit};
 
-/// Close codes the edge itself sends (PRODUCT.md).
-pub mod codes {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const BAD_GATEWAY: u16 = 1014;
-    pub const TOKEN_EXPIRED: u16 = 4001;
-    /// A reconnect named a session that cannot be resumed; the reason says why.
-    pub const SESSION_NOT_RESUMABLE: u16 = 4002;
-    /// Another connection resumed this one's session.
-    pub const SESSION_TAKEN_OVER: u16 = 4003;
-}
-
-/// How long the edge waits for a peer to answer its close frame before dropping the socket.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the edge tries to deliver a close frame to a peer that stopped responding.
 const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// With heartbeats off, a side whose writes stay blocked this long (plus `pong_timeout`) is
@@ -107,166 +89,62 @@ impl Default for Lifecycle {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Upstream,
-}
-
-impl Side {
-    pub fn name(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-        }
-    }
-}
-
-/// What the deadlines decided.
-#[derive(Debug)]
-enum Deadline {
-    /// A side did not answer a ping, or read nothing, in time.
-    Unresponsive(Side),
-    Idle,
-    SessionLimit,
-    TokenExpired,
-    /// A detached session's client did not come back in time.
-    WindowPassed,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Traffic {
-    pub messages: u64,
-    pub bytes: u64,
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Traffic {
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
 }
 
 /// What happened to a relayed connection, for logs and metrics.
 #[derive(Debug, Clone)]
-pub struct RelayReport {
+pub(crate) struct RelayReport {
     /// The side whose action ended the session (`None` when the edge ended it).
-    pub ended_by: Option<Side>,
+    pub(crate) ended_by: Option<Side>,
     /// A short reason: "client closed", "upstream lost", "token expired", …
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// The close code sent to (or passed on to) the client, if any.
-    pub client_close: Option<u16>,
+    pub(crate) client_close: Option<u16>,
     /// The close code sent to (or passed on to) the upstream, if any.
-    pub upstream_close: Option<u16>,
-    pub client_to_upstream: Traffic,
-    pub upstream_to_client: Traffic,
+    pub(crate) upstream_close: Option<u16>,
+    pub(crate) client_to_upstream: Traffic,
+    pub(crate) upstream_to_client: Traffic,
     /// The limit that ended the session, for `wsedge_limit_hits_total`.
-    pub limit: Option<&'static str>,
+    pub(crate) limit: Option<Limit>,
 }
 
 /// The metric counters of one connection, resolved before the relay starts.
-pub struct Counters {
-    pub client_to_upstream: DirectionCounters,
-    pub upstream_to_client: DirectionCounters,
+pub(crate) struct Counters {
+    pub(crate) client_to_upstream: DirectionCounters,
+    pub(crate) upstream_to_client: DirectionCounters,
 }
 
-/// What a resumable session keeps beside the relay (boxed: other routes do not pay for it).
-pub struct Resumable {
-    pub settings: ResumeSettings,
-    pub entry: Arc<SessionEntry>,
-    pub shared: Arc<Shared>,
-    pub route: String,
-    /// Audit fields naming the session's owner (only when an audit log is written).
-    pub audit_fields: Option<Map<String, Value>>,
-    replay: ReplayBuffer,
-    detached_since: Option<Instant>,
-    /// How the upstream ended while the client was away: passed on after the replay.
-    upstream_final: Option<Close>,
-    /// What the buffer gauges were last moved to.
-    gauged: (i64, i64),
-    /// What a detached session may hold before it has to drop something: the bounds, or what
-    /// it already held when its client left (a connected client's buffer can pass the bounds
-    /// by what one read brought, and nothing of that is lost yet).
-    allowance: (usize, usize),
-}
-
-impl Resumable {
-    pub fn new(
-        settings: ResumeSettings,
-        entry: Arc<SessionEntry>,
-        shared: Arc<Shared>,
-        route: String,
-        audit_fields: Option<Map<String, Value>>,
-    ) -> Self {
-        Self {
-            settings,
-            entry,
-            shared,
-            route,
-            audit_fields,
-            replay: ReplayBuffer::default(),
-            detached_since: None,
-            upstream_final: None,
-            gauged: (0, 0),
-            allowance: (0, 0),
-        }
-    }
-
-    fn allow_detached(&mut self) {
-        self.allowance = (
-            self.settings.max_messages.max(self.replay.messages()),
-            self.settings.max_bytes.max(self.replay.bytes()),
-        );
-    }
-
-    /// Tells handshakes and the buffer gauges what the replay buffer holds now.
-    fn publish(&mut self) {
-        self.entry.publish(&self.replay);
-        let now = (self.replay.messages() as i64, self.replay.bytes() as i64);
-        self.move_gauges(now);
-    }
-
-    fn move_gauges(&mut self, to: (i64, i64)) {
-        let metrics = &self.shared.metrics;
-        metrics
-            .resume_buffered_messages
-            .inc_by(to.0 - self.gauged.0);
-        metrics.resume_buffered_bytes.inc_by(to.1 - self.gauged.1);
-        self.gauged = to;
-    }
-
-    fn audit(&self, event: &'static str, add: impl FnOnce(&mut Map<String, Value>)) {
-        if let Some(fields) = &self.audit_fields {
-            let mut fields = fields.clone();
-            add(&mut fields);
-            self.shared.audit.record(event, fields);
-        }
-    }
-}
-
-/// What a relay is given besides its sockets.
-pub struct RelayParams {
-    pub lifecycle: Lifecycle,
-    pub max_message: usize,
-    pub token_expires_at: Option<SystemTime>,
-    pub counters: Counters,
-    pub shutdown: CancellationToken,
+/// What a relay is given besides its legs.
+pub(crate) struct RelayParams {
+    pub(crate) lifecycle: Lifecycle,
+    pub(crate) max_message: usize,
+    pub(crate) token_expires_at: Option<SystemTime>,
+    pub(crate) counters: Counters,
+    pub(crate) shutdown: CancellationToken,
     /// Where legs that leave a continuing session are closed.
-    pub tasks: TaskTracker,
-    pub resume: Option<Box<Resumable>>,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) resume: Option<Box<Resumable>>,
     /// A first message for the client (the `edge.session` announcement).
-    pub announce: Option<String>,
+    pub(crate) announce: Option<String>,
 }
 
 enum Phase {
-    /// Waiting for hyper to hand over the client's socket after the 101.
-    Upgrading(OnUpgrade),
     Running,
     Closing(Pin<Box<dyn Future<Output = ()> + Send>>, Box<RelayReport>),
     Done,
 }
 
 /// One proxied connection (a session, when resumable) from the 101 to the last close.
-pub struct Relay {
+pub(crate) struct Relay {
     phase: Phase,
     client: Option<Leg>,
     upstream: Option<Leg>,
     lifecycle: Lifecycle,
     max_message: usize,
-    announce: Option<String>,
     shutdown: CancellationToken,
     /// Registers the task to be woken when `shutdown` is cancelled. Polled once: the
     /// registration lasts as long as the future is kept, and after that a look at the token
@@ -301,12 +179,15 @@ fn token_deadline(lifecycle: &Lifecycle, expires_at: Option<SystemTime>) -> Opti
 }
 
 impl Relay {
-    pub fn new(upstream: Leg, on_upgrade: OnUpgrade, params: RelayParams) -> Self {
+    /// A relay over the client's and the upstream's legs. `client` is `None` when the client
+    /// vanished between the 101 and the handover of its socket: a resumable session waits for
+    /// it to come back, any other connection ends at once.
+    pub(crate) fn new(client: Option<Leg>, upstream: Leg, params: RelayParams) -> Self {
         let now = Instant::now();
         let lifecycle = params.lifecycle;
-        Self {
-            phase: Phase::Upgrading(on_upgrade),
-            client: None,
+        let mut relay = Self {
+            phase: Phase::Running,
+            client,
             upstream: Some(upstream),
             token_deadline: token_deadline(&lifecycle, params.token_expires_at),
             session_deadline: lifecycle.max_session.and_then(|max| now.checked_add(max)),
@@ -314,7 +195,6 @@ impl Relay {
             bucket: lifecycle.message_rate.map(TokenBucket::new),
             lifecycle,
             max_message: params.max_message,
-            announce: params.announce,
             shutdown_wait: Box::pin(params.shutdown.clone().cancelled_owned()),
             shutdown_registered: false,
             shutdown: params.shutdown,
@@ -328,41 +208,18 @@ impl Relay {
             counters: params.counters,
             resume: params.resume,
             final_close: None,
-        }
-    }
-
-    fn begin(&mut self, upgraded: Result<hyper::upgrade::Upgraded, hyper::Error>) {
-        self.phase = Phase::Running;
-        match upgraded {
-            Ok(upgraded) => {
-                let (io, initial) = Io::from_upgraded(upgraded);
-                let mut leg = Leg::client(io, &initial, self.max_message);
-                if let Some(announce) = self.announce.take() {
-                    leg.send_frame(opcode::TEXT, announce.as_bytes());
-                }
-                self.client = Some(leg);
-            }
-            Err(error) => {
-                tracing::debug!(%error, "client vanished during the upgrade");
-                match self.resume.as_mut() {
-                    // It may still come back.
-                    Some(resume) => {
-                        resume.detached_since = Some(Instant::now());
-                        resume.allow_detached();
-                        resume.shared.metrics.sessions_detached.inc();
-                    }
-                    None => self.begin_closing(Plan {
-                        to_client: Finish::Gone,
-                        to_upstream: close(codes::GOING_AWAY, "client went away"),
-                        ended_by: Some(Side::Client),
-                        reason: "client vanished during the upgrade",
-                        unresponsive: None,
-                        limit: None,
-                        session: NotResumable::Closed,
-                    }),
+        };
+        match (relay.client.as_mut(), relay.resume.as_mut()) {
+            (Some(client), _) => {
+                if let Some(announce) = params.announce {
+                    client.send_frame(opcode::TEXT, announce.as_bytes());
                 }
             }
+            // It may still come back.
+            (None, Some(resume)) => resume.start_detached(),
+            (None, None) => relay.begin_closing(Plan::vanished_during_upgrade()),
         }
+        relay
     }
 
     fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<Plan> {
@@ -466,12 +323,12 @@ impl Relay {
             return Ok(());
         }
         let (replay, replay_cap) = match self.resume.as_mut() {
-            Some(resume) => (
-                Some(&mut resume.replay),
+            Some(resume) => {
                 // A connected client's pongs make room; a detached session reads on and
                 // ends when it overflows.
-                attached.then_some((resume.settings.max_messages, resume.settings.max_bytes)),
-            ),
+                let cap = attached.then(|| resume.bounds());
+                (Some(resume.replay_mut()), cap)
+            }
             None => (None, None),
         };
         let outcome = Pump {
@@ -495,10 +352,10 @@ impl Relay {
             // Ask the client what it has whenever something is kept for it, so that what it
             // has can be let go (and a full buffer makes room).
             if let Some(client) = self.client.as_mut()
-                && client.ping.is_none()
-                && resume.replay.bytes() > 0
+                && client.ping().is_none()
+                && resume.replay().bytes() > 0
             {
-                client.send_ping(resume.replay.end());
+                client.send_ping(resume.replay().end());
             }
         }
         result
@@ -523,12 +380,11 @@ impl Relay {
                 source.send_frame(opcode::PONG, ping);
             }
             if outcome.pong
-                && let Some(payload) = source.ping.take().map(|ping| ping.payload)
+                && let Some(Ping { payload, .. }) = source.take_ping()
                 && side == Side::Client
                 && let Some(resume) = self.resume.as_mut()
             {
-                resume.replay.acknowledge(payload);
-                resume.publish();
+                resume.acknowledge(payload);
             }
         }
         match outcome.end {
@@ -540,24 +396,32 @@ impl Relay {
     /// Writes whatever is queued for either side.
     fn flush(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<(), (Side, End)> {
         for side in [Side::Client, Side::Upstream] {
-            let leg = match side {
-                Side::Client => self.client.as_mut(),
-                Side::Upstream => self.upstream.as_mut(),
+            let Some(leg) = self.leg_mut(side) else {
+                continue;
             };
-            let Some(leg) = leg else { continue };
             if !leg.has_output() {
                 continue;
             }
             if let Poll::Ready(Err(_)) = leg.poll_write_out(cx, now) {
                 // Writing to this side failed: for the relay, the other side's destination.
-                let source = match side {
-                    Side::Client => Side::Upstream,
-                    Side::Upstream => Side::Client,
-                };
-                return Err((source, End::DestinationLost));
+                return Err((side.other(), End::DestinationLost));
             }
         }
         Ok(())
+    }
+
+    fn leg(&self, side: Side) -> Option<&Leg> {
+        match side {
+            Side::Client => self.client.as_ref(),
+            Side::Upstream => self.upstream.as_ref(),
+        }
+    }
+
+    fn leg_mut(&mut self, side: Side) -> Option<&mut Leg> {
+        match side {
+            Side::Client => self.client.as_mut(),
+            Side::Upstream => self.upstream.as_mut(),
+        }
     }
 
     /// Checks every deadline; returns the next one, or the one that passed.
@@ -574,10 +438,8 @@ impl Relay {
         if let Some(idle) = self.lifecycle.idle_timeout {
             next.due(self.last_data + idle, Deadline::Idle)?;
         }
-        if let Some(resume) = &self.resume
-            && let Some(since) = resume.detached_since
-        {
-            next.due(since + resume.settings.window, Deadline::WindowPassed)?;
+        if let Some(at) = self.resume.as_ref().and_then(|resume| resume.window_ends()) {
+            next.due(at, Deadline::WindowPassed)?;
         }
         let pong_timeout = self.lifecycle.pong_timeout;
         // Without heartbeats a peer that reads nothing is still judged, over the default window.
@@ -586,24 +448,20 @@ impl Relay {
             .ping_interval
             .unwrap_or(STALL_WINDOW_WITHOUT_HEARTBEATS);
         for side in [Side::Client, Side::Upstream] {
-            let leg = match side {
-                Side::Client => self.client.as_ref(),
-                Side::Upstream => self.upstream.as_ref(),
-            };
-            let Some(leg) = leg else { continue };
+            let Some(leg) = self.leg(side) else { continue };
             // While the edge holds off reading a side (the other is not taking what it
             // sends), its pong cannot be seen: judging it would blame the wrong peer. It gets
             // the whole timeout again once it is read (`Leg::resume_reading`).
-            if !leg.read_held
+            if !leg.read_held()
                 && let Some(Ping {
                     sent: Some(sent), ..
-                }) = leg.ping
+                }) = leg.ping()
             {
                 next.due(sent + pong_timeout, Deadline::Unresponsive(side))?;
             }
             // A side that reads nothing would have had a ping within the interval and the
             // pong timeout to answer it.
-            if let Some(since) = leg.write_blocked_since {
+            if let Some(since) = leg.write_blocked_since() {
                 next.due(
                     since + interval + pong_timeout,
                     Deadline::Unresponsive(side),
@@ -616,16 +474,16 @@ impl Relay {
                 self.ping_serial += 1;
                 let serial = self.ping_serial;
                 let client_payload = match &self.resume {
-                    Some(resume) => resume.replay.end(),
+                    Some(resume) => resume.replay().end(),
                     None => serial,
                 };
                 if let Some(client) = self.client.as_mut()
-                    && client.ping.is_none()
+                    && client.ping().is_none()
                 {
                     client.send_ping(client_payload);
                 }
                 if let Some(upstream) = self.upstream.as_mut()
-                    && upstream.ping.is_none()
+                    && upstream.ping().is_none()
                 {
                     upstream.send_ping(serial);
                 }
@@ -643,7 +501,7 @@ impl Relay {
             match deadline {
                 Deadline::Unresponsive(Side::Client) => {
                     self.detach(
-                        close(codes::GOING_AWAY, "heartbeat timeout"),
+                        Finish::Send(EdgeClose::HeartbeatTimeout),
                         UNRESPONSIVE_CLOSE_TIMEOUT,
                         "client unresponsive",
                     );
@@ -652,7 +510,7 @@ impl Relay {
                 Deadline::TokenExpired => {
                     // The client comes back with a fresh token and loses nothing.
                     self.detach(
-                        close(codes::TOKEN_EXPIRED, "token expired"),
+                        Finish::Send(EdgeClose::TokenExpired),
                         CLOSE_TIMEOUT,
                         "token expired",
                     );
@@ -661,7 +519,7 @@ impl Relay {
                 _ => {}
             }
         }
-        Some(plan_for_deadline(deadline))
+        Some(Plan::for_deadline(deadline))
     }
 
     fn on_end(&mut self, side: Side, end: End) -> Option<Plan> {
@@ -682,63 +540,43 @@ impl Relay {
                 // confirmed them, and a client lost before that comes back for the rest.
                 (Side::Upstream, End::Closed(_)) => {
                     self.upstream_ended(end);
-                    self.final_close = self.resume.as_mut()?.upstream_final.take();
+                    self.final_close = self.resume.as_mut()?.take_upstream_final();
                     return None;
                 }
                 _ => {}
             }
         }
-        Some(plan_for_end(side, end))
+        Some(Plan::for_end(side, end))
     }
 
     /// Takes the session's client out, undoing what it was in the middle of, so that the next
     /// client of the session (after a detach, or taking over) starts clean.
-    fn let_client_go(
-        client: &mut Option<Leg>,
-        upstream: &mut Option<Leg>,
-        final_close: &mut Option<Close>,
-        resume: &mut Resumable,
-    ) -> Option<Leg> {
+    fn let_client_go(&mut self) -> Option<Leg> {
         // A client that leaves in the middle of its replay leaves the rest, and the upstream's
         // close after it, to the next one.
-        if let Some(close) = final_close.take() {
-            resume.upstream_final = Some(close);
+        if let (Some(close), Some(resume)) = (self.final_close.take(), self.resume.as_mut()) {
+            resume.upstream_ended(close);
         }
         // Half a client message never reaches the upstream: the next client's frames would
         // be read as its rest.
-        if let Some(upstream) = upstream.as_mut() {
+        if let Some(upstream) = self.upstream.as_mut() {
             upstream.drop_held();
         }
-        client.take()
+        self.client.take()
     }
 
     /// The client left without ending its session: keep the upstream for the window.
     fn detach(&mut self, finish: Finish, wait: Duration, why: &'static str) {
-        let Some(resume) = self.resume.as_mut() else {
+        if self.resume.is_none() {
             return;
-        };
-        if let Some(leg) = Self::let_client_go(
-            &mut self.client,
-            &mut self.upstream,
-            &mut self.final_close,
-            resume,
-        ) {
+        }
+        if let Some(leg) = self.let_client_go() {
             self.tasks.spawn(close_leg(leg, finish, wait, true));
         }
         self.token_deadline = None;
-        resume.detached_since = Some(Instant::now());
-        resume.allow_detached();
-        resume.shared.metrics.sessions_detached.inc();
-        tracing::info!(
-            route = %resume.route,
-            session = %resume.entry.key.id,
-            reason = why,
-            buffered = resume.replay.messages(),
-            "client detached; session kept"
-        );
-        resume.audit("detach", |fields| {
-            fields.insert("reason".into(), why.into());
-        });
+        if let Some(resume) = self.resume.as_mut() {
+            resume.detach(why);
+        }
     }
 
     /// The session's upstream ended: remember how, to tell the client after the rest.
@@ -746,122 +584,61 @@ impl Relay {
         let Some(resume) = self.resume.as_mut() else {
             return;
         };
-        let (finish, final_close) = match end {
-            End::Closed(close) => (Finish::Answer(close.clone()), close),
-            End::Violation(error) => (
-                Finish::Close(Close::new(error.code, error.reason)),
-                Close::new(codes::BAD_GATEWAY, "upstream failed"),
-            ),
-            End::Lost | End::DestinationLost | End::RateLimited => (
-                Finish::Gone,
-                Close::new(codes::BAD_GATEWAY, "upstream failed"),
-            ),
-        };
+        let (finish, final_close) = crate::ws::close::upstream_ended_while_detached(end);
         if let Some(upstream) = self.upstream.take() {
             self.tasks
                 .spawn(close_leg(upstream, finish, CLOSE_TIMEOUT, false));
         }
-        resume.upstream_final = Some(final_close);
+        resume.upstream_ended(final_close);
     }
 
     /// A detached session that has read past its bounds cannot be resumed any more.
     fn check_overflow(&mut self) -> Option<Plan> {
         let resume = self.resume.as_ref()?;
-        if self.client.is_some() {
-            return None;
-        }
-        let (messages, bytes) = resume.allowance;
-        let over = resume.replay.messages() > messages || resume.replay.bytes() > bytes;
-        over.then(|| Plan {
-            to_client: Finish::Gone,
-            to_upstream: close(codes::GOING_AWAY, "client went away"),
-            ended_by: None,
-            reason: "resume buffer overflowed",
-            unresponsive: None,
-            limit: Some("resume_buffer"),
-            session: NotResumable::Overflowed,
-        })
+        (self.client.is_none() && resume.overflowed()).then(Plan::resume_overflowed)
     }
 
     /// Takes over clients that resume this session.
     fn poll_attach(&mut self, cx: &mut Context<'_>) {
         loop {
-            let Some(resume) = self.resume.as_mut() else {
+            let Some(attach) = self.resume.as_ref().and_then(|r| r.poll_arrival(cx)) else {
                 return;
             };
-            let Some(attach) = resume.entry.poll_take(cx) else {
+            let Some(resume) = self.resume.as_ref() else {
                 return;
             };
-            let start = match resume.replay.replay_start(attach.last_seq) {
+            let start = match resume.replay_start(&attach) {
                 Ok(start) => start,
                 Err(why) => {
-                    resume.shared.metrics.resume(&resume.route, why.label());
-                    tracing::info!(request_id = %attach.request_id, session = %resume.entry.key.id, reason = why.reason(), "resume refused");
                     self.tasks.spawn(close_not_resumable(attach.leg, why));
                     continue;
                 }
             };
-            if let Some(old) = Self::let_client_go(
-                &mut self.client,
-                &mut self.upstream,
-                &mut self.final_close,
-                resume,
-            ) {
+            let old = self.let_client_go();
+            let took_over = old.is_some();
+            if let Some(old) = old {
                 self.tasks.spawn(close_leg(
                     old,
-                    close(codes::SESSION_TAKEN_OVER, "session taken over"),
+                    Finish::Send(EdgeClose::TakenOver),
                     CLOSE_TIMEOUT,
                     true,
                 ));
-            } else {
-                resume.shared.metrics.sessions_detached.dec();
             }
-            let metrics = &resume.shared.metrics;
-            let mut leg = attach.leg;
-            let mut replay = Vec::new();
-            // After an upstream that ended mid-message only whole messages are replayed: its
-            // close must not land inside a frame.
-            let end = match &resume.upstream_final {
-                Some(_) => resume.replay.complete_end().max(start),
-                None => resume.replay.end(),
-            };
-            let replayed = resume.replay.copy_range(start, end, &mut replay);
+            let upstream_mid_frame = self
+                .upstream
+                .as_ref()
+                .is_some_and(|upstream| upstream.reading_mid_frame());
             let received = self.up.messages;
-            if resume.settings.announce {
-                let announce = serde_json::json!({
-                    "type": "edge.session",
-                    "session_id": resume.entry.key.id,
-                    "resumed": true,
-                    "replayed": replayed,
-                    "received": received,
-                });
-                leg.send_frame(opcode::TEXT, announce.to_string().as_bytes());
-            }
-            leg.push_data(&replay);
-            leg.set_mid_frame(
-                self.upstream
-                    .as_ref()
-                    .is_some_and(|upstream| upstream.reader.mid_frame()),
-            );
-            metrics.resume(&resume.route, "resumed");
-            tracing::info!(
-                request_id = %attach.request_id,
-                session = %resume.entry.key.id,
-                last_seq = attach.last_seq,
-                replayed,
-                "session resumed"
-            );
-            resume.audit("resume", |fields| {
-                fields.insert("request_id".into(), attach.request_id.clone().into());
-                fields.insert("last_seq".into(), attach.last_seq.into());
-                fields.insert("replayed".into(), replayed.into());
-            });
-            resume.detached_since = None;
-            self.client = Some(leg);
-            self.token_deadline = token_deadline(&self.lifecycle, attach.token_expires_at);
+            let Some(resume) = self.resume.as_mut() else {
+                return;
+            };
+            let mut attached = resume.attach(*attach, start, received, took_over);
+            attached.leg.set_mid_frame(upstream_mid_frame);
+            self.client = Some(attached.leg);
+            self.token_deadline = token_deadline(&self.lifecycle, attached.token_expires_at);
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
             // The upstream ended while the client was away: the rest, then its close.
-            self.final_close = resume.upstream_final.take();
+            self.final_close = resume.take_upstream_final();
         }
     }
 
@@ -870,24 +647,16 @@ impl Relay {
         let client = self.client.as_mut()?;
         self.final_close.as_ref()?;
         if let Some(resume) = &self.resume
-            && resume.replay.messages() > 0
+            && resume.replay().messages() > 0
         {
             // Written is not received: the close waits for the client to confirm the rest.
-            if client.ping.is_none() {
-                client.send_ping(resume.replay.end());
+            if client.ping().is_none() {
+                client.send_ping(resume.replay().end());
             }
             return None;
         }
         // What is still queued for the client (pongs) goes out before the close.
-        Some(Plan {
-            to_client: Finish::Close(self.final_close.take()?),
-            to_upstream: Finish::Gone,
-            ended_by: Some(Side::Upstream),
-            reason: "upstream closed",
-            unresponsive: None,
-            limit: None,
-            session: NotResumable::Closed,
-        })
+        Some(Plan::upstream_closed_after_replay(self.final_close.take()?))
     }
 
     fn begin_closing(&mut self, plan: Plan) {
@@ -900,17 +669,14 @@ impl Relay {
             client_to_upstream: self.up,
             upstream_to_client: self.down,
         };
-        if let Some(resume) = self.resume.as_mut() {
-            resume.shared.registry.end(&resume.entry, plan.session);
-            // A client on its way in is told, not dropped.
-            if let Some(waiting) = resume.entry.close() {
-                self.tasks
-                    .spawn(close_not_resumable(waiting.leg, plan.session));
-            }
-            if resume.detached_since.is_some() {
-                resume.shared.metrics.sessions_detached.dec();
-            }
-            resume.move_gauges((0, 0));
+        // A client on its way in is told, not dropped.
+        if let Some(waiting) = self
+            .resume
+            .as_mut()
+            .and_then(|resume| resume.end(plan.session))
+        {
+            self.tasks
+                .spawn(close_not_resumable(waiting.leg, plan.session));
         }
         let wait = |side: Side| {
             if plan.unresponsive == Some(side) {
@@ -928,7 +694,7 @@ impl Relay {
             .take()
             .map(|leg| close_leg(leg, plan.to_upstream, wait(Side::Upstream), false));
         // The two closes side by side, each stored once (an async block around each would
-        // keep it twice: 5.4 KiB per connection end instead of 1.8).
+        // keep it twice).
         let closing = join(OptionFuture::from(client), OptionFuture::from(upstream)).map(drop);
         self.phase = Phase::Closing(Box::pin(closing), Box::new(report));
     }
@@ -941,10 +707,6 @@ impl Future for Relay {
         let this = self.get_mut();
         loop {
             match &mut this.phase {
-                Phase::Upgrading(on_upgrade) => {
-                    let upgraded = std::task::ready!(Pin::new(on_upgrade).poll(cx));
-                    this.begin(upgraded);
-                }
                 Phase::Running => match this.poll_running(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(plan) => this.begin_closing(plan),
@@ -978,172 +740,5 @@ impl Next {
 
     fn later(&mut self, at: Instant) {
         self.at = Some(self.at.map_or(at, |next| next.min(at)));
-    }
-}
-
-fn close(code: u16, reason: &'static str) -> Finish {
-    Finish::Close(Close::new(code, reason))
-}
-
-struct Plan {
-    to_client: Finish,
-    to_upstream: Finish,
-    ended_by: Option<Side>,
-    reason: &'static str,
-    unresponsive: Option<Side>,
-    limit: Option<&'static str>,
-    /// What a client that tries to resume this session afterwards is told.
-    session: NotResumable,
-}
-
-impl Plan {
-    fn shutdown() -> Self {
-        Plan {
-            to_client: close(codes::GOING_AWAY, "edge shutting down"),
-            to_upstream: close(codes::GOING_AWAY, "edge shutting down"),
-            ended_by: None,
-            reason: "edge shutting down",
-            unresponsive: None,
-            limit: None,
-            session: NotResumable::Closed,
-        }
-    }
-}
-
-fn plan_for_end(side: Side, end: End) -> Plan {
-    use codes::*;
-    let limit = match &end {
-        End::Violation(error) if error.code == 1009 => Some("max_message_size"),
-        End::RateLimited => Some("message_rate"),
-        _ => None,
-    };
-    let (to_source, to_other, reason) = match (side, end) {
-        (Side::Client, End::Closed(frame)) => (
-            Finish::Answer(frame.clone()),
-            Finish::Close(frame),
-            "client closed",
-        ),
-        (Side::Upstream, End::Closed(frame)) => (
-            Finish::Answer(frame.clone()),
-            Finish::Close(frame),
-            "upstream closed",
-        ),
-        (Side::Client, End::Lost) => (
-            Finish::Gone,
-            close(GOING_AWAY, "client went away"),
-            "client lost",
-        ),
-        (Side::Upstream, End::Lost) => (
-            Finish::Gone,
-            close(BAD_GATEWAY, "upstream failed"),
-            "upstream lost",
-        ),
-        (Side::Client, End::Violation(error)) => (
-            Finish::Close(Close::new(error.code, error.reason)),
-            close(GOING_AWAY, "client went away"),
-            if error.code == 1009 {
-                "client message too big"
-            } else {
-                "client protocol error"
-            },
-        ),
-        (Side::Upstream, End::Violation(error)) => (
-            Finish::Close(Close::new(error.code, error.reason)),
-            close(BAD_GATEWAY, "upstream failed"),
-            if error.code == 1009 {
-                "upstream message too big"
-            } else {
-                "upstream protocol error"
-            },
-        ),
-        // The destination is gone: tell the source why, as if the destination had been lost.
-        (Side::Client, End::DestinationLost) => (
-            close(BAD_GATEWAY, "upstream failed"),
-            Finish::Gone,
-            "upstream lost",
-        ),
-        (Side::Upstream, End::DestinationLost) => (
-            close(GOING_AWAY, "client went away"),
-            Finish::Gone,
-            "client lost",
-        ),
-        (_, End::RateLimited) => (
-            close(POLICY, "message rate exceeded"),
-            close(GOING_AWAY, "client went away"),
-            "client message rate exceeded",
-        ),
-    };
-    let (to_client, to_upstream) = match side {
-        Side::Client => (to_source, to_other),
-        Side::Upstream => (to_other, to_source),
-    };
-    Plan {
-        to_client,
-        to_upstream,
-        ended_by: Some(side),
-        reason,
-        unresponsive: None,
-        limit,
-        session: NotResumable::Closed,
-    }
-}
-
-fn plan_for_deadline(deadline: Deadline) -> Plan {
-    use codes::*;
-    let limit = match deadline {
-        Deadline::Idle => Some("idle_timeout"),
-        Deadline::SessionLimit => Some("max_session"),
-        _ => None,
-    };
-    let mut session = NotResumable::Closed;
-    let (to_client, to_upstream, reason, unresponsive) = match deadline {
-        Deadline::Unresponsive(Side::Client) => (
-            close(GOING_AWAY, "heartbeat timeout"),
-            close(GOING_AWAY, "client went away"),
-            "client unresponsive",
-            Some(Side::Client),
-        ),
-        Deadline::Unresponsive(Side::Upstream) => (
-            close(BAD_GATEWAY, "upstream not responding"),
-            close(GOING_AWAY, "heartbeat timeout"),
-            "upstream unresponsive",
-            Some(Side::Upstream),
-        ),
-        Deadline::Idle => (
-            close(GOING_AWAY, "idle timeout"),
-            close(GOING_AWAY, "idle timeout"),
-            "idle timeout",
-            None,
-        ),
-        Deadline::SessionLimit => (
-            close(GOING_AWAY, "session time limit"),
-            close(GOING_AWAY, "session time limit"),
-            "session time limit",
-            None,
-        ),
-        Deadline::TokenExpired => (
-            close(TOKEN_EXPIRED, "token expired"),
-            close(NORMAL, "token expired"),
-            "token expired",
-            None,
-        ),
-        Deadline::WindowPassed => {
-            session = NotResumable::Expired;
-            (
-                Finish::Gone,
-                close(GOING_AWAY, "client went away"),
-                "resume window passed",
-                None,
-            )
-        }
-    };
-    Plan {
-        to_client,
-        to_upstream,
-        ended_by: None,
-        reason,
-        unresponsive,
-        limit,
-        session,
     }
 }

@@ -16,14 +16,17 @@ use std::time::Duration;
 use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
-use crate::frame::{self, Close, Event, FrameReader, Writer};
-use crate::io::Io;
+use super::close::Finish;
+use super::frame::{self, Event, FrameReader, Writer};
+use super::io::Io;
 
+/// How long the edge waits for a peer to answer its close frame before dropping the socket.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The read chunk: one `recv` serves hundreds of token-sized messages.
 const CHUNK: usize = 16 * 1024;
 /// Chunks a worker thread keeps for its connections to reuse (1 MiB): a chat connection
 /// that goes idle after each message would otherwise free its buffers and allocate them
-/// again for the next one (measured: 40 % of the relay's instructions per echoed message).
+/// again for the next one (BENCHMARKS.md, "What moved the figures").
 const SPARE_CHUNKS: usize = 64;
 
 thread_local! {
@@ -53,23 +56,23 @@ fn give_back(mut buffer: Vec<u8>) {
 
 /// A ping the edge sent and the peer has not answered yet.
 #[derive(Debug, Clone, Copy)]
-pub struct Ping {
-    pub payload: u64,
+pub(crate) struct Ping {
+    pub(crate) payload: u64,
     /// When its last byte was written to the socket; `None` while it waits behind what is
     /// queued before it, since the peer cannot answer what it has not been sent (a slow link
     /// may take seconds to take a long stream's backlog).
-    pub sent: Option<Instant>,
+    pub(crate) sent: Option<Instant>,
     /// Where it ends in the stream of bytes written to this peer; `None` while it waits
     /// behind a frame passing through, before it is queued.
     ends_at: Option<u64>,
 }
 
-pub struct Leg {
-    pub io: Io,
+pub(crate) struct Leg {
+    io: Io,
     /// Bytes read and not yet consumed start at `consumed`.
     input: Vec<u8>,
     consumed: usize,
-    pub reader: FrameReader,
+    reader: FrameReader,
     /// Bytes to write to this peer; those before `written` are written.
     out: Vec<u8>,
     written: usize,
@@ -78,7 +81,7 @@ pub struct Leg {
     /// The edge's own control frames, waiting until `out` ends at a frame boundary.
     deferred: Vec<u8>,
     /// The data written to `out` so far ends inside a frame passed through from the other peer.
-    pub out_mid_frame: bool,
+    out_mid_frame: bool,
     /// The frames of a message from the other peer that is not complete yet, when only whole
     /// messages may be written to this peer (a resumable session's upstream: a client that
     /// drops mid-message must not leave half a message behind).
@@ -86,22 +89,20 @@ pub struct Leg {
     /// Frames the edge writes to this peer are masked: it is the upstream, the edge its client.
     masked: bool,
     /// The edge's unanswered ping.
-    pub ping: Option<Ping>,
+    ping: Option<Ping>,
     /// Bytes were written since the last flush (TLS keeps them until flushed).
     needs_flush: bool,
     /// Since when writes to this peer have made no progress: it has taken no byte since. A
     /// slow reader that keeps taking some is not blocked (like nginx's `send_timeout`).
-    pub write_blocked_since: Option<Instant>,
+    write_blocked_since: Option<Instant>,
     /// The edge holds off reading this peer (what it sent has nowhere to go yet): its pong
     /// may be behind what is not read, so it is not judged by it meanwhile.
-    pub read_held: bool,
-    /// The peer's socket has ended (read EOF or error).
-    pub gone: bool,
+    read_held: bool,
 }
 
 impl Leg {
     /// The client's leg: it writes masked frames, the edge writes unmasked ones to it.
-    pub fn client(io: Io, initial: &[u8], max_message: usize) -> Self {
+    pub(crate) fn client(io: Io, initial: &[u8], max_message: usize) -> Self {
         Self::new(
             io,
             initial,
@@ -111,7 +112,7 @@ impl Leg {
     }
 
     /// The upstream's leg: it writes unmasked frames, the edge masks what it writes to it.
-    pub fn upstream(io: Io, initial: &[u8], max_message: usize) -> Self {
+    pub(crate) fn upstream(io: Io, initial: &[u8], max_message: usize) -> Self {
         Self::new(
             io,
             initial,
@@ -137,21 +138,15 @@ impl Leg {
             needs_flush: false,
             write_blocked_since: None,
             read_held: false,
-            gone: false,
         }
     }
 
-    /// What has been read and not consumed yet.
-    pub fn unread(&self) -> &[u8] {
-        &self.input[self.consumed..]
-    }
-
     /// The unread input and the reader, borrowed together for parsing.
-    pub fn parse_parts(&mut self) -> (&[u8], &mut FrameReader) {
+    pub(crate) fn parse_parts(&mut self) -> (&[u8], &mut FrameReader) {
         (&self.input[self.consumed..], &mut self.reader)
     }
 
-    pub fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.consumed += n;
         if self.consumed == self.input.len() {
             self.input.clear();
@@ -160,7 +155,7 @@ impl Leg {
     }
 
     /// Reads more from the peer. `Ok(0)` is the end of its stream.
-    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.consumed > 0 {
             // Only a partial frame header or control frame is ever left over: a few bytes.
             self.input.drain(..self.consumed);
@@ -175,17 +170,17 @@ impl Leg {
     }
 
     /// Bytes waiting to go to the peer, the edge's own frames held for a boundary included.
-    pub fn pending_out(&self) -> usize {
+    pub(crate) fn pending_out(&self) -> usize {
         self.out.len() - self.written + self.deferred.len()
     }
 
     /// Whether a write or a flush is still to be done.
-    pub fn has_output(&self) -> bool {
+    pub(crate) fn has_output(&self) -> bool {
         self.written < self.out.len() || self.needs_flush
     }
 
     /// Data passed through from the other peer.
-    pub fn push_data(&mut self, bytes: &[u8]) {
+    pub(crate) fn push_data(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
@@ -197,7 +192,7 @@ impl Leg {
 
     /// The data pushed so far ends at a frame boundary (or inside a frame): deferred control
     /// frames may go out now.
-    pub fn set_mid_frame(&mut self, mid_frame: bool) {
+    pub(crate) fn set_mid_frame(&mut self, mid_frame: bool) {
         self.out_mid_frame = mid_frame;
         if !mid_frame && !self.deferred.is_empty() {
             self.out.extend_from_slice(&self.deferred);
@@ -210,29 +205,29 @@ impl Leg {
     }
 
     /// Keeps part of a message until the rest arrives; returns how much is held.
-    pub fn hold(&mut self, bytes: &[u8]) -> usize {
+    pub(crate) fn hold(&mut self, bytes: &[u8]) -> usize {
         self.held.extend_from_slice(bytes);
         self.held.len()
     }
 
     /// The held message is complete: it goes out.
-    pub fn release_held(&mut self) {
+    pub(crate) fn release_held(&mut self) {
         self.out.extend_from_slice(&self.held);
         self.held = Vec::new();
     }
 
     /// The held message will never be completed (its sender left).
-    pub fn drop_held(&mut self) {
+    pub(crate) fn drop_held(&mut self) {
         self.held = Vec::new();
     }
 
     /// Whether the edge has frames of its own waiting for a frame boundary.
-    pub fn has_deferred(&self) -> bool {
+    pub(crate) fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()
     }
 
     /// Queues a control or data frame written by the edge itself.
-    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+    pub(crate) fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
         let target = if self.out_mid_frame {
             &mut self.deferred
         } else {
@@ -247,7 +242,7 @@ impl Leg {
     }
 
     /// Queues a ping carrying `payload`, and remembers it until the matching pong.
-    pub fn send_ping(&mut self, payload: u64) {
+    pub(crate) fn send_ping(&mut self, payload: u64) {
         self.send_frame(frame::opcode::PING, &payload.to_be_bytes());
         self.ping = Some(Ping {
             payload,
@@ -257,17 +252,57 @@ impl Leg {
     }
 
     /// Queues a close frame; `false` when the output ends inside a frame, where no close can go.
-    pub fn send_close(&mut self, close: &Close) -> bool {
+    pub(crate) fn send_close(&mut self, code: Option<u16>, reason: &str) -> bool {
         if self.out_mid_frame {
             return false;
         }
-        frame::write_close(&mut self.out, close, self.masked);
+        frame::write_close(&mut self.out, code, reason, self.masked);
         true
+    }
+
+    /// The edge's unanswered ping, if any.
+    pub(crate) fn ping(&self) -> Option<Ping> {
+        self.ping
+    }
+
+    /// The peer answered the edge's ping: it is no longer awaited.
+    pub(crate) fn take_ping(&mut self) -> Option<Ping> {
+        self.ping.take()
+    }
+
+    /// Since when writes to this peer have made no progress.
+    pub(crate) fn write_blocked_since(&self) -> Option<Instant> {
+        self.write_blocked_since
+    }
+
+    /// Whether the edge holds off reading this peer.
+    pub(crate) fn read_held(&self) -> bool {
+        self.read_held
+    }
+
+    /// The edge stops reading this peer until [`Leg::resume_reading`]: what it sent has nowhere
+    /// to go yet.
+    pub(crate) fn hold_reading(&mut self) {
+        self.read_held = true;
+    }
+
+    /// Whether what this peer sent so far (and was passed on) ends inside a frame.
+    pub(crate) fn reading_mid_frame(&self) -> bool {
+        self.reader.mid_frame()
+    }
+
+    /// Whether what this peer sent so far ends inside a message.
+    pub(crate) fn reading_mid_message(&self) -> bool {
+        self.reader.mid_message()
     }
 
     /// Writes everything queued, and keeps the clocks of a relayed peer: since when it has
     /// taken nothing, and when the edge's ping reached it. `Pending` while it is not reading.
-    pub fn poll_write_out(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_write_out(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+    ) -> Poll<io::Result<()>> {
         let before = self.total_written;
         let result = self.poll_drain(cx);
         let written = self.total_written;
@@ -290,7 +325,7 @@ impl Leg {
     }
 
     /// Writes everything queued. `Pending` while the peer is not reading.
-    pub fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.out.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
             if n == 0 {
@@ -315,7 +350,7 @@ impl Leg {
 
     /// The edge reads this peer again after holding off: an unanswered ping gets its whole
     /// timeout from now, since its pong may have been waiting behind what was not read.
-    pub fn resume_reading(&mut self, now: Instant) {
+    pub(crate) fn resume_reading(&mut self, now: Instant) {
         if std::mem::take(&mut self.read_held)
             && let Some(ping) = self.ping.as_mut()
             && ping.sent.is_some()
@@ -325,7 +360,7 @@ impl Leg {
     }
 
     /// Frees buffers that hold nothing: called when the connection goes quiet.
-    pub fn release_idle(&mut self) {
+    pub(crate) fn release_idle(&mut self) {
         if self.input.is_empty() && self.input.capacity() > 0 {
             give_back(std::mem::take(&mut self.input));
         }
@@ -342,38 +377,18 @@ impl Drop for Leg {
     }
 }
 
-/// How to end one side of a connection.
-#[derive(Debug, Clone)]
-pub enum Finish {
-    /// The connection is gone: nothing to send or wait for.
-    Gone,
-    /// It sent this close: answer with the same code, then end.
-    Answer(Close),
-    /// Send this close, then wait briefly for the answer.
-    Close(Close),
-}
-
-impl Finish {
-    /// The code of a close the edge starts (an answer only echoes the peer's).
-    pub fn code(&self) -> Option<u16> {
-        match self {
-            Finish::Close(close) => close.code,
-            Finish::Gone | Finish::Answer(_) => None,
-        }
-    }
-}
-
 /// Ends a leg: sends the close (if any), waits up to `wait` for the peer's close or the end of
 /// its stream so that the peer sees a clean close rather than a reset, then shuts the socket.
 /// `server`: the edge is the server on this leg (the client's), so it may close the TCP
 /// connection first once the close handshake is done (RFC 6455 §7.1.1).
-pub async fn close_leg(mut leg: Leg, how: Finish, wait: Duration, server: bool) {
-    let (close, expect_answer) = match how {
+pub(crate) async fn close_leg(mut leg: Leg, how: Finish, wait: Duration, server: bool) {
+    let sent = match &how {
         Finish::Gone => return,
-        Finish::Answer(close) => (close, false),
-        Finish::Close(close) => (close, true),
+        Finish::Answer(close) | Finish::PassOn(close) => leg.send_close(close.code, &close.reason),
+        Finish::Send(close) => leg.send_close(Some(close.code()), close.reason()),
     };
-    if !leg.send_close(&close) {
+    let expect_answer = !matches!(how, Finish::Answer(_));
+    if !sent {
         return;
     }
     let _ = tokio::time::timeout(wait, async {
@@ -503,7 +518,7 @@ mod tests {
         let (mut leg, _peer) = leg_pair().await;
         leg.push_data(&[0x82, 10, 1, 2, 3]);
         leg.set_mid_frame(true);
-        assert!(!leg.send_close(&Close::new(1000, "")));
+        assert!(!leg.send_close(Some(1000), ""));
         assert_eq!(leg.pending_out(), 5);
     }
 }

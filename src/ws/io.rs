@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub enum Io {
+pub(crate) enum Io {
     Tcp(TcpStream),
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
@@ -25,7 +25,7 @@ pub enum Io {
 impl Io {
     /// The client's socket after hyper's upgrade, and the bytes hyper read past the request
     /// (a client may send its first frames right behind the upgrade request).
-    pub fn from_upgraded(upgraded: Upgraded) -> (Io, bytes::Bytes) {
+    pub(crate) fn from_upgraded(upgraded: Upgraded) -> (Io, bytes::Bytes) {
         match upgraded.downcast::<TokioIo<Io>>() {
             Ok(parts) => (parts.io.into_inner(), parts.read_buf),
             Err(upgraded) => (
