@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -22,8 +22,9 @@ use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as WsRequest, Response as WsResponse,
 };
 
-use crate::auth::jwt::{self, SigningKey};
-use crate::{Config, Edge};
+use crate::config::Config;
+use crate::server::Edge;
+use crate::token::{self, TokenRequest};
 
 const REPLY: &str = "Hello {user}! This answer is streamed word by word by the chat core, \
 and every word crossed wsedge, which checked your token and told the core who you are.";
@@ -71,6 +72,7 @@ resume = {{ window = "30s" }}
         page_port = page_addr.port()
     );
     let config = Config::from_toml(&config_text, "demo.toml", Path::new("."))?;
+    let token = mint(&config, "alice", "acme", Duration::from_secs(3600))?;
     let edge = Edge::bind(config)
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port} for the edge (try --port)"))?;
@@ -78,7 +80,6 @@ resume = {{ window = "30s" }}
     let handle = edge.handle();
     let server = tokio::spawn(edge.run());
 
-    let token = mint(&secret, "alice", "acme", Duration::from_secs(3600))?;
     let url = format!("ws://{edge_addr}/ws/chat");
     tokio::spawn(serve_page(page_listener, url.clone(), token.clone()));
 
@@ -107,19 +108,19 @@ resume = {{ window = "30s" }}
     Ok(())
 }
 
-fn mint(secret: &str, user: &str, tenant: &str, ttl: Duration) -> anyhow::Result<String> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let mut claims = jwt::Claims::new();
-    claims.insert("sub".into(), user.into());
-    claims.insert("tenant_id".into(), tenant.into());
-    claims.insert("iat".into(), now.into());
-    claims.insert("exp".into(), (now + ttl.as_secs()).into());
-    jwt::mint(
-        jsonwebtoken::Algorithm::HS256,
-        &SigningKey::Secret(secret.as_bytes().to_vec()),
-        &claims,
-    )
-    .map_err(anyhow::Error::msg)
+fn mint(config: &Config, user: &str, tenant: &str, ttl: Duration) -> anyhow::Result<String> {
+    let request = TokenRequest {
+        policy: None,
+        user: user.to_owned(),
+        tenant: Some(tenant.to_owned()),
+        conversation: None,
+        ttl,
+        claims: Vec::new(),
+        private_key: None,
+        issuer: None,
+        audience: None,
+    };
+    Ok(token::mint(config, request)?)
 }
 
 /// Connects like a client would: first without a token, then with one (and a forged

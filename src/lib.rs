@@ -2,59 +2,47 @@
 //!
 //! The binary is a thin shell over [`Edge`]: tests bind it on port 0, drive it with real
 //! sockets, and stop it through the same cancellation token the signal handlers use.
+//!
+//! A request's path through the modules, each depending only on those after it:
+//! `server` (listeners, TLS, HTTP up to the upgrade) → `handshake` (the upgrade) →
+//! `admission` (the ordered checks: `Admitted` or a `Refusal`) → `forward` (the request shaped
+//! for the upstream) → `upstream` (targets, failover, the upstream's handshake) → `report`
+//! (log, audit and metrics of a request) → `relay` (the state machine over two legs) →
+//! `session` (registry, replay buffer, detach and attach) → `ws` (frames, legs, closes).
+//! Beside them: `route`, `limits`, `auth`, `template`, `config`, `metrics`, `audit`, `stats`,
+//! `tls`, `query`, `units`, each below whatever uses it.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod audit;
-pub mod auth;
-pub mod config;
-pub mod demo;
-pub mod handshake;
-pub mod limits;
-pub mod metrics;
-pub mod query;
-pub mod refusal;
-pub mod relay;
-pub mod route;
-pub mod server;
-pub mod session;
-pub mod stats;
+mod admin;
+mod admission;
+mod audit;
+mod auth;
+mod config;
+mod demo;
+mod forward;
+mod handshake;
+mod limits;
+mod metrics;
+mod query;
+mod relay;
+mod report;
+mod route;
+mod server;
+mod session;
+mod state;
+mod stats;
 pub mod systemd;
-pub mod template;
-pub mod tls;
-pub mod units;
-pub mod upstream;
-pub mod ws;
+mod template;
+mod tls;
+mod token;
+mod units;
+mod upstream;
+mod ws;
 
-use std::sync::Arc;
-
-use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, LogFormat, LogSettings};
+pub use demo::run as run_demo;
 pub use server::{Edge, EdgeHandle};
 pub use stats::Stats;
-
-/// State shared by every connection of one running edge.
-pub struct Shared {
-    /// The live config; handshakes load it once each, so a reload affects only new connections.
-    pub config: ArcSwap<Config>,
-    pub stats: Arc<Stats>,
-    /// Cancelled when the edge begins to drain; relays close their clients with 1001.
-    pub shutdown: CancellationToken,
-    /// Every connection task, so that shutdown can wait for them all.
-    pub tasks: TaskTracker,
-    /// One permit per proxied connection, sized by `server.max_connections`.
-    pub connection_slots: Arc<Semaphore>,
-    /// One permit per connection that has not upgraded yet, sized by
-    /// `server.max_pending_handshakes`: slow or silent clients cannot pile up unbounded.
-    pub handshake_slots: Arc<Semaphore>,
-    pub user_connections: Arc<limits::UserConnections>,
-    pub handshake_rate: Option<limits::HandshakeRate>,
-    pub metrics: Arc<metrics::Metrics>,
-    pub(crate) audit: audit::AuditLog,
-    /// Resumable sessions, live and recently ended.
-    pub(crate) sessions: Arc<session::Sessions>,
-}
+pub use tls::{TlsError, server_config as tls_server_config};
+pub use token::{TokenError, TokenRequest, mint as mint_token};
+pub use units::{UnitError, parse_duration};

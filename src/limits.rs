@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::relay::RateLimit;
+use crate::config::settings::RateLimit;
 
 /// Handshakes per client IP, a token bucket per address.
-pub struct HandshakeRate {
+pub(crate) struct HandshakeRate {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 impl HandshakeRate {
-    pub fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         let period = Duration::from_secs_f64(1.0 / limit.per_second);
         let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period)
@@ -29,12 +29,12 @@ impl HandshakeRate {
         }
     }
 
-    pub fn allow(&self, ip: IpAddr) -> bool {
+    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
         self.limiter.check_key(&ip).is_ok()
     }
 
     /// Forgets addresses whose bucket is full again, so the map holds only recent clients.
-    pub fn evict_idle(&self) {
+    pub(crate) fn evict_idle(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
@@ -43,19 +43,24 @@ impl HandshakeRate {
 /// Open connections per (tenant, user). Entries are removed at zero, so the map is bounded by
 /// the open connections.
 #[derive(Default)]
-pub struct UserConnections {
+pub(crate) struct UserConnections {
     counts: Mutex<HashMap<(String, String), u32>>,
 }
 
 /// Holds one of a user's connection slots until dropped.
-pub struct UserSlot {
+pub(crate) struct UserSlot {
     owner: Arc<UserConnections>,
     key: (String, String),
 }
 
 impl UserConnections {
     /// Takes a slot for the user unless they already hold `max`.
-    pub fn acquire(self: &Arc<Self>, tenant: &str, user: &str, max: u32) -> Option<UserSlot> {
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        tenant: &str,
+        user: &str,
+        max: u32,
+    ) -> Option<UserSlot> {
         let key = (tenant.to_owned(), user.to_owned());
         let mut counts = self
             .counts
@@ -75,7 +80,8 @@ impl UserConnections {
         })
     }
 
-    pub fn users(&self) -> usize {
+    #[cfg(test)]
+    fn users(&self) -> usize {
         self.counts.lock().map_or(0, |counts| counts.len())
     }
 }

@@ -2,15 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::SignalKind;
 use tokio_util::sync::CancellationToken;
-use wsedge::auth::jwt::{self, SigningKey};
-use wsedge::config::{LogFormat, LogSettings};
-use wsedge::{Config, Edge, systemd};
+use wsedge::{Config, ConfigError, Edge, LogFormat, LogSettings, TokenRequest, systemd};
 
 /// Exit status for a configuration that does not validate (EX_USAGE... sysexits' EX_DATAERR
 /// is 65, but 64 is what operators script against for "fix your input").
@@ -35,7 +32,7 @@ enum Command {
     /// Validate the config and exit: 0 when it can serve, 64 with file:line:col errors when not.
     Check,
     /// Print a token signed with a policy's key, for development and testing.
-    Token(Box<TokenRequest>),
+    Token(Box<TokenArgs>),
     /// Run a self-contained demo: the edge, a streaming chat core and a browser page, on loopback.
     Demo {
         /// Port for the edge's WebSocket listener.
@@ -77,13 +74,13 @@ fn main() -> ExitCode {
                 level: "warn".into(),
                 audit: None,
             });
-            runtime.block_on(wsedge::demo::run(port, page_port, once))
+            runtime.block_on(wsedge::run_demo(port, page_port, once))
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            if let Some(config_error) = error.downcast_ref::<wsedge::ConfigError>() {
+            if let Some(config_error) = error.downcast_ref::<ConfigError>() {
                 eprintln!("{config_error}");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
@@ -93,7 +90,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: &Path) -> Result<Config, wsedge::ConfigError> {
+fn load_config(path: &Path) -> Result<Config, ConfigError> {
     let config = Config::load(path)?;
     for warning in &config.warnings {
         eprintln!("{warning}");
@@ -104,21 +101,12 @@ fn load_config(path: &Path) -> Result<Config, wsedge::ConfigError> {
 fn check(path: &Path) -> ExitCode {
     match load_config(path) {
         Ok(config) => {
+            let (routes, policies) = config.counts();
             println!(
-                "{}: ok ({} route{}, {} auth polic{})",
+                "{}: ok ({routes} route{}, {policies} auth polic{})",
                 path.display(),
-                config.router.routes().len(),
-                if config.router.routes().len() == 1 {
-                    ""
-                } else {
-                    "s"
-                },
-                config.policies.len(),
-                if config.policies.len() == 1 {
-                    "y"
-                } else {
-                    "ies"
-                },
+                if routes == 1 { "" } else { "s" },
+                if policies == 1 { "y" } else { "ies" },
             );
             ExitCode::SUCCESS
         }
@@ -201,7 +189,7 @@ fn signal(kind: SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
 }
 
 #[derive(clap::Args)]
-struct TokenRequest {
+struct TokenArgs {
     /// The [auth.NAME] policy whose key signs the token (default: the only one).
     #[arg(long)]
     auth: Option<String>,
@@ -229,66 +217,38 @@ struct TokenRequest {
     audience: Option<String>,
 }
 
-fn token(path: &Path, request: TokenRequest) -> anyhow::Result<()> {
+fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let policy = match &request.auth {
-        Some(name) => config
-            .policies
-            .get(name)
-            .with_context(|| format!("no [auth.{name}] in {}", path.display()))?,
-        None => {
-            let mut policies = config.policies.values();
-            match (policies.next(), policies.next()) {
-                (Some(policy), None) => policy,
-                (None, _) => bail!("{} has no [auth.NAME] policy", path.display()),
-                (Some(_), Some(_)) => bail!(
-                    "{} has several policies: choose one with --auth NAME",
-                    path.display()
-                ),
-            }
+    let ttl = wsedge::parse_duration(&args.ttl).context("--ttl")?;
+    let claims = args
+        .claims
+        .iter()
+        .map(|claim| {
+            claim
+                .split_once('=')
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .with_context(|| format!("--claim {claim:?}: expected NAME=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let private_key = match &args.key {
+        Some(file) => {
+            Some(std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?)
         }
+        None => None,
     };
-    let ttl = wsedge::units::parse_duration(&request.ttl).map_err(anyhow::Error::msg)?;
-    let key = match (&request.key, &policy.hmac_secret) {
-        (Some(file), _) => SigningKey::PrivatePem(
-            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?,
-        ),
-        (None, Some(secret)) => SigningKey::Secret(secret.clone()),
-        (None, None) => bail!(
-            "[auth.{}] verifies with a public key: pass --key PRIVATE_KEY.pem to sign",
-            policy.name
-        ),
+    let request = TokenRequest {
+        policy: args.auth,
+        user: args.sub,
+        tenant: args.tenant,
+        conversation: args.conversation,
+        ttl,
+        claims,
+        private_key,
+        issuer: args.issuer,
+        audience: args.audience,
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
-    let mut claims = jwt::Claims::new();
-    claims.insert(policy.claims.user.clone(), request.sub.into());
-    if let Some(tenant) = request.tenant {
-        claims.insert(policy.claims.tenant.clone(), tenant.into());
-    }
-    if let Some(conversation) = request.conversation {
-        claims.insert(policy.claims.conversation.clone(), conversation.into());
-    }
-    for claim in &request.claims {
-        let (name, value) = claim
-            .split_once('=')
-            .with_context(|| format!("--claim {claim:?}: expected NAME=VALUE"))?;
-        claims.insert(name.to_owned(), value.into());
-    }
-    if let Some(issuer) = request.issuer.or_else(|| policy.issuers.first().cloned()) {
-        claims.insert("iss".into(), issuer.into());
-    }
-    if let Some(audience) = request
-        .audience
-        .or_else(|| policy.audiences.first().cloned())
-    {
-        claims.insert("aud".into(), audience.into());
-    }
-    claims.insert("iat".into(), now.into());
-    claims.insert("exp".into(), (now + ttl.as_secs()).into());
-    let token = jwt::mint(policy.algorithms[0], &key, &claims).map_err(anyhow::Error::msg)?;
+    let token = wsedge::mint_token(&config, request)
+        .with_context(|| format!("cannot sign a token with {}", path.display()))?;
     println!("{token}");
     Ok(())
 }

@@ -12,35 +12,35 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
+pub(crate) struct RouteLabels {
+    pub(crate) route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub route: String,
+pub(crate) struct HandshakeLabels {
+    pub(crate) route: String,
     /// 101 for an upgrade, else the refusal status.
-    pub status: u16,
-    pub reason: String,
+    pub(crate) status: u16,
+    pub(crate) reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
-    pub route: String,
+pub(crate) struct DirectionLabels {
+    pub(crate) route: String,
     /// "client_to_upstream" or "upstream_to_client".
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabels {
+pub(crate) struct CloseLabels {
     /// The side the close was sent to: "client" or "upstream".
-    pub side: &'static str,
-    pub code: u16,
+    pub(crate) side: &'static str,
+    pub(crate) code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LimitLabels {
-    pub kind: &'static str,
+pub(crate) struct LimitLabels {
+    pub(crate) kind: &'static str,
 }
 
 /// A limit that stopped a request or a connection: `wsedge_limit_hits_total{kind}`.
@@ -79,60 +79,76 @@ impl Limit {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResumeLabels {
-    pub route: String,
+pub(crate) struct ResumeLabels {
+    pub(crate) route: String,
     /// "resumed", or why not: "unknown", "expired", "overflowed", "ahead", "closed",
     /// "in_use", "conversation".
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
+pub(crate) struct ResultLabels {
+    pub(crate) result: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub open_connections: Family<RouteLabels, Gauge>,
-    pub handshakes: Family<HandshakeLabels, Counter>,
-    pub messages: Family<DirectionLabels, Counter>,
-    pub bytes: Family<DirectionLabels, Counter>,
-    pub session_duration: HistogramFamily<RouteLabels>,
-    pub upstream_connect: HistogramFamily<RouteLabels>,
-    pub closes: Family<CloseLabels, Counter>,
-    pub limit_hits: Family<LimitLabels, Counter>,
-    pub reloads: Family<ResultLabels, Counter>,
-    pub audit_dropped: Counter,
-    pub resumes: Family<ResumeLabels, Counter>,
-    pub sessions_detached: Gauge,
-    pub resume_buffered_messages: Gauge,
-    pub resume_buffered_bytes: Gauge,
+    pub(crate) open_connections: Family<RouteLabels, Gauge>,
+    pub(crate) handshakes: Family<HandshakeLabels, Counter>,
+    pub(crate) messages: Family<DirectionLabels, Counter>,
+    pub(crate) bytes: Family<DirectionLabels, Counter>,
+    pub(crate) session_duration: HistogramFamily<RouteLabels>,
+    pub(crate) upstream_connect: HistogramFamily<RouteLabels>,
+    pub(crate) closes: Family<CloseLabels, Counter>,
+    pub(crate) limit_hits: Family<LimitLabels, Counter>,
+    pub(crate) reloads: Family<ResultLabels, Counter>,
+    pub(crate) audit_dropped: Counter,
+    pub(crate) resumes: Family<ResumeLabels, Counter>,
+    pub(crate) sessions_detached: Gauge,
+    pub(crate) resume_buffered_messages: Gauge,
+    pub(crate) resume_buffered_bytes: Gauge,
 }
 
 /// A route's handles for what every upgraded connection touches, resolved once per route
 /// (each lookup by label takes a lock and an allocation) rather than once per handshake.
-pub struct RouteMetrics {
-    pub upgraded: Counter,
-    pub connect: Histogram,
-    pub session: Histogram,
-    pub open: Gauge,
-    pub client_to_upstream: DirectionCounters,
-    pub upstream_to_client: DirectionCounters,
+pub(crate) struct RouteMetrics {
+    pub(crate) upgraded: Counter,
+    pub(crate) connect: Histogram,
+    pub(crate) session: Histogram,
+    pub(crate) open: Gauge,
+    pub(crate) client_to_upstream: DirectionCounters,
+    pub(crate) upstream_to_client: DirectionCounters,
 }
 
 /// The two counters of one direction of one connection.
 #[derive(Clone, Default)]
-pub struct DirectionCounters {
-    pub messages: Counter,
-    pub bytes: Counter,
+pub(crate) struct DirectionCounters {
+    pub(crate) messages: Counter,
+    pub(crate) bytes: Counter,
 }
 
 impl DirectionCounters {
-    pub fn add(&self, messages: u64, bytes: u64) {
+    pub(crate) fn add(&self, messages: u64, bytes: u64) {
         self.messages.inc_by(messages);
         self.bytes.inc_by(bytes);
+    }
+}
+
+/// Counts something in a gauge for as long as the guard lives.
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub(crate) fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -153,7 +169,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("wsedge");
         let metrics = Metrics {
             open_connections: Family::default(),
@@ -249,14 +265,14 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 
-    pub fn direction(&self, route: &str, direction: &'static str) -> DirectionCounters {
+    pub(crate) fn direction(&self, route: &str, direction: &'static str) -> DirectionCounters {
         let labels = DirectionLabels {
             route: route.to_owned(),
             direction,
@@ -267,7 +283,7 @@ impl Metrics {
         }
     }
 
-    pub fn for_route(&self, route: &str) -> RouteMetrics {
+    pub(crate) fn for_route(&self, route: &str) -> RouteMetrics {
         let labels = RouteLabels {
             route: route.to_owned(),
         };
@@ -285,7 +301,7 @@ impl Metrics {
         }
     }
 
-    pub fn handshake(&self, route: &str, status: u16, reason: &str) {
+    pub(crate) fn handshake(&self, route: &str, status: u16, reason: &str) {
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 route: route.to_owned(),
@@ -303,11 +319,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn close(&self, side: &'static str, code: u16) {
+    pub(crate) fn close(&self, side: &'static str, code: u16) {
         self.closes.get_or_create(&CloseLabels { side, code }).inc();
     }
 
-    pub fn resume(&self, route: &str, outcome: &'static str) {
+    pub(crate) fn resume(&self, route: &str, outcome: &'static str) {
         self.resumes
             .get_or_create(&ResumeLabels {
                 route: route.to_owned(),
@@ -316,7 +332,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn reload(&self, ok: bool) {
+    pub(crate) fn reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "refused" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }

@@ -15,13 +15,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::ClientConn;
 use crate::audit::AuditLog;
-use crate::handshake::{self, ClientConn};
+use crate::config::{Config, ConfigError};
+use crate::handshake;
 use crate::limits::HandshakeRate;
 use crate::metrics::{Limit, Metrics};
-use crate::session::Sessions;
+use crate::session::registry::Sessions;
+use crate::state::{Live, Shared};
+use crate::stats::Stats;
 use crate::ws::io::Io;
-use crate::{Config, ConfigError, Shared, Stats};
 
 /// Pending connections the kernel queues per listening socket (tokio's default).
 const LISTEN_BACKLOG: u32 = 1024;
@@ -49,7 +52,8 @@ impl EdgeHandle {
 
     /// Swaps in a validated config: new handshakes use it, open connections keep theirs.
     pub async fn reload(&self, config: Config) {
-        let old = self.shared.config.load_full();
+        let live = self.shared.live.load_full();
+        let old = &live.config;
         if old.server.listen != config.server.listen {
             tracing::warn!("listen addresses changed; they take effect on restart, not on reload");
         }
@@ -67,7 +71,7 @@ impl EdgeHandle {
         }
         // Reopened even when unchanged, so that SIGHUP after log rotation moves to the new file.
         self.shared.audit.reopen(config.log.audit.clone()).await;
-        self.shared.config.store(Arc::new(config));
+        self.shared.live.store(Arc::new(Live::new(config)));
         self.shared.metrics.reload(true);
     }
 
@@ -151,7 +155,7 @@ impl Edge {
             handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
             user_connections: Arc::default(),
             handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
-            config: ArcSwap::from_pointee(config),
+            live: ArcSwap::from_pointee(Live::new(config)),
             stats: Arc::new(Stats::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -184,8 +188,8 @@ impl Edge {
     ///
     /// Connections are served by worker threads, each with an event loop of its own: a
     /// connection, both its sockets and its timer live on one thread from accept to close, so
-    /// nothing is handed between threads on the way (measured against one shared work-stealing
-    /// runtime in BENCHMARKS.md). This task keeps the admin listener and housekeeping.
+    /// nothing is handed between threads on the way (BENCHMARKS.md compares this with one
+    /// shared work-stealing runtime). This task keeps the admin listener and housekeeping.
     pub async fn run(self) {
         let shared = self.shared;
         let admin_stop = CancellationToken::new();
@@ -217,7 +221,7 @@ impl Edge {
             tokio::spawn(evict_rate_limiter_entries(shared.clone()));
         }
         shared.shutdown.cancelled().await;
-        let drain_timeout = shared.config.load().server.drain_timeout;
+        let drain_timeout = shared.live.load().config.server.drain_timeout;
         tracing::info!(
             open = shared.stats.open_connections(),
             "draining: no new connections, closing clients with 1001"
@@ -313,10 +317,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let config = shared.config.load();
-    let handshake_timeout = config.server.handshake_timeout;
-    let tls = config.server.tls.clone();
-    drop(config);
+    let live = shared.live.load();
+    let handshake_timeout = live.config.server.handshake_timeout;
+    let tls = live.config.server.tls.clone();
+    drop(live);
     match tls {
         None => serve_http(Io::Tcp(tcp), ClientConn { peer, tls: false }, shared).await,
         Some(tls) => {
@@ -343,13 +347,13 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
 /// HTTP/1.1 up to the upgrade. The socket is an [`Io`] so that the relay can take it back
 /// from hyper by type after the 101 (`Io::from_upgraded`).
 async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>) {
-    let config = shared.config.load();
+    let live = shared.live.load();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.server.handshake_timeout)
-        .max_buf_size(config.server.max_header_size);
-    drop(config);
+        .header_read_timeout(live.config.server.handshake_timeout)
+        .max_buf_size(live.config.server.max_header_size);
+    drop(live);
     let service_shared = shared.clone();
     let service =
         service_fn(move |request| handshake::handle(request, conn, service_shared.clone()));

@@ -2,7 +2,21 @@
 //! `{user}`, `{tenant}`, `{conversation}`, `{claim.NAME}`; `{{` and `}}` are literal braces.
 //! Parsed once at config load so that rendering is a walk over ready pieces.
 
-use crate::auth::{Identity, claim_text};
+use crate::auth::Identity;
+use crate::auth::claims::claim_text;
+
+/// A template that cannot be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TemplateError {
+    #[error("unmatched '}}' in template {0:?} (write '}}}}' for a literal brace)")]
+    UnmatchedClose(String),
+    #[error("unclosed '{{' in template {0:?}")]
+    Unclosed(String),
+    #[error(
+        "unknown placeholder {{{name}}} in template {text:?}: expected {{user}}, {{tenant}}, {{conversation}} or {{claim.NAME}}"
+    )]
+    UnknownPlaceholder { name: String, text: String },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -14,12 +28,12 @@ enum Piece {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
+pub(crate) struct Template {
     pieces: Vec<Piece>,
 }
 
 impl Template {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, TemplateError> {
         let mut pieces = Vec::new();
         let mut literal = String::new();
         let mut rest = text;
@@ -33,13 +47,11 @@ impl Template {
                 literal.push('}');
                 rest = after;
             } else if tail.starts_with('}') {
-                return Err(format!(
-                    "unmatched '}}' in template {text:?} (write '}}}}' for a literal brace)"
-                ));
+                return Err(TemplateError::UnmatchedClose(text.to_owned()));
             } else {
                 let end = tail
                     .find('}')
-                    .ok_or_else(|| format!("unclosed '{{' in template {text:?}"))?;
+                    .ok_or_else(|| TemplateError::Unclosed(text.to_owned()))?;
                 let name = &tail[1..end];
                 let piece = match name {
                     "user" => Piece::User,
@@ -48,9 +60,10 @@ impl Template {
                     _ => match name.strip_prefix("claim.") {
                         Some(claim) if !claim.is_empty() => Piece::Claim(claim.to_owned()),
                         _ => {
-                            return Err(format!(
-                                "unknown placeholder {{{name}}} in template {text:?}: expected {{user}}, {{tenant}}, {{conversation}} or {{claim.NAME}}"
-                            ));
+                            return Err(TemplateError::UnknownPlaceholder {
+                                name: name.to_owned(),
+                                text: text.to_owned(),
+                            });
                         }
                     },
                 };
@@ -70,7 +83,7 @@ impl Template {
 
     /// Renders the template; `None` when a placeholder has no value, so that a header or
     /// parameter built from it is left out rather than sent half-filled.
-    pub fn render(&self, identity: &Identity) -> Option<String> {
+    pub(crate) fn render(&self, identity: &Identity) -> Option<String> {
         let mut out = String::new();
         for piece in &self.pieces {
             match piece {

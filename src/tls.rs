@@ -5,11 +5,34 @@
 
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// A certificate, key or CA file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate file is not valid PEM: {0}")]
+    CertificatePem(pem::Error),
+    #[error("certificate file holds no CERTIFICATE block")]
+    NoCertificate,
+    #[error("the first certificate is not a usable end-entity certificate: {0}")]
+    NotEndEntity(webpki::Error),
+    #[error("private key file holds no usable PEM private key: {0}")]
+    PrivateKey(pem::Error),
+    #[error("certificate and key do not make a usable pair: {0}")]
+    Pair(rustls::Error),
+    #[error("TLS setup failed: {0}")]
+    Setup(rustls::Error),
+    #[error("CA file is not valid PEM: {0}")]
+    CaPem(pem::Error),
+    #[error("CA file holds an unusable certificate: {0}")]
+    CaCertificate(rustls::Error),
+    #[error("CA file holds no CERTIFICATE block")]
+    NoCa,
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -23,7 +46,7 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
 /// or a name none of them covers). An error names the pair (by index) it is about.
 pub fn server_config<'a>(
     pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<Arc<ServerConfig>, (usize, String)> {
+) -> Result<Arc<ServerConfig>, (usize, TlsError)> {
     let provider = provider();
     let mut certified = Vec::new();
     for (index, (cert_pem, key_pem)) in pairs.into_iter().enumerate() {
@@ -33,7 +56,7 @@ pub fn server_config<'a>(
     }
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| (0, format!("TLS setup failed: {e}")))?
+        .map_err(|e| (0, TlsError::Setup(e)))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certified }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -44,20 +67,16 @@ fn certified_key(
     cert_pem: &[u8],
     key_pem: &[u8],
     provider: &rustls::crypto::CryptoProvider,
-) -> Result<CertifiedKey, String> {
+) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
-    if chain.is_empty() {
-        return Err("certificate file holds no CERTIFICATE block".into());
-    }
-    webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-        format!("the first certificate is not a usable end-entity certificate: {e}")
-    })?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("private key file holds no usable PEM private key: {e}"))?;
-    CertifiedKey::from_der(chain, key, provider)
-        .map_err(|e| format!("certificate and key do not make a usable pair: {e}"))
+        .map_err(TlsError::CertificatePem)?;
+    let Some(leaf) = chain.first() else {
+        return Err(TlsError::NoCertificate);
+    };
+    webpki::EndEntityCert::try_from(leaf).map_err(TlsError::NotEndEntity)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(TlsError::PrivateKey)?;
+    CertifiedKey::from_der(chain, key, provider).map_err(TlsError::Pair)
 }
 
 #[derive(Debug)]
@@ -85,23 +104,21 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-pub fn root_store_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
+pub(crate) fn root_store_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| format!("CA file is not valid PEM: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("CA file holds an unusable certificate: {e}"))?;
+        let cert = cert.map_err(TlsError::CaPem)?;
+        roots.add(cert).map_err(TlsError::CaCertificate)?;
     }
     if roots.is_empty() {
-        return Err("CA file holds no CERTIFICATE block".into());
+        return Err(TlsError::NoCa);
     }
     Ok(roots)
 }
 
 /// The operating system's trust store. Unreadable entries are skipped: one bad file in
 /// /etc/ssl/certs should not stop the edge from reaching an upstream signed by a good one.
-pub fn native_root_store() -> RootCertStore {
+pub(crate) fn native_root_store() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     for error in &found.errors {
@@ -111,20 +128,12 @@ pub fn native_root_store() -> RootCertStore {
     roots
 }
 
-pub fn client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// How a route reaches its `wss://` upstreams.
-#[derive(Clone)]
-pub struct UpstreamTls {
-    pub config: Arc<ClientConfig>,
-    /// Overrides the name checked in the upstream's certificate (default: the URL's host).
-    pub server_name: Option<ServerName<'static>>,
 }

@@ -2,18 +2,29 @@
 
 use std::time::Duration;
 
+/// A duration or size that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("invalid duration {0:?}: expected a number and a unit (ms, s, m, h, d), like \"30s\"")]
+    InvalidDuration(String),
+    #[error("duration {0:?} is out of range")]
+    DurationOutOfRange(String),
+    #[error(
+        "invalid size {0:?}: expected a whole number and a unit (B, KiB, MiB, GiB, KB, MB, GB), like \"1MiB\""
+    )]
+    InvalidSize(String),
+    #[error("size {0:?} is out of range")]
+    SizeOutOfRange(String),
+}
+
 /// Parses `"<number><unit>"` where unit is ms, s, m, h or d.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let expected = || {
-        format!(
-            "invalid duration {text:?}: expected a number and a unit (ms, s, m, h, d), like \"30s\""
-        )
-    };
+    let expected = || UnitError::InvalidDuration(text.to_owned());
     if number.is_empty() || unit.is_empty() {
         return Err(expected());
     }
@@ -28,24 +39,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     let seconds = value * seconds_per_unit;
     if !seconds.is_finite() || seconds > 10.0 * 365.0 * 86400.0 {
-        return Err(format!("duration {text:?} is out of range"));
+        return Err(UnitError::DurationOutOfRange(text.to_owned()));
     }
     Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Parses `"<number><unit>"` where unit is B, KiB, MiB, GiB (binary) or KB, MB, GB (decimal).
 /// A bare number is bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, UnitError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let expected = || {
-        format!(
-            "invalid size {text:?}: expected a whole number and a unit (B, KiB, MiB, GiB, KB, MB, GB), like \"1MiB\""
-        )
-    };
+    let expected = || UnitError::InvalidSize(text.to_owned());
     if number.is_empty() {
         return Err(expected());
     }
@@ -62,7 +69,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     value
         .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} is out of range"))
+        .ok_or_else(|| UnitError::SizeOutOfRange(text.to_owned()))
 }
 
 #[cfg(test)]

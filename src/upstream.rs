@@ -1,5 +1,6 @@
-//! Connecting to an upstream: TCP (+ TLS for `wss://`) and the client side of the WebSocket
-//! handshake.
+//! Reaching an upstream: the route's targets tried in round-robin order with passive health
+//! (a target that failed is passed over for a cool-down), and for each try TCP (+ TLS for
+//! `wss://`) and the client side of the WebSocket handshake.
 //!
 //! The handshake is written here rather than taken from tungstenite's client because the edge
 //! needs what that client hides or refuses: the upstream's refusal status (passed on to the
@@ -7,37 +8,85 @@
 //! bound on the response size.
 
 use std::io;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::route::UpstreamTarget;
+use crate::config::settings::{RouteSettings, TargetSettings};
+use crate::forward::{ShapedRequest, UpstreamRequest};
 use crate::ws::io::Io;
 
-/// The request the edge sends upstream, shaped by the handshake module.
-pub struct UpstreamRequest<'a> {
-    pub path_and_query: String,
-    pub headers: &'a [(HeaderName, HeaderValue)],
-    /// The client's offered subprotocols (minus a token entry), comma-joined.
-    pub subprotocols: Option<&'a str>,
+/// A route's targets as they fare: where the round robin stands, and which targets are being
+/// passed over after a failure.
+pub(crate) struct Targets {
+    next: AtomicUsize,
+    /// Per target: until when (ms on [`clock_ms`]) it is passed over.
+    down_until: Box<[AtomicU64]>,
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock that fits in an atomic.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Targets {
+    pub(crate) fn new(count: usize) -> Self {
+        Self {
+            next: AtomicUsize::new(0),
+            down_until: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Target indices in the order to try them: the healthy ones from the round-robin
+    /// position, then those cooling down — a last resort is better than refusing untried.
+    fn in_order(&self) -> Vec<usize> {
+        let count = self.down_until.len();
+        let start = if count > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed) % count
+        } else {
+            0
+        };
+        let now = clock_ms();
+        let (mut order, cooling): (Vec<usize>, Vec<usize>) = (0..count)
+            .map(|i| (start + i) % count)
+            .partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
+        order.extend(cooling);
+        order
+    }
+
+    /// Passes target `i` over for `cooldown` after it failed.
+    fn mark_down(&self, i: usize, cooldown: Duration) {
+        self.down_until[i].store(clock_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn mark_up(&self, i: usize) {
+        if self.down_until[i].load(Ordering::Relaxed) != 0 {
+            self.down_until[i].store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 pub(crate) struct UpstreamConnection {
     pub(crate) io: Io,
     /// What the upstream sent right behind its 101: the first frames.
-    pub leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
     /// The subprotocol the upstream selected, if any.
-    pub protocol: Option<HeaderValue>,
+    pub(crate) protocol: Option<HeaderValue>,
+    /// Which target answered, as logs may show it.
+    pub(crate) url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error("upstream unreachable: {0}")]
     Unreachable(io::Error),
     #[error("upstream handshake timed out")]
@@ -48,11 +97,48 @@ pub enum ConnectError {
     BadResponse(&'static str),
 }
 
+/// Tries the route's targets in round-robin order until one accepts. A refusal is the
+/// upstream's answer, not a failure to try elsewhere; otherwise the last failure is returned.
+pub(crate) async fn connect_any(
+    route: &RouteSettings,
+    health: &Targets,
+    request: &ShapedRequest,
+    request_id: &str,
+) -> Result<UpstreamConnection, ConnectError> {
+    let mut last = None;
+    for i in health.in_order() {
+        let Some(target) = route.targets.get(i) else {
+            continue;
+        };
+        let request = request.for_target(target);
+        match connect(target, &request, route.connect_timeout).await {
+            Ok(connection) => {
+                health.mark_up(i);
+                return Ok(connection);
+            }
+            Err(error) => {
+                tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
+                if let ConnectError::Refused(_) = error {
+                    return Err(error);
+                }
+                health.mark_down(i, route.upstream_cooldown);
+                last = Some(error);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        ConnectError::Unreachable(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the route has no upstream target",
+        ))
+    }))
+}
+
 /// The largest upgrade response the edge reads from an upstream.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-pub(crate) async fn connect(
-    target: &UpstreamTarget,
+async fn connect(
+    target: &TargetSettings,
     request: &UpstreamRequest<'_>,
     timeout: Duration,
 ) -> Result<UpstreamConnection, ConnectError> {
@@ -62,7 +148,7 @@ pub(crate) async fn connect(
 }
 
 async fn connect_inner(
-    target: &UpstreamTarget,
+    target: &TargetSettings,
     request: &UpstreamRequest<'_>,
 ) -> Result<UpstreamConnection, ConnectError> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
@@ -166,10 +252,11 @@ async fn connect_inner(
         io,
         leftover,
         protocol,
+        url: target.url.clone(),
     })
 }
 
-fn request_head(target: &UpstreamTarget, request: &UpstreamRequest<'_>, key: &str) -> Vec<u8> {
+fn request_head(target: &TargetSettings, request: &UpstreamRequest<'_>, key: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     let mut line = |parts: &[&[u8]]| {
         for part in parts {

@@ -1,8 +1,8 @@
 //! HS256/384/512 tokens verified with keys prepared once per policy.
 //!
-//! jsonwebtoken prepares the HMAC key again for every token, decodes the header twice and the
-//! claims twice (once for its checks, once for the caller): 29 % of a handshake's instructions
-//! in the edge. This path does each step once and keeps jsonwebtoken's order and outcomes (the
+//! jsonwebtoken prepares the HMAC key again for every token, and decodes the header twice and
+//! the claims twice (once for its checks, once for the caller): a large share of a handshake's
+//! work in the edge (BENCHMARKS.md, "What moved the figures"). This path does each step once and keeps jsonwebtoken's order and outcomes (the
 //! tests below compare the two token by token), with three differences: it refuses a claim
 //! named twice (RFC 7519 §4 lets a parser refuse it; jsonwebtoken refuses only some names) and
 //! a `crit` header (RFC 7515 §4.1.11: the edge understands no extension), and it does not look
@@ -21,13 +21,14 @@ use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::AuthError;
-use super::jwt::Claims;
+use super::algorithm::parse_algorithm;
+use super::claims::{Claims, Parsed, names, numeric};
+use super::error::AuthError;
 
 const MALFORMED: AuthError = AuthError::Invalid("token is malformed");
 const ALGORITHM: AuthError = AuthError::Invalid("token algorithm is not accepted");
 
-pub struct HmacVerifier {
+pub(crate) struct HmacVerifier {
     /// The accepted algorithms, each with the secret prepared for it.
     keys: Vec<(Algorithm, hmac::Key)>,
     leeway: u64,
@@ -37,7 +38,7 @@ pub struct HmacVerifier {
 
 impl HmacVerifier {
     /// `algorithms` are all HS*: the caller checked the family.
-    pub fn new(
+    pub(crate) fn new(
         algorithms: &[Algorithm],
         secret: &[u8],
         issuer: &[String],
@@ -64,7 +65,7 @@ impl HmacVerifier {
         }
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let (message, signature) = token.rsplit_once('.').ok_or(MALFORMED)?;
         let (header, payload) = message.rsplit_once('.').ok_or(MALFORMED)?;
 
@@ -74,7 +75,7 @@ impl HmacVerifier {
             return Err(AuthError::Invalid("token names critical extensions"));
         }
         // The names jsonwebtoken's `Algorithm` reads; anything else is malformed, as there.
-        let algorithm = super::jwt::parse_algorithm(&header.alg).map_err(|_| MALFORMED)?;
+        let algorithm = parse_algorithm(&header.alg).map_err(|_| MALFORMED)?;
         let key = self
             .keys
             .iter()
@@ -152,58 +153,6 @@ struct Header<'a> {
     #[serde(borrow)]
     alg: Cow<'a, str>,
     crit: Option<IgnoredAny>,
-}
-
-enum Parsed<T> {
-    Value(T),
-    /// Present, but not of the claim's type.
-    Malformed,
-    Absent,
-}
-
-/// A NumericDate as jsonwebtoken reads it: a non-negative integer, or a finite non-negative
-/// number below 2^64, rounded (`null` is not one).
-fn numeric(value: Option<&Value>) -> Parsed<u64> {
-    match value {
-        None => Parsed::Absent,
-        Some(Value::Number(number)) => {
-            if let Some(n) = number.as_u64() {
-                Parsed::Value(n)
-            } else if number.is_f64()
-                && let Some(f) = number.as_f64()
-                && f.is_finite()
-                && f >= 0.0
-                && f < u64::MAX as f64
-            {
-                Parsed::Value(f.round() as u64)
-            } else {
-                Parsed::Malformed
-            }
-        }
-        Some(_) => Parsed::Malformed,
-    }
-}
-
-/// A NumericDate in whole seconds, as the verifiers accept it (`exp: 1767225600.5` included).
-pub fn numeric_date(value: &Value) -> Option<u64> {
-    match numeric(Some(value)) {
-        Parsed::Value(seconds) => Some(seconds),
-        Parsed::Malformed | Parsed::Absent => None,
-    }
-}
-
-/// `iss` or `aud`: a string, or an array of strings.
-fn names(value: Option<&Value>) -> Parsed<Vec<&str>> {
-    match value {
-        None | Some(Value::Null) => Parsed::Absent,
-        Some(Value::String(name)) => Parsed::Value(vec![name.as_str()]),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(Value::as_str)
-            .collect::<Option<Vec<_>>>()
-            .map_or(Parsed::Malformed, Parsed::Value),
-        Some(_) => Parsed::Malformed,
-    }
 }
 
 /// A JSON object whose member names are all different.

@@ -7,21 +7,20 @@
 //! the key's. `alg: none` is an algorithm neither knows, so such a token never parses.
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
-use serde_json::{Map, Value};
 use std::time::Duration;
 
-use super::AuthError;
+use super::algorithm::{KeyError, check_secret, common_family};
+use super::claims::Claims;
+use super::error::AuthError;
 use super::hmac_jwt::HmacVerifier;
 
-pub type Claims = Map<String, Value>;
-
 /// Key material for a policy, by algorithm family.
-pub enum VerifyingKey {
+pub(crate) enum VerifyingKey {
     Secret(Vec<u8>),
     PublicPem(Vec<u8>),
 }
 
-pub enum JwtVerifier {
+pub(crate) enum JwtVerifier {
     /// HS*: verified by the edge with keys prepared once (`hmac_jwt.rs`).
     Hmac(HmacVerifier),
     /// RS*, PS*, ES*, EdDSA: verified by jsonwebtoken.
@@ -31,52 +30,15 @@ pub enum JwtVerifier {
     },
 }
 
-pub struct JwtSettings<'a> {
-    pub algorithms: &'a [Algorithm],
-    pub issuer: &'a [String],
-    pub audience: &'a [String],
-    pub leeway: Duration,
-}
-
-/// The one family all the algorithms belong to, or an error naming the mix.
-pub fn common_family(algorithms: &[Algorithm]) -> Result<AlgorithmFamily, String> {
-    let first = algorithms
-        .first()
-        .ok_or("algorithms must name at least one algorithm")?;
-    let family = first.family();
-    if algorithms.iter().any(|alg| alg.family() != family) {
-        return Err(format!(
-            "algorithms mix key families ({algorithms:?}); one policy verifies with one key, so use one family per policy"
-        ));
-    }
-    Ok(family)
-}
-
-pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
-    let alg = match name {
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => {
-            return Err(format!(
-                "unsupported algorithm {name:?}: expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
-            ));
-        }
-    };
-    Ok(alg)
+pub(crate) struct JwtSettings<'a> {
+    pub(crate) algorithms: &'a [Algorithm],
+    pub(crate) issuer: &'a [String],
+    pub(crate) audience: &'a [String],
+    pub(crate) leeway: Duration,
 }
 
 impl JwtVerifier {
-    pub fn new(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, String> {
+    pub(crate) fn new(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, KeyError> {
         let family = common_family(settings.algorithms)?;
         if let (AlgorithmFamily::Hmac, VerifyingKey::Secret(secret)) = (family, key) {
             check_secret(secret)?;
@@ -92,7 +54,7 @@ impl JwtVerifier {
     }
 
     /// The jsonwebtoken verifier, for every family (HS* too, to compare the two in tests).
-    pub(super) fn library(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, String> {
+    pub(super) fn library(settings: &JwtSettings, key: &VerifyingKey) -> Result<Self, KeyError> {
         let family = common_family(settings.algorithms)?;
         let key = match (family, key) {
             (AlgorithmFamily::Hmac, VerifyingKey::Secret(secret)) => {
@@ -100,19 +62,18 @@ impl JwtVerifier {
                 DecodingKey::from_secret(secret)
             }
             (AlgorithmFamily::Hmac, VerifyingKey::PublicPem(_)) => {
-                return Err("HS* algorithms verify with `secret`, not `public_key`".into());
+                return Err(KeyError::SecretExpected);
             }
-            (_, VerifyingKey::Secret(_)) => {
-                return Err(format!(
-                    "{family:?} algorithms verify with a PEM `public_key`, not a `secret`"
-                ));
+            (_, VerifyingKey::Secret(_)) => return Err(KeyError::PublicKeyExpected(family)),
+            (AlgorithmFamily::Rsa, VerifyingKey::PublicPem(pem)) => {
+                DecodingKey::from_rsa_pem(pem).map_err(KeyError::NotRsaPublicKey)?
             }
-            (AlgorithmFamily::Rsa, VerifyingKey::PublicPem(pem)) => DecodingKey::from_rsa_pem(pem)
-                .map_err(|e| format!("public_key is not an RSA public key in PEM: {e}"))?,
-            (AlgorithmFamily::Ec, VerifyingKey::PublicPem(pem)) => DecodingKey::from_ec_pem(pem)
-                .map_err(|e| format!("public_key is not an EC public key in PEM: {e}"))?,
-            (AlgorithmFamily::Ed, VerifyingKey::PublicPem(pem)) => DecodingKey::from_ed_pem(pem)
-                .map_err(|e| format!("public_key is not an Ed25519 public key in PEM: {e}"))?,
+            (AlgorithmFamily::Ec, VerifyingKey::PublicPem(pem)) => {
+                DecodingKey::from_ec_pem(pem).map_err(KeyError::NotEcPublicKey)?
+            }
+            (AlgorithmFamily::Ed, VerifyingKey::PublicPem(pem)) => {
+                DecodingKey::from_ed_pem(pem).map_err(KeyError::NotEdPublicKey)?
+            }
         };
 
         let mut validation = Validation::new(settings.algorithms[0]);
@@ -136,7 +97,7 @@ impl JwtVerifier {
         Ok(Self::Library { key, validation })
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let (key, validation) = match self {
             Self::Hmac(verifier) => return verifier.verify(token),
@@ -161,40 +122,49 @@ impl JwtVerifier {
     }
 }
 
-fn check_secret(secret: &[u8]) -> Result<(), String> {
-    if secret.len() < 32 {
-        return Err(format!(
-            "the HMAC secret is {} bytes; use at least 32 random bytes",
-            secret.len()
-        ));
-    }
-    Ok(())
+/// A token that cannot be signed with the key given.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("not an RSA private key in PEM: {0}")]
+    NotRsaPrivateKey(jsonwebtoken::errors::Error),
+    #[error("not an EC private key in PEM (PKCS#8): {0}")]
+    NotEcPrivateKey(jsonwebtoken::errors::Error),
+    #[error("not an Ed25519 private key in PEM: {0}")]
+    NotEdPrivateKey(jsonwebtoken::errors::Error),
+    #[error("HS* tokens are signed with the policy's secret, not a private key")]
+    SecretExpected,
+    #[error("{0:?} tokens are signed with a private key: pass --key PRIVATE_KEY.pem")]
+    PrivateKeyExpected(Algorithm),
+    #[error("signing failed: {0}")]
+    Signing(jsonwebtoken::errors::Error),
 }
 
 /// Signs claims with a policy's key: the HMAC secret, or a PEM private key for the other families.
-pub fn mint(algorithm: Algorithm, key: &SigningKey, claims: &Claims) -> Result<String, String> {
+pub(crate) fn mint(
+    algorithm: Algorithm,
+    key: &SigningKey,
+    claims: &Claims,
+) -> Result<String, MintError> {
     let encoding_key = match (algorithm.family(), key) {
         (AlgorithmFamily::Hmac, SigningKey::Secret(secret)) => EncodingKey::from_secret(secret),
-        (AlgorithmFamily::Rsa, SigningKey::PrivatePem(pem)) => EncodingKey::from_rsa_pem(pem)
-            .map_err(|e| format!("not an RSA private key in PEM: {e}"))?,
-        (AlgorithmFamily::Ec, SigningKey::PrivatePem(pem)) => EncodingKey::from_ec_pem(pem)
-            .map_err(|e| format!("not an EC private key in PEM (PKCS#8): {e}"))?,
-        (AlgorithmFamily::Ed, SigningKey::PrivatePem(pem)) => EncodingKey::from_ed_pem(pem)
-            .map_err(|e| format!("not an Ed25519 private key in PEM: {e}"))?,
+        (AlgorithmFamily::Rsa, SigningKey::PrivatePem(pem)) => {
+            EncodingKey::from_rsa_pem(pem).map_err(MintError::NotRsaPrivateKey)?
+        }
+        (AlgorithmFamily::Ec, SigningKey::PrivatePem(pem)) => {
+            EncodingKey::from_ec_pem(pem).map_err(MintError::NotEcPrivateKey)?
+        }
+        (AlgorithmFamily::Ed, SigningKey::PrivatePem(pem)) => {
+            EncodingKey::from_ed_pem(pem).map_err(MintError::NotEdPrivateKey)?
+        }
         (AlgorithmFamily::Hmac, SigningKey::PrivatePem(_)) => {
-            return Err("HS* tokens are signed with the policy's secret, not a private key".into());
+            return Err(MintError::SecretExpected);
         }
-        (_, SigningKey::Secret(_)) => {
-            return Err(format!(
-                "{algorithm:?} tokens are signed with a private key: pass --key PRIVATE_KEY.pem"
-            ));
-        }
+        (_, SigningKey::Secret(_)) => return Err(MintError::PrivateKeyExpected(algorithm)),
     };
-    jsonwebtoken::encode(&Header::new(algorithm), claims, &encoding_key)
-        .map_err(|e| format!("signing failed: {e}"))
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &encoding_key).map_err(MintError::Signing)
 }
 
-pub enum SigningKey {
+pub(crate) enum SigningKey {
     Secret(Vec<u8>),
     PrivatePem(Vec<u8>),
 }

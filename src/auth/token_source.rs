@@ -8,10 +8,17 @@ use http::header::{AUTHORIZATION, COOKIE, SEC_WEBSOCKET_PROTOCOL};
 use http::{HeaderMap, HeaderName};
 
 /// The subprotocol entry prefix that carries a token: `Sec-WebSocket-Protocol: chat.v1, bearer.<token>`.
-pub const SUBPROTOCOL_PREFIX: &str = "bearer.";
+pub(crate) const SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// A `token_from` entry that names no source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid token source {0:?}: expected \"header\", \"query:NAME\", \"subprotocol\" or \"cookie:NAME\""
+)]
+pub(crate) struct InvalidTokenSource(String);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
+pub(crate) enum TokenSource {
     /// `Authorization: Bearer <token>`
     Header,
     /// A query parameter of this name.
@@ -24,7 +31,7 @@ pub enum TokenSource {
 
 impl TokenSource {
     /// Parses the `token_from` syntax: `header`, `query:NAME`, `subprotocol`, `cookie:NAME`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, InvalidTokenSource> {
         let (kind, name) = match text.split_once(':') {
             Some((kind, name)) => (kind, Some(name)),
             None => (text, None),
@@ -41,31 +48,20 @@ impl TokenSource {
             ("query", None) => Ok(Self::Query("token".to_owned())),
             ("query", Some(name)) if valid_name(name) => Ok(Self::Query(name.to_owned())),
             ("cookie", Some(name)) if valid_name(name) => Ok(Self::Cookie(name.to_owned())),
-            _ => Err(format!(
-                "invalid token source {text:?}: expected \"header\", \"query:NAME\", \"subprotocol\" or \"cookie:NAME\""
-            )),
-        }
-    }
-
-    pub fn describe(&self) -> &'static str {
-        match self {
-            Self::Header => "header",
-            Self::Query(_) => "query",
-            Self::Subprotocol => "subprotocol",
-            Self::Cookie(_) => "cookie",
+            _ => Err(InvalidTokenSource(text.to_owned())),
         }
     }
 }
 
 /// A token found in a request, and which source it came from (so it can be removed).
 #[derive(Debug, Clone)]
-pub struct FoundToken {
-    pub token: String,
-    pub source: TokenSource,
+pub(crate) struct FoundToken {
+    pub(crate) token: String,
+    pub(crate) source: TokenSource,
 }
 
 /// Looks for a token in each source in order; the first source that has one wins.
-pub fn find_token(
+pub(crate) fn find_token(
     sources: &[TokenSource],
     headers: &HeaderMap,
     query: Option<&str>,
@@ -94,7 +90,7 @@ fn bearer_from_authorization(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The first value of a query parameter, percent-decoded.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     crate::query::pairs(query?)
         .find(|pair| pair.key == name)
         .map(|pair| pair.value().into_owned())
@@ -113,12 +109,12 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Every entry the client offered in `Sec-WebSocket-Protocol`, across repeated headers.
-pub fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+pub(crate) fn offered_subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     header_list(headers, SEC_WEBSOCKET_PROTOCOL)
 }
 
 /// The comma-separated entries of a list-valued header, across repeated headers, trimmed.
-pub fn header_list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+pub(crate) fn header_list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
         .into_iter()
@@ -129,7 +125,7 @@ pub fn header_list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item 
 }
 
 /// The `Cookie` header without the named cookies; `None` when nothing else is left.
-pub fn cookie_header_without(headers: &HeaderMap, names: &[&str]) -> Option<String> {
+pub(crate) fn cookie_header_without(headers: &HeaderMap, names: &[&str]) -> Option<String> {
     let kept: Vec<&str> = headers
         .get_all(COOKIE)
         .iter()

@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
                 sources,
                 concurrency,
             } => {
-                let hold = wsedge::units::parse_duration(&hold).map_err(anyhow::Error::msg)?;
+                let hold = wsedge::parse_duration(&hold)?;
                 idle(&target, connections, hold, sources, concurrency).await?
             }
         };

@@ -29,12 +29,14 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
+use crate::config::settings::Lifecycle;
 use crate::metrics::{DirectionCounters, Limit};
-use crate::session::close_not_resumable;
+use crate::session::registry::close_not_resumable;
 use crate::session::resumable::Resumable;
 use crate::ws::close::{Close, Deadline, EdgeClose, End, Finish, Plan, Side};
 use crate::ws::frame::opcode;
 use crate::ws::leg::{CLOSE_TIMEOUT, Leg, Ping, close_leg};
+pub(crate) use pump::Traffic;
 use pump::{Outcome, Pump, TokenBucket, held_limit};
 
 /// How long the edge tries to deliver a close frame to a peer that stopped responding.
@@ -42,58 +44,6 @@ const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// With heartbeats off, a side whose writes stay blocked this long (plus `pong_timeout`) is
 /// still closed: turning pings off must not let a stalled reader hold its slots forever.
 const STALL_WINDOW_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(30);
-
-/// A token bucket: `per_second` sustained, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub per_second: f64,
-    pub burst: u32,
-}
-
-/// The per-route rules of a connection's life after the upgrade.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Lifecycle {
-    /// The edge pings each side this often (`None`: no heartbeats).
-    pub ping_interval: Option<Duration>,
-    /// A side that has not answered a ping within this is closed.
-    pub pong_timeout: Duration,
-    /// No data message either way for this long closes both sides.
-    pub idle_timeout: Option<Duration>,
-    /// A session longer than this is closed.
-    pub max_session: Option<Duration>,
-    /// Close the client with 4001 when its token's `exp` (+ grace) passes.
-    pub close_on_token_expiry: bool,
-    pub token_expiry_grace: Duration,
-    /// Client → upstream messages per connection.
-    pub message_rate: Option<RateLimit>,
-}
-
-impl Default for Lifecycle {
-    /// The defaults, and why: a 30 s ping keeps NAT and load-balancer mappings alive (most
-    /// drop idle flows after 60–350 s) and finds a vanished phone within 40 s; an idle chat tab
-    /// is legitimate, so there is no idle or session limit unless a route asks; 100 messages/s
-    /// with a burst of 200 is far above a person typing and below a runaway client loop.
-    fn default() -> Self {
-        Self {
-            ping_interval: Some(Duration::from_secs(30)),
-            pong_timeout: Duration::from_secs(10),
-            idle_timeout: None,
-            max_session: None,
-            close_on_token_expiry: true,
-            token_expiry_grace: Duration::ZERO,
-            message_rate: Some(RateLimit {
-                per_second: 100.0,
-                burst: 200,
-            }),
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Traffic {
-    pub(crate) messages: u64,
-    pub(crate) bytes: u64,
-}
 
 /// What happened to a relayed connection, for logs and metrics.
 #[derive(Debug, Clone)]

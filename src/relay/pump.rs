@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
-use super::{RateLimit, Traffic};
+use crate::config::settings::RateLimit;
 use crate::metrics::DirectionCounters;
 use crate::session::replay::ReplayBuffer;
 use crate::ws::close::{Close, End, FrameError};
@@ -23,6 +23,13 @@ const SOURCE_OUT_HIGH: usize = 2 * OUT_HIGH;
 /// Reads per direction in one poll before the task yields, so that one busy connection
 /// cannot starve the others on its worker.
 const READS_PER_POLL: usize = 16;
+
+/// What one direction carried: data messages and their payload bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Traffic {
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
+}
 
 /// What one pass of a pump found besides the data it moved.
 #[derive(Default)]

@@ -14,28 +14,6 @@ pub(crate) mod registry;
 pub(crate) mod replay;
 pub(crate) mod resumable;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use crate::audit::AuditLog;
-use crate::metrics::Metrics;
-use crate::ws::close::{EdgeClose, Finish, NotResumable};
-use crate::ws::leg::{CLOSE_TIMEOUT, Leg, close_leg};
-
-pub(crate) use registry::Registry;
-
-/// A route's `resume = { … }`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ResumeSettings {
-    /// How long a session whose client dropped is kept for it.
-    pub window: Duration,
-    /// Upstream messages kept for a client that may not have received them.
-    pub max_messages: usize,
-    pub max_bytes: usize,
-    /// Tell each client what happened to its session in a first `edge.session` message.
-    pub announce: bool,
-}
-
 /// The query parameters a client names its session with.
 pub(crate) const SESSION_PARAM: &str = "session_id";
 pub(crate) const LAST_SEQ_PARAM: &str = "last_seq";
@@ -50,34 +28,6 @@ pub(crate) fn valid_session_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
-}
-
-/// Sessions are per route and per (tenant, user): another user's session id names nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct SessionKey {
-    pub(crate) route: String,
-    pub(crate) tenant: String,
-    pub(crate) user: String,
-    pub(crate) id: String,
-}
-
-/// What every resumable session of an edge shares: the registry, the metrics its sessions
-/// move and the audit log they write to.
-pub(crate) struct Sessions {
-    pub(crate) registry: Registry,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) audit: AuditLog,
-}
-
-/// Closes a client that cannot have its session with 4002 and the reason.
-pub(crate) async fn close_not_resumable(leg: Leg, why: NotResumable) {
-    close_leg(
-        leg,
-        Finish::Send(EdgeClose::NotResumable(why)),
-        CLOSE_TIMEOUT,
-        true,
-    )
-    .await;
 }
 
 #[cfg(test)]

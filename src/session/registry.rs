@@ -10,14 +10,43 @@ use futures_util::task::AtomicWaker;
 use http::HeaderValue;
 
 use super::replay::ReplayBuffer;
-use super::{SessionKey, close_not_resumable};
-use crate::ws::close::NotResumable;
-use crate::ws::leg::Leg;
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::ws::close::{EdgeClose, Finish, NotResumable};
+use crate::ws::leg::{CLOSE_TIMEOUT, Leg, close_leg};
 
 /// How long the registry remembers why a session ended, so that a late client learns
 /// "expired" rather than "unknown".
 const REMEMBER_ENDED: Duration = Duration::from_secs(600);
 const MAX_REMEMBERED: usize = 100_000;
+
+/// Sessions are per route and per (tenant, user): another user's session id names nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct SessionKey {
+    pub(crate) route: String,
+    pub(crate) tenant: String,
+    pub(crate) user: String,
+    pub(crate) id: String,
+}
+
+/// What every resumable session of an edge shares: the registry, the metrics its sessions
+/// move and the audit log they write to.
+pub(crate) struct Sessions {
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) audit: AuditLog,
+}
+
+/// Closes a client that cannot have its session with 4002 and the reason.
+pub(crate) async fn close_not_resumable(leg: Leg, why: NotResumable) {
+    close_leg(
+        leg,
+        Finish::Send(EdgeClose::NotResumable(why)),
+        CLOSE_TIMEOUT,
+        true,
+    )
+    .await;
+}
 
 /// A client connection handed to a live session.
 pub(crate) struct Attach {

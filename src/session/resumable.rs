@@ -11,11 +11,10 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::ResumeSettings;
-use super::Sessions;
-use super::registry::{Attach, SessionEntry};
+use super::registry::{Attach, SessionEntry, Sessions};
 use super::replay::ReplayBuffer;
 use crate::audit::Who;
+use crate::config::settings::ResumeSettings;
 use crate::ws::close::{Close, NotResumable};
 use crate::ws::frame::opcode;
 use crate::ws::leg::Leg;

@@ -633,7 +633,7 @@ impl TestCa {
 
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
         let (cert, key) = self.leaf(names);
-        wsedge::tls::server_config([(cert.as_bytes(), key.as_bytes())]).unwrap()
+        wsedge::tls_server_config([(cert.as_bytes(), key.as_bytes())]).unwrap()
     }
 }
 

@@ -1,0 +1,297 @@
+//! Admission: the ordered checks every request passes before anything is sent upstream, ending
+//! in [`Admitted`] — the route, who the client is, the limits it holds, what becomes of its
+//! session — or a [`Refusal`].
+//!
+//! Order: per-IP rate (429) → route (404) → path (400) → WebSocket upgrade (426/400) → origin
+//! (403) → draining (503) → capacity (503) → token (401) → identity rules (403/400) → session
+//! plan (400) → per-user limit (429). The upstream (502/504/its status) comes after, in the
+//! handshake.
+
+pub(crate) mod identity;
+pub(crate) mod refusal;
+mod session_plan;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::auth::Identity;
+use crate::auth::token_source::{self, FoundToken};
+use crate::limits::UserSlot;
+use crate::route::Route;
+use crate::session::registry::{Reservation, SessionEntry};
+use crate::state::{Live, Shared};
+use crate::ws::close::NotResumable;
+use refusal::Refusal;
+use session_plan::Planned;
+
+/// What the accept loop knows about the client's connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientConn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+}
+
+/// A request that passed every check.
+pub(crate) struct Admitted<'a> {
+    pub(crate) route: &'a Route,
+    pub(crate) identity: Identity,
+    /// The token and where it was found (`None` on an `auth = "none"` route).
+    pub(crate) token: Option<FoundToken>,
+    /// When the token expires; `None` for no token, or an `exp` too far out to be a deadline.
+    pub(crate) token_expires_at: Option<SystemTime>,
+    /// The client's `Sec-WebSocket-Key`.
+    pub(crate) websocket_key: String,
+    pub(crate) session: SessionPlan<'a>,
+}
+
+/// What becomes of an admitted connection.
+pub(crate) enum SessionPlan<'a> {
+    /// An upstream connection of its own, holding its slots; resumable when `session` is set.
+    Connect {
+        held: Held,
+        session: Option<NewSession<'a>>,
+    },
+    /// A client coming back to a live session (which holds the slots already).
+    Resume {
+        entry: Arc<SessionEntry>,
+        last_seq: u64,
+    },
+    /// A session that cannot be resumed (or started): the client is told so after the upgrade.
+    Refuse(NotResumable),
+}
+
+/// A new resumable session: its id reserved in the registry until the session starts.
+pub(crate) struct NewSession<'a> {
+    pub(crate) reservation: Reservation<'a>,
+    /// The `edge.session` announcement, when the route sends one.
+    pub(crate) announce: Option<String>,
+}
+
+/// The limits a connection holds until it ends.
+pub(crate) struct Held {
+    pub(crate) _connection: OwnedSemaphorePermit,
+    pub(crate) _user: Option<UserSlot>,
+}
+
+/// A refused request, and what was learned of it before (for the refusal's report).
+pub(crate) struct Rejected {
+    pub(crate) refusal: Refusal,
+    pub(crate) route: Option<Arc<str>>,
+    pub(crate) identity: Option<Box<Identity>>,
+}
+
+/// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID.
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Runs the checks in order.
+pub(crate) fn admit<'a, B>(
+    request: &Request<B>,
+    conn: ClientConn,
+    shared: &'a Shared,
+    live: &'a Live,
+) -> Result<Admitted<'a>, Rejected> {
+    let mut route = None;
+    let mut identity = None;
+    checks(request, conn, shared, live, &mut route, &mut identity).map_err(|refusal| Rejected {
+        refusal,
+        route: route.map(|route: &Route| route.label.clone()),
+        identity: identity.map(Box::new),
+    })
+}
+
+fn checks<'a, B>(
+    request: &Request<B>,
+    conn: ClientConn,
+    shared: &'a Shared,
+    live: &'a Live,
+    found_route: &mut Option<&'a Route>,
+    found_identity: &mut Option<Identity>,
+) -> Result<Admitted<'a>, Refusal> {
+    let headers = request.headers();
+    let host = request_host(request);
+    let path = request.uri().path();
+    let query = request.uri().query();
+
+    // First, before any work: a flood from one address must not cost a JWT verification each.
+    if let Some(rate) = &shared.handshake_rate
+        && !rate.allow(conn.peer.ip())
+    {
+        return Err(Refusal::RateLimited);
+    }
+    let route = live
+        .router
+        .find(host.as_deref(), path)
+        .ok_or(Refusal::NoRoute)?;
+    *found_route = Some(route);
+    check_path(path)?;
+    let websocket_key = check_upgrade(request.method(), headers)?;
+    if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
+        return Err(Refusal::OriginNotAllowed);
+    }
+    if shared.shutdown.is_cancelled() {
+        return Err(Refusal::Draining);
+    }
+    let connection = shared
+        .connection_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::Capacity)?;
+
+    let (identity, token) = match &route.auth {
+        None => (Identity::default(), None),
+        Some(policy) => {
+            let (identity, token) = policy.authenticate(headers, query)?;
+            (identity, Some(token))
+        }
+    };
+    // Kept for the refusal's report and borrowed from there: no copy.
+    let identity = found_identity.insert(identity);
+    let query_conversation = identity::query_conversation(query)?;
+    // A conversation the edge made up cannot be asked for again: a resume takes the session's.
+    let conversation_named = identity.conversation.is_some() || query_conversation.is_some();
+    identity::resolve(route, identity, host.as_deref(), path, query_conversation)?;
+    // An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline; it
+    // must neither overflow the clock arithmetic nor wrap around to "now".
+    let token_expires_at = identity
+        .expires_at
+        .filter(|&exp| exp < 32_503_680_000) // year 3000
+        .map(|exp| UNIX_EPOCH + Duration::from_secs(exp));
+
+    let planned = match &route.resume {
+        None => Planned::Plain,
+        Some(settings) => session_plan::plan(
+            &shared.sessions,
+            &route.label,
+            settings,
+            identity,
+            query,
+            conversation_named,
+        )?,
+    };
+    let session = match planned {
+        Planned::Resume { entry, last_seq } => SessionPlan::Resume { entry, last_seq },
+        Planned::Refuse(why) => SessionPlan::Refuse(why),
+        Planned::Plain => SessionPlan::Connect {
+            held: hold(shared, live, identity, connection)?,
+            session: None,
+        },
+        Planned::New { entry, announce } => {
+            // Reserved first: a refusal below gives the session's id up again.
+            let reservation = Reservation::new(&shared.sessions.registry, &shared.tasks, entry);
+            SessionPlan::Connect {
+                held: hold(shared, live, identity, connection)?,
+                session: Some(NewSession {
+                    reservation,
+                    announce,
+                }),
+            }
+        }
+    };
+    Ok(Admitted {
+        route,
+        identity: found_identity.take().unwrap_or_default(),
+        token,
+        token_expires_at,
+        websocket_key,
+        session,
+    })
+}
+
+/// The connection slot already taken, and one of the user's own unless they hold the most.
+fn hold(
+    shared: &Shared,
+    live: &Live,
+    identity: &Identity,
+    connection: OwnedSemaphorePermit,
+) -> Result<Held, Refusal> {
+    let user = match live.config.server.max_connections_per_user {
+        Some(max) if !identity.user.is_empty() => Some(
+            shared
+                .user_connections
+                .acquire(
+                    identity.tenant.as_deref().unwrap_or(""),
+                    &identity.user,
+                    max,
+                )
+                .ok_or(Refusal::TooManyConnections)?,
+        ),
+        _ => None,
+    };
+    Ok(Held {
+        _connection: connection,
+        _user: user,
+    })
+}
+
+/// The request's host, lowercase and without a port: from `Host`, or an absolute-form target.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let raw = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().host())?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.rsplit_once(':').map_or(raw, |(host, _port)| host),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
+/// normalises them would route a request outside the path its route names.
+fn check_path(path: &str) -> Result<(), Refusal> {
+    let dot_segment = path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    if dot_segment {
+        return Err(Refusal::BadHandshake(
+            "dot segments are not allowed in the path",
+        ));
+    }
+    Ok(())
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    token_source::header_list(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
+fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal> {
+    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    if !is_upgrade {
+        return Err(Refusal::UpgradeRequired);
+    }
+    if method != Method::GET {
+        return Err(Refusal::BadHandshake("a WebSocket upgrade must be a GET"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Refusal::UpgradeRequired);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|key| key.len() == 24)
+        .ok_or(Refusal::BadHandshake(
+            "missing or malformed Sec-WebSocket-Key",
+        ))?;
+    Ok(key.to_owned())
+}

@@ -1,0 +1,297 @@
+//! Refusals before the upgrade: each is answered as plain HTTP with a small JSON body
+//! `{"error": "...", "message": "..."}`. Status, reason, message, extra headers and the limit
+//! a refusal enforces are decided in one match ([`Refusal::describe`]).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::auth::error::AuthError;
+use crate::forward::ClaimNotAHeader;
+use crate::metrics::Limit;
+use crate::upstream::ConnectError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Too many handshakes from this address.
+    RateLimited,
+    NoRoute,
+    /// Not a WebSocket upgrade, or not version 13.
+    UpgradeRequired,
+    /// A malformed upgrade or request; the message says what.
+    BadHandshake(&'static str),
+    OriginNotAllowed,
+    Draining,
+    /// `max_connections` reached.
+    Capacity,
+    TokenMissing,
+    TokenExpired,
+    /// A token that does not verify; the message says why.
+    TokenInvalid(&'static str),
+    TenantRequired,
+    /// The tenant rule refused; the message says which way.
+    TenantNotAllowed(&'static str),
+    ConversationRequired,
+    ConversationNotAllowed,
+    /// The user already holds `max_connections_per_user`.
+    TooManyConnections,
+    UpstreamUnreachable,
+    UpstreamBadHandshake,
+    UpstreamTimeout,
+    /// The upstream answered the upgrade with its own status, which the client gets as is.
+    UpstreamRefused(StatusCode),
+}
+
+/// Headers a refusal adds to its response.
+enum Extra {
+    None,
+    /// `WWW-Authenticate` with this value.
+    Bearer(&'static str),
+    /// `Retry-After: 1`.
+    RetryAfter,
+    /// The `Upgrade` and `Sec-WebSocket-Version` a client should have sent.
+    Upgrade,
+}
+
+/// Everything a refusal is.
+struct Description {
+    status: StatusCode,
+    /// A stable machine-readable reason, also used in logs and metrics.
+    reason: &'static str,
+    message: &'static str,
+    limit: Option<Limit>,
+    extra: Extra,
+}
+
+impl Refusal {
+    fn describe(self) -> Description {
+        use StatusCode as S;
+        let (status, reason, message, limit, extra) = match self {
+            Self::RateLimited => (
+                S::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many handshakes from this address",
+                Some(Limit::HandshakeRatePerIp),
+                Extra::RetryAfter,
+            ),
+            Self::NoRoute => (
+                S::NOT_FOUND,
+                "no_route",
+                "no route for this path",
+                None,
+                Extra::None,
+            ),
+            Self::UpgradeRequired => (
+                S::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "this endpoint only accepts WebSocket upgrades",
+                None,
+                Extra::Upgrade,
+            ),
+            Self::BadHandshake(message) => {
+                (S::BAD_REQUEST, "bad_handshake", message, None, Extra::None)
+            }
+            Self::OriginNotAllowed => (
+                S::FORBIDDEN,
+                "origin_not_allowed",
+                "origin not allowed",
+                None,
+                Extra::None,
+            ),
+            Self::Draining => (
+                S::SERVICE_UNAVAILABLE,
+                "draining",
+                "the edge is shutting down",
+                None,
+                Extra::None,
+            ),
+            Self::Capacity => (
+                S::SERVICE_UNAVAILABLE,
+                "capacity",
+                "the edge is at its connection limit",
+                Some(Limit::MaxConnections),
+                Extra::None,
+            ),
+            Self::TokenMissing => (
+                S::UNAUTHORIZED,
+                "token_missing",
+                "no token in the request",
+                None,
+                Extra::Bearer("Bearer realm=\"wsedge\""),
+            ),
+            Self::TokenExpired => (
+                S::UNAUTHORIZED,
+                "token_expired",
+                "token expired",
+                None,
+                Extra::Bearer(
+                    "Bearer realm=\"wsedge\", error=\"invalid_token\", error_description=\"token expired\"",
+                ),
+            ),
+            Self::TokenInvalid(message) => (
+                S::UNAUTHORIZED,
+                "token_invalid",
+                message,
+                None,
+                Extra::Bearer("Bearer realm=\"wsedge\", error=\"invalid_token\""),
+            ),
+            Self::TenantRequired => (
+                S::FORBIDDEN,
+                "tenant_required",
+                "the token names no tenant",
+                None,
+                Extra::None,
+            ),
+            Self::TenantNotAllowed(message) => (
+                S::FORBIDDEN,
+                "tenant_not_allowed",
+                message,
+                None,
+                Extra::None,
+            ),
+            Self::ConversationRequired => (
+                S::FORBIDDEN,
+                "conversation_required",
+                "the token names no conversation",
+                None,
+                Extra::None,
+            ),
+            Self::ConversationNotAllowed => (
+                S::FORBIDDEN,
+                "conversation_not_allowed",
+                "the token does not allow this conversation",
+                None,
+                Extra::None,
+            ),
+            Self::TooManyConnections => (
+                S::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "this user already holds the maximum number of connections",
+                Some(Limit::MaxConnectionsPerUser),
+                Extra::RetryAfter,
+            ),
+            Self::UpstreamUnreachable => (
+                S::BAD_GATEWAY,
+                "upstream_unreachable",
+                "upstream unreachable",
+                None,
+                Extra::None,
+            ),
+            Self::UpstreamBadHandshake => (
+                S::BAD_GATEWAY,
+                "upstream_bad_handshake",
+                "upstream answered the upgrade with an invalid response",
+                None,
+                Extra::None,
+            ),
+            Self::UpstreamTimeout => (
+                S::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "upstream did not complete the handshake in time",
+                None,
+                Extra::None,
+            ),
+            Self::UpstreamRefused(status) => (
+                status,
+                "upstream_refused",
+                "upstream refused the upgrade",
+                None,
+                Extra::None,
+            ),
+        };
+        Description {
+            status,
+            reason,
+            message,
+            limit,
+            extra,
+        }
+    }
+
+    pub(crate) fn status(self) -> StatusCode {
+        self.describe().status
+    }
+
+    /// The stable machine-readable reason: the body's `error`, in logs and metrics.
+    pub(crate) fn reason(self) -> &'static str {
+        self.describe().reason
+    }
+
+    /// The limit this refusal enforces, for `wsedge_limit_hits_total`.
+    pub(crate) fn limit(self) -> Option<Limit> {
+        self.describe().limit
+    }
+
+    pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
+        let Description {
+            status,
+            reason,
+            message,
+            extra,
+            ..
+        } = self.describe();
+        let body = serde_json::json!({ "error": reason, "message": message });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // One request per connection: a refused client must not keep an idle connection open
+        // (hyper's header timeout only covers the wait for a connection's first request).
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        match extra {
+            Extra::None => {}
+            Extra::Bearer(challenge) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            Extra::RetryAfter => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Extra::Upgrade => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(
+                    header::CONNECTION,
+                    HeaderValue::from_static("Upgrade, close"),
+                );
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+        }
+        response
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Missing => Self::TokenMissing,
+            AuthError::Expired => Self::TokenExpired,
+            AuthError::Invalid(message) => Self::TokenInvalid(message),
+        }
+    }
+}
+
+impl From<ConnectError> for Refusal {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Unreachable(_) => Self::UpstreamUnreachable,
+            ConnectError::Timeout => Self::UpstreamTimeout,
+            ConnectError::BadResponse(_) => Self::UpstreamBadHandshake,
+            ConnectError::Refused(status) => Self::UpstreamRefused(status),
+        }
+    }
+}
+
+impl From<ClaimNotAHeader> for Refusal {
+    fn from(_: ClaimNotAHeader) -> Self {
+        Self::TokenInvalid("a claim cannot be carried in a header")
+    }
+}

@@ -1,0 +1,260 @@
+//! The request as it goes upstream: the client's headers minus handshake, hop-by-hop,
+//! identity and token-carrying ones; the identity the edge decided, injected; the forwarding
+//! headers (`X-Forwarded-For`, `X-Forwarded-Proto`, `x-request-id`); the query without the
+//! token and without what the edge decides itself, plus the route's `upstream_query`.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderName, HeaderValue};
+
+use crate::auth::Identity;
+use crate::auth::token_source::{self, SUBPROTOCOL_PREFIX, TokenSource};
+use crate::config::settings::{
+    CONVERSATION_PARAM, ConversationMode, PathMatch, RouteSettings, TargetSettings,
+    is_reserved_header,
+};
+use crate::query;
+
+/// Identity headers stripped from every client request, whatever a route injects: a chat core
+/// that trusts `x-user-id` must never see a client's own copy.
+const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-tenant-id", "x-conversation-id"];
+
+/// An identity value (a claim) that no header can carry byte for byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a claim cannot be carried in a header")]
+pub(crate) struct ClaimNotAHeader;
+
+/// The request the edge sends to one target: what [`ShapedRequest::for_target`] makes.
+pub(crate) struct UpstreamRequest<'a> {
+    pub(crate) path_and_query: String,
+    pub(crate) headers: &'a [(HeaderName, HeaderValue)],
+    /// The client's offered subprotocols (minus a token entry), comma-joined.
+    pub(crate) subprotocols: Option<&'a str>,
+}
+
+/// Whether two header names are the same once `_` is read as `-`: CGI, WSGI and several web
+/// servers fold them together, so `X_User_Id` must be stripped like `x-user-id`.
+fn same_header(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            x.eq_ignore_ascii_case(&y) || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-'))
+        })
+}
+
+/// Builds what goes upstream: the client's headers minus handshake, hop-by-hop, identity and
+/// token-carrying ones; the injected identity; forwarding headers; the rewritten query.
+pub(crate) fn shape<B>(
+    request: &http::Request<B>,
+    route: &RouteSettings,
+    identity: &Identity,
+    client: SocketAddr,
+    tls: bool,
+    request_id: &str,
+) -> Result<ShapedRequest, ClaimNotAHeader> {
+    let headers = request.headers();
+    let strip_token = !route.forward_token;
+    // Every place the policy reads tokens from is cleared, not only the one that held the
+    // token used: a second copy elsewhere must not reach the upstream either.
+    let sources: &[TokenSource] = match (&route.auth, strip_token) {
+        (Some(policy), true) => &policy.token_from,
+        _ => &[],
+    };
+    let strip_authorization = sources.contains(&TokenSource::Header);
+    let token_cookies: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Cookie(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+
+    // Headers the client's Connection header nominates are hop-by-hop too (RFC 9110 §7.6.1).
+    let nominated: Vec<String> = token_source::header_list(headers, header::CONNECTION)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let injected: Vec<&HeaderName> = route.inject.iter().map(|(name, _)| name).collect();
+
+    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(headers.len() + 6);
+    for (name, value) in headers {
+        let lower = name.as_str();
+        let dropped = is_reserved_header(name)
+            || IDENTITY_HEADERS
+                .iter()
+                .any(|identity| same_header(identity, lower))
+            || injected
+                .iter()
+                .any(|injected| same_header(injected.as_str(), lower))
+            || nominated.iter().any(|n| n == lower)
+            || matches!(
+                lower,
+                "keep-alive"
+                    | "proxy-connection"
+                    | "proxy-authorization"
+                    | "x-request-id"
+                    | "x-real-ip"
+                    | "forwarded"
+            )
+            || lower.starts_with("x-forwarded-")
+            || (strip_authorization && name == header::AUTHORIZATION)
+            || (!token_cookies.is_empty() && name == header::COOKIE);
+        if !dropped {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    if !token_cookies.is_empty()
+        && let Some(rest) = token_source::cookie_header_without(headers, &token_cookies)
+        && let Ok(value) = HeaderValue::from_str(&rest)
+    {
+        out.push((header::COOKIE, value));
+    }
+
+    for (name, template) in &route.inject {
+        if let Some(value) = template.render(identity) {
+            let value = HeaderValue::from_str(&value).map_err(|_| ClaimNotAHeader)?;
+            out.push((name.clone(), value));
+        }
+    }
+    let client_ip = client.ip().to_string();
+    out.push((
+        HeaderName::from_static("x-forwarded-for"),
+        header_value(&client_ip),
+    ));
+    out.push((
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    ));
+    out.push((
+        HeaderName::from_static("x-request-id"),
+        header_value(request_id),
+    ));
+
+    let offered: Vec<&str> = token_source::offered_subprotocols(headers)
+        .filter(|entry| {
+            !(sources.contains(&TokenSource::Subprotocol) && entry.starts_with(SUBPROTOCOL_PREFIX))
+        })
+        .collect();
+    let subprotocols = (!offered.is_empty()).then(|| offered.join(", "));
+
+    Ok(ShapedRequest {
+        remainder: match &route.path {
+            PathMatch::Prefix(prefix) => request.uri().path()[prefix.len()..].to_owned(),
+            PathMatch::Exact(_) => String::new(),
+        },
+        query: upstream_query(request.uri().query(), route, identity, sources),
+        headers: out,
+        subprotocols,
+    })
+}
+
+/// A header value from text the edge made (ids, addresses); never fails.
+pub(crate) fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The client query as it goes upstream: minus the token (unless forwarded) and minus keys the
+/// route sets itself, plus the route's `upstream_query`.
+fn upstream_query(
+    client_query: Option<&str>,
+    route: &RouteSettings,
+    identity: &Identity,
+    token_sources: &[TokenSource],
+) -> String {
+    // The token, and what the edge decides: the conversation reaches the upstream only as the
+    // edge decided it (upstream_query), never as the client wrote it. Dropped in any spelling
+    // an upstream's parser may read as the same key (`may_read_as`), and behind a `;` (some
+    // split pairs on it too).
+    let edge_owns = |key: &str| {
+        let token = token_sources
+            .iter()
+            .any(|s| matches!(s, TokenSource::Query(name) if may_read_as(key, name)));
+        let conversation =
+            may_read_as(key, CONVERSATION_PARAM) && route.conversation != ConversationMode::None;
+        token
+            || conversation
+            || route
+                .upstream_query
+                .iter()
+                .any(|(name, _)| may_read_as(key, name))
+    };
+    // Pairs the upstream gets as the client wrote them; only the route's own are encoded here.
+    let mut query = String::new();
+    for pair in query::pairs(client_query.unwrap_or("")) {
+        let hidden_owned = pair.raw.contains(';')
+            && pair
+                .raw
+                .split(';')
+                .any(|part| query::pairs(part).any(|inner| edge_owns(&inner.key)));
+        if edge_owns(&pair.key) || hidden_owned {
+            continue;
+        }
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(pair.raw);
+    }
+    let mut serializer = form_urlencoded::Serializer::for_suffix(query, 0);
+    for (key, template) in &route.upstream_query {
+        if let Some(value) = template.render(identity) {
+            serializer.append_pair(key, &value);
+        }
+    }
+    serializer.finish()
+}
+
+/// Whether some upstream's query parser may read `key` as `name`: frameworks compare keys
+/// ignoring case, Unicode's too (.NET, Java: `conversatıon_id` with a dotless ı), merge
+/// `name[]` and `name[x]` into `name` (Rack, PHP, Express's `qs`), and PHP reads `.` and
+/// spaces in a key as `_`.
+fn may_read_as(key: &str, name: &str) -> bool {
+    fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
+        let base = text.split('[').next().unwrap_or(text);
+        base.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .map(|c| if c == '.' || c == ' ' { '_' } else { c })
+    }
+    fold(key).eq(fold(name))
+}
+
+/// The upstream request before a target is chosen: each target has its own path and query.
+pub(crate) struct ShapedRequest {
+    /// What follows a prefix route's path in the client's path.
+    remainder: String,
+    query: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    subprotocols: Option<String>,
+}
+
+impl ShapedRequest {
+    pub(crate) fn for_target(&self, target: &TargetSettings) -> UpstreamRequest<'_> {
+        let mut path = target.path.clone();
+        let remainder = self.remainder.as_str();
+        match (path.ends_with('/'), remainder.strip_prefix('/')) {
+            (_, None) if remainder.is_empty() => {}
+            (true, Some(rest)) => path.push_str(rest),
+            (false, None) => {
+                path.push('/');
+                path.push_str(remainder);
+            }
+            _ => path.push_str(remainder),
+        }
+        if path.is_empty() {
+            path.push('/');
+        }
+        let mut path_and_query = path;
+        let target_query = target.query.as_deref().filter(|q| !q.is_empty());
+        for (i, part) in target_query
+            .into_iter()
+            .chain((!self.query.is_empty()).then_some(self.query.as_str()))
+            .enumerate()
+        {
+            path_and_query.push(if i == 0 { '?' } else { '&' });
+            path_and_query.push_str(part);
+        }
+        UpstreamRequest {
+            path_and_query,
+            headers: &self.headers,
+            subprotocols: self.subprotocols.as_deref(),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! What is reported of every request, built once, here: a refusal's log line, audit line and
+//! metrics; a connection's at its start and at its end; a resume's and a refused resume's.
+//! Never a token, never a query string.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, Uri};
+use http_body_util::Full;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::Serialize;
+
+use crate::admission::{ClientConn, Rejected};
+use crate::audit::Who;
+use crate::auth::Identity;
+use crate::relay::RelayReport;
+use crate::route::Route;
+use crate::state::Shared;
+use crate::ws::close::NotResumable;
+
+/// The request's path with any query replaced, for logs (query strings carry tokens).
+fn redacted_target(uri: &Uri) -> String {
+    match uri.query() {
+        Some(_) => format!("{}?<redacted>", uri.path()),
+        None => uri.path().to_owned(),
+    }
+}
+
+/// Who connected, for audit lines.
+fn who(
+    request_id: &str,
+    route: &str,
+    conn: ClientConn,
+    identity: Option<&Identity>,
+    session_id: Option<&str>,
+) -> Who {
+    Who {
+        request_id: request_id.to_owned(),
+        route: route.to_owned(),
+        client: conn.peer.to_string(),
+        user: identity
+            .map(|identity| identity.user.clone())
+            .filter(|user| !user.is_empty()),
+        tenant: identity.and_then(|identity| identity.tenant.clone()),
+        conversation: identity.and_then(|identity| identity.conversation.clone()),
+        session_id: session_id.map(str::to_owned),
+    }
+}
+
+#[derive(Serialize)]
+struct RefusalDetails {
+    status: u16,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct ConnectDetails<'a> {
+    upstream: &'a str,
+    status: u16,
+}
+
+#[derive(Serialize)]
+struct ResumeRefusedDetails {
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct DisconnectDetails<'a> {
+    upstream: &'a str,
+    reason: &'static str,
+    ended_by: Option<&'static str>,
+    client_close: Option<u16>,
+    upstream_close: Option<u16>,
+    duration_ms: u64,
+    messages_up: u64,
+    bytes_up: u64,
+    messages_down: u64,
+    bytes_down: u64,
+}
+
+/// Reports a refused request and builds its response.
+pub(crate) fn refused(
+    shared: &Shared,
+    request_id: &str,
+    conn: ClientConn,
+    target: &Uri,
+    started: Instant,
+    rejected: Rejected,
+) -> Response<Full<Bytes>> {
+    let Rejected {
+        refusal,
+        route,
+        identity,
+    } = rejected;
+    let route = route.as_deref().unwrap_or("-");
+    let status = refusal.status().as_u16();
+    shared.metrics.handshake(route, status, refusal.reason());
+    if let Some(limit) = refusal.limit() {
+        shared.metrics.limit_hit(limit);
+    }
+    tracing::info!(
+        request_id = %request_id,
+        client = %conn.peer,
+        target = %redacted_target(target),
+        status,
+        reason = refusal.reason(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "refused"
+    );
+    if shared.audit.enabled() {
+        let who = who(request_id, route, conn, identity.as_deref(), None);
+        let details = RefusalDetails {
+            status,
+            reason: refusal.reason(),
+        };
+        shared.audit.record("refusal", request_id, &who, details);
+    }
+    let mut response = refusal.into_response();
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// A client coming back to its session.
+pub(crate) fn resuming(
+    shared: &Shared,
+    route: &Route,
+    request_id: &str,
+    session: &str,
+    last_seq: u64,
+) {
+    shared.metrics.handshake(&route.label, 101, "resumed");
+    tracing::info!(request_id = %request_id, route = %route.label, session, last_seq, "resuming");
+}
+
+/// A client that cannot have the session it asked for.
+pub(crate) fn not_resumable(
+    shared: &Shared,
+    route: &Route,
+    request_id: &str,
+    conn: ClientConn,
+    identity: &Identity,
+    why: NotResumable,
+) {
+    shared.metrics.handshake(&route.label, 101, "not_resumable");
+    shared.metrics.resume(&route.label, why.label());
+    tracing::info!(request_id = %request_id, client = %conn.peer, route = %route.label, reason = why.reason(), "session not resumable");
+    if shared.audit.enabled() {
+        let who = who(request_id, &route.label, conn, Some(identity), None);
+        let details = ResumeRefusedDetails {
+            reason: why.reason(),
+        };
+        shared
+            .audit
+            .record("resume_refused", request_id, &who, details);
+    }
+}
+
+/// What is reported when a proxied connection (or resumable session) ends, kept from its start.
+pub(crate) struct ConnectionReport {
+    request_id: Box<str>,
+    route: Arc<str>,
+    session_duration: Histogram,
+    started: Instant,
+    /// Who connected, and to which upstream, when an audit log is being written (only then:
+    /// every idle connection would otherwise carry it, and every handshake pay for it).
+    audit: Option<(Arc<Who>, String)>,
+}
+
+/// A connection that has just been upgraded.
+pub(crate) struct Connected<'a> {
+    pub(crate) request_id: &'a str,
+    pub(crate) conn: ClientConn,
+    pub(crate) route: &'a Route,
+    pub(crate) identity: &'a Identity,
+    pub(crate) session_id: Option<&'a str>,
+    pub(crate) upstream: &'a str,
+    pub(crate) connect_took: Duration,
+}
+
+impl ConnectionReport {
+    /// Reports the connection's start and keeps what its end will need.
+    pub(crate) fn connected(shared: &Shared, connected: Connected<'_>) -> Self {
+        let Connected {
+            request_id,
+            conn,
+            route,
+            identity,
+            session_id,
+            upstream,
+            connect_took,
+        } = connected;
+        let metrics = route.metrics(&shared.metrics);
+        metrics.connect.observe(connect_took.as_secs_f64());
+        metrics.upgraded.inc();
+        tracing::info!(
+            request_id = %request_id,
+            client = %conn.peer,
+            route = %route.label,
+            upstream = %upstream,
+            user = %identity.user,
+            tenant = identity.tenant.as_deref().unwrap_or(""),
+            conversation = identity.conversation.as_deref().unwrap_or(""),
+            session = session_id.unwrap_or(""),
+            connect_ms = connect_took.as_secs_f64() * 1000.0,
+            "connected"
+        );
+        let audit = shared.audit.enabled().then(|| {
+            let who = Arc::new(who(
+                request_id,
+                &route.label,
+                conn,
+                Some(identity),
+                session_id,
+            ));
+            let details = ConnectDetails {
+                upstream,
+                status: 101,
+            };
+            shared.audit.record("connect", request_id, &who, details);
+            (who, upstream.to_owned())
+        });
+        Self {
+            request_id: request_id.into(),
+            route: route.label.clone(),
+            session_duration: metrics.session.clone(),
+            started: Instant::now(),
+            audit,
+        }
+    }
+
+    /// Who connected, for a resumable session's own audit lines.
+    pub(crate) fn who(&self) -> Option<Arc<Who>> {
+        self.audit.as_ref().map(|(who, _)| who.clone())
+    }
+
+    /// Reports the end: metrics, the log line, the audit line.
+    pub(crate) fn finished(self, report: RelayReport, shared: &Shared) {
+        let lasted = self.started.elapsed();
+        let metrics = &shared.metrics;
+        self.session_duration.observe(lasted.as_secs_f64());
+        if let Some(code) = report.client_close {
+            metrics.close("client", code);
+        }
+        if let Some(code) = report.upstream_close {
+            metrics.close("upstream", code);
+        }
+        if let Some(limit) = report.limit {
+            metrics.limit_hit(limit);
+        }
+        tracing::info!(
+            request_id = %self.request_id,
+            route = %self.route,
+            reason = report.reason,
+            client_close = report.client_close,
+            upstream_close = report.upstream_close,
+            messages_up = report.client_to_upstream.messages,
+            bytes_up = report.client_to_upstream.bytes,
+            messages_down = report.upstream_to_client.messages,
+            bytes_down = report.upstream_to_client.bytes,
+            duration_ms = lasted.as_millis() as u64,
+            "disconnected"
+        );
+        let Some((who, upstream)) = self.audit else {
+            return;
+        };
+        let details = DisconnectDetails {
+            upstream: &upstream,
+            reason: report.reason,
+            ended_by: report.ended_by.map(|side| side.name()),
+            client_close: report.client_close,
+            upstream_close: report.upstream_close,
+            duration_ms: lasted.as_millis() as u64,
+            messages_up: report.client_to_upstream.messages,
+            bytes_up: report.client_to_upstream.bytes,
+            messages_down: report.upstream_to_client.messages,
+            bytes_down: report.upstream_to_client.bytes,
+        };
+        shared
+            .audit
+            .record("disconnect", &who.request_id, &who, details);
+    }
+}
