@@ -17,6 +17,8 @@
 //! connection keeps in memory, most of them idle, and its size is the sum of its fields.
 
 mod pump;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -20,6 +20,9 @@ pub(crate) enum Io {
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Upgraded(Box<TokioIo<Upgraded>>),
+    /// An in-memory pipe: the relay's unit tests drive both legs without sockets.
+    #[cfg(test)]
+    Memory(tokio::io::DuplexStream),
 }
 
 impl Io {
@@ -43,6 +46,8 @@ macro_rules! each {
             Io::ServerTls($io) => $body,
             Io::ClientTls($io) => $body,
             Io::Upgraded($io) => $body,
+            #[cfg(test)]
+            Io::Memory($io) => $body,
         }
     };
 }
