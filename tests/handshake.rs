@@ -1,5 +1,6 @@
-//! The handshake's refusals (PRODUCT.md statuses, JSON bodies) and what the upstream receives:
-//! identity injected, client copies stripped, forwarding headers, conversation and tenant rules.
+//! The handshake's refusals (the statuses and JSON bodies of the README's "What a client
+//! sees") and what the upstream receives: identity injected, client copies stripped,
+//! forwarding headers, conversation and tenant rules.
 
 mod common;
 

@@ -1,6 +1,6 @@
-//! Limits at the handshake, each exact and with its PRODUCT.md status: per-user connections and
-//! per-IP handshake rate (429), slow clients (handshake_timeout), oversized headers (431); and
-//! upstream resilience: a target that fails is skipped for a cool-down.
+//! Limits at the handshake, each exact and with the status the README names: per-user
+//! connections and per-IP handshake rate (429), slow clients (handshake_timeout), oversized
+//! headers (431); and upstream resilience: a target that fails is skipped for a cool-down.
 
 mod common;
 

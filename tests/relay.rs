@@ -1,5 +1,5 @@
 //! The relay: frames arrive complete and in order both ways, close codes pass through, the
-//! edge's own closes use PRODUCT.md's codes, and nothing stays open afterwards.
+//! edge's own closes use the codes the README names, and nothing stays open afterwards.
 
 mod common;
 
