@@ -150,8 +150,11 @@ async fn run(path: &Path) -> anyhow::Result<()> {
         config = %path.display(),
         "wsedge serving"
     );
+    // The bound addresses (real ports where the config said 0), as `systemctl status` shows
+    // them and as a supervisor that started the edge on port 0 reads them back.
+    let status = serving_status(&edge.local_addrs(), edge.admin_addr());
     let server = tokio::spawn(edge.run());
-    systemd::ready("serving");
+    systemd::ready(&status);
     let watchdog_stop = CancellationToken::new();
     systemd::spawn_watchdog(watchdog_stop.clone());
 
@@ -182,6 +185,15 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     watchdog_stop.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `serving on 127.0.0.1:8443, [::1]:8443 (admin on 127.0.0.1:9090)`.
+fn serving_status(listen: &[std::net::SocketAddr], admin: Option<std::net::SocketAddr>) -> String {
+    let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    match admin {
+        Some(admin) => format!("serving on {} (admin on {admin})", listen.join(", ")),
+        None => format!("serving on {}", listen.join(", ")),
+    }
 }
 
 fn signal(kind: SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {

@@ -15,36 +15,15 @@ use tokio_tungstenite::tungstenite::Message;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// A config with one policy ("main", whose body is `policy`) and one route at /ws/chat.
-fn policy_config(upstream: &str, policy: &str, route_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[auth.main]
-kind = "jwt"
-{policy}
-
-[[route]]
-path = "/ws/chat"
-upstream = "{upstream}"
-auth = "main"
-{route_extra}
-"#
-    )
+/// A config whose policy `main` has these algorithms and key, with one route at /ws/chat.
+fn policy_config(upstream: &str, keys: &str) -> String {
+    EdgeConfig::new(upstream).keys(keys).build()
 }
 
-/// An upstream and an edge running `basic_config` (HS256 with `SECRET`).
-async fn setup(auth_extra: &str, route_extra: &str) -> (Upstream, TestEdge) {
-    let upstream = Upstream::start().await;
-    let edge = TestEdge::start(&basic_config(
-        &upstream.url("/ws/chat"),
-        auth_extra,
-        route_extra,
-    ))
-    .await;
-    (upstream, edge)
+/// An upstream and an edge with `policy` lines added to its HS256 policy and `route` lines to
+/// its route.
+async fn setup(policy: &str, route: &str) -> (Upstream, TestEdge) {
+    start_edge(|c| c.policy(policy).route(route)).await
 }
 
 fn bearer(token: &str) -> String {
@@ -151,7 +130,7 @@ fn base64url_json(value: &serde_json::Value) -> String {
 async fn hmac_family_connects(alg: Algorithm, name: &str) {
     let mut upstream = Upstream::start().await;
     let policy = format!("algorithms = [\"{name}\"]\nsecret = \"{SECRET}\"");
-    let edge = TestEdge::start(&policy_config(&upstream.url("/ws/chat"), &policy, "")).await;
+    let edge = TestEdge::start(&policy_config(&upstream.url("/ws/chat"), &policy)).await;
     let token = sign(
         alg,
         &EncodingKey::from_secret(SECRET.as_bytes()),
@@ -209,8 +188,7 @@ async fn asymmetric_edge(
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pub.pem"), &public_pem).unwrap();
     let policy = format!("algorithms = [\"{name}\"]\npublic_key = {{ file = \"pub.pem\" }}");
-    let edge =
-        TestEdge::start_in(&policy_config(&upstream.url("/ws/chat"), &policy, ""), dir).await;
+    let edge = TestEdge::start_in(&policy_config(&upstream.url("/ws/chat"), &policy), dir).await;
     (edge, private_pem, public_pem)
 }
 
@@ -557,7 +535,6 @@ async fn a_policy_mixing_hmac_and_rsa_algorithms_does_not_load() {
     let text = policy_config(
         "ws://127.0.0.1:9/ws/chat",
         "algorithms = [\"ES256\", \"HS256\"]\npublic_key = { file = \"pub.pem\" }",
-        "",
     );
     let result = wsedge::Config::from_toml(&text, "test.toml", dir.path());
     assert!(

@@ -4,96 +4,18 @@
 
 mod common;
 
+use common::process::{EdgeProcess, Run, wsedge};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
-/// How long a short-lived command (`check`, `token`) may take before the test fails.
-const COMMAND_WAIT: Duration = Duration::from_secs(30);
 const UNSET_VAR: &str = "WSEDGE_TEST_UNSET_VAR_XYZ";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A finished command: exit status and everything it printed.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-}
-
-/// Kills (and reaps) a child process when the test ends, even by a panic.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Polls a child until it exits or the deadline passes (`None`).
-fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Runs the binary to completion, stdout and stderr captured through files (no pipe can fill).
-fn wsedge_with_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Run {
-    let scratch = tempfile::tempdir().unwrap();
-    let out_path = scratch.path().join("stdout");
-    let err_path = scratch.path().join("stderr");
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env_remove(UNSET_VAR)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let mut child = ChildGuard(command.spawn().expect("cannot start wsedge"));
-    let status = wait_for_exit(&mut child.0, timeout);
-    let stdout = std::fs::read_to_string(&out_path).unwrap();
-    let stderr = std::fs::read_to_string(&err_path).unwrap();
-    let Some(status) = status else {
-        panic!(
-            "wsedge {args:?} did not exit within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-        );
-    };
-    Run {
-        status,
-        stdout,
-        stderr,
-    }
-}
-
-fn wsedge(args: &[&str]) -> Run {
-    wsedge_with_env(args, &[], COMMAND_WAIT)
-}
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("temp paths are UTF-8")
@@ -113,35 +35,25 @@ fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// A config that validates: HS256 with the secret in `jwt.key` next to the config.
-/// `route_extra` lines end the route; `{port}` is the listen port.
-fn valid_config(port: u16, upstream: &str, route_extra: &str) -> String {
-    format!(
-        r#"# wsedge test config
-[server]
-listen = ["127.0.0.1:{port}"]
-handshake_timeout = "10s"
-max_connections = 1000
-drain_timeout = "5s"
+/// The secret in `jwt.key`, read relative to the config's folder.
+const SECRET_FILE: &str = "algorithms = [\"HS256\"]\nsecret = { file = \"jwt.key\" }";
 
-[auth.main]
-kind = "jwt"
-algorithms = ["HS256"]
-secret = {{ file = "jwt.key" }}
-token_from = ["header", "query:token"]
-
-[[route]]
-path = "/ws/chat"
-upstream = "{upstream}"
-auth = "main"
-max_message_size = "1MiB"
-{route_extra}
-"#
-    )
+/// A config that validates: HS256 with the secret in `jwt.key` next to the config, tokens from
+/// the header or the query. The check tests add the one key they are about.
+fn valid_config() -> EdgeConfig {
+    EdgeConfig::new("ws://127.0.0.1:9/ws/chat")
+        .keys(SECRET_FILE)
+        .policy("token_from = [\"header\", \"query:token\"]")
 }
 
-fn base_config() -> String {
-    valid_config(0, "ws://127.0.0.1:9/ws/chat", "")
+/// `wsedge check` on `text` (written into a scratch folder with `jwt.key`).
+fn check(text: &str) -> (Run, PathBuf, tempfile::TempDir) {
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", text);
+    let run = wsedge(&["check", "--config", path_str(&config)])
+        .env_remove(UNSET_VAR)
+        .run_blocking();
+    (run, config, dir)
 }
 
 /// The 1-based line and column (in characters) where `needle` starts; it must occur once.
@@ -160,12 +72,11 @@ fn position_of(text: &str, needle: &str) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-/// Runs `wsedge check` on `text` and asserts exit code 64 and a first diagnostic that starts
+/// Runs `wsedge check` on `config` and asserts exit code 64 and a first diagnostic that starts
 /// with `FILE:LINE:COL: ` for the place where `at` starts, and that mentions `mentions`.
-fn assert_check_refuses(text: &str, at: &str, mentions: &str) {
-    let dir = scratch();
-    let config = write_config(dir.path(), "proxy.toml", text);
-    let run = wsedge(&["check", "--config", path_str(&config)]);
+fn assert_check_refuses(config: EdgeConfig, at: &str, mentions: &str) {
+    let text = config.build();
+    let (run, config, _dir) = check(&text);
     assert_eq!(
         run.code(),
         Some(64),
@@ -178,7 +89,7 @@ fn assert_check_refuses(text: &str, at: &str, mentions: &str) {
         "a refused config printed {:?}",
         run.stdout
     );
-    let (line, column) = position_of(text, at);
+    let (line, column) = position_of(&text, at);
     let prefix = format!("{}:{line}:{column}: ", config.display());
     let first = run.stderr.lines().next().unwrap_or("");
     assert!(
@@ -246,12 +157,6 @@ fn printed_token(run: &Run) -> String {
     token
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// Whether `word` occurs in `text` as a word of its own (so "disconnected" is not "connected").
 fn contains_word(text: &str, word: &str) -> bool {
     text.match_indices(word).any(|(i, _)| {
@@ -288,9 +193,7 @@ async fn finish_close(ws: &mut Client) {
 
 #[test]
 fn check_accepts_a_valid_config_with_a_secret_file() {
-    let dir = scratch();
-    let config = write_config(dir.path(), "proxy.toml", &base_config());
-    let run = wsedge(&["check", "--config", path_str(&config)]);
+    let (run, _, _dir) = check(&valid_config().build());
     assert_eq!(
         run.code(),
         Some(0),
@@ -309,108 +212,84 @@ fn check_accepts_a_valid_config_with_a_secret_file() {
 #[test]
 fn check_resolves_a_relative_secret_file_against_the_config_folder_not_the_cwd() {
     let dir = scratch();
-    let config = write_config(dir.path(), "proxy.toml", &base_config());
+    let config = write_config(dir.path(), "proxy.toml", &valid_config().build());
     // Run from a folder without jwt.key: the file must be found next to the config.
     let elsewhere = tempfile::tempdir().unwrap();
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .args(["check", "--config", path_str(&config)])
-            .current_dir(elsewhere.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let status = wait_for_exit(&mut child.0, COMMAND_WAIT).expect("check did not exit");
-    assert_eq!(status.code(), Some(0));
+    let run = wsedge(&["check", "--config", path_str(&config)])
+        .current_dir(elsewhere.path())
+        .run_blocking();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
 }
 
 #[test]
 fn check_reports_a_toml_syntax_error_where_it_is() {
     // A doubled `=`: the error is at the second one.
-    let text = base_config().replace("drain_timeout = \"5s\"", "drain_timeout = = \"5s\"");
-    assert_check_refuses(&text, "= \"5s\"", "=");
+    let config = valid_config().server("drain_timeout = = \"5s\"");
+    assert_check_refuses(config, "= \"5s\"", "=");
 }
 
 #[test]
 fn check_reports_an_unknown_key_where_it_is() {
-    let text = valid_config(0, "ws://127.0.0.1:9/ws/chat", "colour = \"blue\"");
-    assert_check_refuses(&text, "colour = \"blue\"", "colour");
+    let config = valid_config().route("colour = \"blue\"");
+    assert_check_refuses(config, "colour = \"blue\"", "colour");
 }
 
 #[test]
 fn check_reports_a_wrong_type_at_the_value() {
-    let text = base_config().replace("max_connections = 1000", "max_connections = \"many\"");
-    assert_check_refuses(&text, "\"many\"", "");
+    let config = valid_config().server("max_connections = \"many\"");
+    assert_check_refuses(config, "\"many\"", "");
 }
 
 #[test]
 fn check_reports_a_bad_duration_at_the_value() {
-    let text = base_config().replace(
-        "handshake_timeout = \"10s\"",
-        "handshake_timeout = \"10 parsecs\"",
-    );
-    assert_check_refuses(&text, "\"10 parsecs\"", "10 parsecs");
+    let config = valid_config().server("handshake_timeout = \"10 parsecs\"");
+    assert_check_refuses(config, "\"10 parsecs\"", "10 parsecs");
 }
 
 #[test]
 fn check_reports_a_bad_size_at_the_value() {
-    let text = base_config().replace(
-        "max_message_size = \"1MiB\"",
-        "max_message_size = \"1 parsec\"",
-    );
-    assert_check_refuses(&text, "\"1 parsec\"", "1 parsec");
+    let config = valid_config().route("max_message_size = \"1 parsec\"");
+    assert_check_refuses(config, "\"1 parsec\"", "1 parsec");
 }
 
 #[test]
 fn check_reports_a_missing_secret_file_at_the_secret() {
-    let text = base_config().replace(
-        "secret = { file = \"jwt.key\" }",
-        "secret = { file = \"missing.key\" }",
-    );
-    assert_check_refuses(&text, "{ file = \"missing.key\" }", "missing.key");
+    let config =
+        valid_config().keys("algorithms = [\"HS256\"]\nsecret = { file = \"missing.key\" }");
+    assert_check_refuses(config, "{ file = \"missing.key\" }", "missing.key");
 }
 
 #[test]
 fn check_reports_a_route_naming_an_unknown_policy_at_the_name() {
-    let text = base_config().replace("auth = \"main\"", "auth = \"nope\"");
-    assert_check_refuses(&text, "\"nope\"", "nope");
+    assert_check_refuses(valid_config().auth("nope"), "\"nope\"", "nope");
 }
 
 #[test]
 fn check_reports_an_unset_secret_variable_at_the_secret() {
-    let text = base_config().replace(
-        "secret = { file = \"jwt.key\" }",
-        &format!("secret = {{ env = \"{UNSET_VAR}\" }}"),
-    );
-    assert_check_refuses(&text, &format!("{{ env = \"{UNSET_VAR}\" }}"), UNSET_VAR);
+    let secret = format!("{{ env = \"{UNSET_VAR}\" }}");
+    let config = valid_config().keys(&format!("algorithms = [\"HS256\"]\nsecret = {secret}"));
+    assert_check_refuses(config, &secret, UNSET_VAR);
 }
 
 #[test]
 fn check_reads_a_secret_from_a_set_variable() {
     let dir = scratch();
-    let text = base_config().replace(
-        "secret = { file = \"jwt.key\" }",
-        "secret = { env = \"WSEDGE_TEST_SET_VAR_XYZ\" }",
-    );
+    let text = valid_config()
+        .keys("algorithms = [\"HS256\"]\nsecret = { env = \"WSEDGE_TEST_SET_VAR_XYZ\" }")
+        .build();
     let config = write_config(dir.path(), "proxy.toml", &text);
-    let run = wsedge_with_env(
-        &["check", "--config", path_str(&config)],
-        &[("WSEDGE_TEST_SET_VAR_XYZ", SECRET)],
-        COMMAND_WAIT,
-    );
+    let run = wsedge(&["check", "--config", path_str(&config)])
+        .env("WSEDGE_TEST_SET_VAR_XYZ", SECRET)
+        .run_blocking();
     assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr);
 }
 
 #[test]
 fn check_passes_an_inline_secret_with_a_located_warning() {
-    let dir = scratch();
-    let text = base_config().replace(
-        "secret = { file = \"jwt.key\" }",
-        &format!("secret = \"{SECRET}\""),
-    );
-    let config = write_config(dir.path(), "proxy.toml", &text);
-    let run = wsedge(&["check", "--config", path_str(&config)]);
+    let text = valid_config()
+        .keys(&format!("algorithms = [\"HS256\"]\nsecret = \"{SECRET}\""))
+        .build();
+    let (run, config, _dir) = check(&text);
     assert_eq!(
         run.code(),
         Some(0),
@@ -438,23 +317,29 @@ fn check_passes_an_inline_secret_with_a_located_warning() {
 // ---------------------------------------------------------------------------------------------
 // wsedge token
 
+/// `wsedge token` with the identity the checks below expect.
+const IDENTITY: [&str; 8] = [
+    "--sub",
+    "alice",
+    "--tenant",
+    "acme",
+    "--conversation",
+    "c42",
+    "--ttl",
+    "10m",
+];
+
+fn token_args<'a>(config: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["token", "--config", config];
+    args.extend(extra);
+    args
+}
+
 #[test]
 fn token_mints_a_verifiable_hs256_jwt_with_the_identity_and_ttl() {
     let dir = scratch();
-    let config = write_config(dir.path(), "proxy.toml", &base_config());
-    let run = wsedge(&[
-        "token",
-        "--config",
-        path_str(&config),
-        "--sub",
-        "alice",
-        "--tenant",
-        "acme",
-        "--conversation",
-        "c42",
-        "--ttl",
-        "10m",
-    ]);
+    let config = write_config(dir.path(), "proxy.toml", &valid_config().build());
+    let run = wsedge(&token_args(path_str(&config), &IDENTITY)).run_blocking();
     let token = printed_token(&run);
     let claims = verify(
         &token,
@@ -467,8 +352,8 @@ fn token_mints_a_verifiable_hs256_jwt_with_the_identity_and_ttl() {
 #[test]
 fn token_is_refused_by_another_secret() {
     let dir = scratch();
-    let config = write_config(dir.path(), "proxy.toml", &base_config());
-    let run = wsedge(&["token", "--config", path_str(&config), "--sub", "alice"]);
+    let config = write_config(dir.path(), "proxy.toml", &valid_config().build());
+    let run = wsedge(&token_args(path_str(&config), &["--sub", "alice"])).run_blocking();
     let token = printed_token(&run);
     let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     let other = jsonwebtoken::DecodingKey::from_secret(b"another-secret-0123456789abcdef-0123");
@@ -476,15 +361,6 @@ fn token_is_refused_by_another_secret() {
         jsonwebtoken::decode::<serde_json::Value>(&token, &other, &validation).is_err(),
         "a token must only verify with the configured secret"
     );
-}
-
-fn asymmetric_config(algorithm: &str) -> String {
-    base_config()
-        .replace("[\"HS256\"]", &format!("[\"{algorithm}\"]"))
-        .replace(
-            "secret = { file = \"jwt.key\" }",
-            "public_key = { file = \"pub.pem\" }",
-        )
 }
 
 fn check_asymmetric_token(
@@ -498,25 +374,14 @@ fn check_asymmetric_token(
     std::fs::write(dir.path().join("pub.pem"), &public_pem).unwrap();
     let private_path = dir.path().join("priv.pem");
     std::fs::write(&private_path, &private_pem).unwrap();
-    let config = write_config(dir.path(), "proxy.toml", &asymmetric_config(algorithm));
+    let keys = format!("algorithms = [\"{algorithm}\"]\npublic_key = {{ file = \"pub.pem\" }}");
+    let text = valid_config().keys(&keys).build();
+    let config = write_config(dir.path(), "proxy.toml", &text);
 
-    let check = wsedge(&["check", "--config", path_str(&config)]);
+    let check = wsedge(&["check", "--config", path_str(&config)]).run_blocking();
     assert_eq!(check.code(), Some(0), "stderr:\n{}", check.stderr);
 
-    let mut args = vec![
-        "token",
-        "--config",
-        path_str(&config),
-        "--sub",
-        "alice",
-        "--tenant",
-        "acme",
-        "--conversation",
-        "c42",
-        "--ttl",
-        "10m",
-    ];
-    let without_key = wsedge(&args);
+    let without_key = wsedge(&token_args(path_str(&config), &IDENTITY)).run_blocking();
     assert_ne!(
         without_key.code(),
         Some(0),
@@ -534,8 +399,9 @@ fn check_asymmetric_token(
         without_key.stdout
     );
 
+    let mut args = token_args(path_str(&config), &IDENTITY);
     args.extend(["--key", path_str(&private_path)]);
-    let with_key = wsedge(&args);
+    let with_key = wsedge(&args).run_blocking();
     let token = printed_token(&with_key);
     let key = decoding_key(public_pem.as_bytes()).unwrap();
     let claims = verify(&token, jwt_alg, &key);
@@ -565,71 +431,30 @@ fn token_signs_es256_with_a_private_key_and_demands_key_without_one() {
 // ---------------------------------------------------------------------------------------------
 // Running the edge
 
-/// Waits until something accepts TCP connections on `port`, failing early if the edge exits.
-async fn wait_listening(port: u16, edge: &mut ChildGuard, log: &Path) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        if let Some(status) = edge.0.try_wait().unwrap() {
-            panic!(
-                "wsedge exited with {status} before listening:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "wsedge did not listen on 127.0.0.1:{port} within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_edge_serves_query_and_header_tokens_then_drains_with_1001_on_sigterm() {
     let mut upstream = Upstream::start().await;
     let dir = scratch();
-    let port = free_port();
-    let config = write_config(
-        dir.path(),
-        "proxy.toml",
-        &valid_config(port, &upstream.url("/ws/chat"), ""),
+    // The key file by its full path: the edge runs from a folder of its own.
+    let key_file = dir.path().join("jwt.key");
+    let keys = format!(
+        "algorithms = [\"HS256\"]\nsecret = {{ file = \"{}\" }}",
+        path_str(&key_file)
     );
-    let config_arg = path_str(&config).to_owned();
-
-    let minted = wsedge(&[
-        "token",
-        "--config",
-        &config_arg,
-        "--sub",
-        "alice",
-        "--tenant",
-        "acme",
-        "--conversation",
-        "c42",
-        "--ttl",
-        "10m",
-    ]);
+    let text = EdgeConfig::new(&upstream.url("/ws/chat"))
+        .server("drain_timeout = \"5s\"")
+        .keys(&keys)
+        .policy("token_from = [\"header\", \"query:token\"]")
+        .build();
+    let config = write_config(dir.path(), "proxy.toml", &text);
+    let minted = wsedge(&token_args(path_str(&config), &IDENTITY))
+        .run()
+        .await;
     let token = printed_token(&minted);
 
-    let log = dir.path().join("wsedge.log");
-    let mut edge = ChildGuard(
-        Command::new(BIN)
-            .args(["--config", &config_arg])
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("cannot start wsedge"),
-    );
-    wait_listening(port, &mut edge, &log).await;
+    let mut edge = EdgeProcess::start(&text, &[("RUST_LOG", "debug")]).await;
 
-    let base = format!("ws://127.0.0.1:{port}/ws/chat");
+    let base = edge.url("/ws/chat");
     let mut by_query = connect_ok(&format!("{base}?token={token}"), &[]).await;
     let seen = upstream.next_request().await;
     assert_eq!(seen.header("x-user-id"), Some("alice"));
@@ -661,10 +486,7 @@ async fn the_edge_serves_query_and_header_tokens_then_drains_with_1001_on_sigter
         .unwrap();
     assert_eq!(next_text(&mut by_header).await, "hello by header");
 
-    let pid = edge.0.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success(), "kill -TERM {pid} failed");
-
+    edge.signal("TERM");
     for (name, ws) in [("query", &mut by_query), ("header", &mut by_header)] {
         let close = expect_close(ws).await;
         let (code, _reason) =
@@ -677,17 +499,13 @@ async fn the_edge_serves_query_and_header_tokens_then_drains_with_1001_on_sigter
         finish_close(ws).await;
     }
 
-    let status = wait_for_exit(&mut edge.0, Duration::from_secs(10));
-    let logged = std::fs::read_to_string(&log).unwrap();
-    let status = status.unwrap_or_else(|| {
-        panic!("wsedge did not exit within 10 s of SIGTERM; log so far:\n{logged}")
-    });
+    let status = edge.wait_exit(WAIT).await;
+    let logged = edge.log();
     assert_eq!(
         status.code(),
         Some(0),
         "exit status {status}; log:\n{logged}"
     );
-
     assert!(
         !logged.contains(&token),
         "the token appears in the log:\n{logged}"
@@ -708,11 +526,9 @@ async fn the_edge_serves_query_and_header_tokens_then_drains_with_1001_on_sigter
 
 #[test]
 fn demo_once_runs_end_to_end_and_exits_0() {
-    let run = wsedge_with_env(
-        &["demo", "--once", "--port", "0", "--page-port", "0"],
-        &[],
-        Duration::from_secs(60),
-    );
+    let run = wsedge(&["demo", "--once", "--port", "0", "--page-port", "0"])
+        .timeout(Duration::from_secs(60))
+        .run_blocking();
     assert_eq!(
         run.code(),
         Some(0),
@@ -747,7 +563,7 @@ fn demo_once_runs_end_to_end_and_exits_0() {
 #[test]
 fn the_shipped_reference_config_validates() {
     let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
-    let run = wsedge(&["check", "--config", reference]);
+    let run = wsedge(&["check", "--config", reference]).run_blocking();
     assert!(
         run.status.success(),
         "proxy.toml does not validate:\n{}",
@@ -768,29 +584,24 @@ fn the_shipped_reference_config_validates() {
     assert!(warnings[0].contains("inline"), "{warnings:?}");
 }
 
-#[test]
-fn a_port_another_process_holds_is_an_error_not_a_shared_port() {
+#[tokio::test]
+async fn a_port_another_process_holds_is_an_error_not_a_shared_port() {
     // The edge's own sockets share their port between its workers (SO_REUSEPORT); a port
     // someone else holds must still be refused, not shared with them.
     // Held the way a second wsedge would hold it: with SO_REUSEPORT too.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let held = runtime.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseport(true).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        socket.listen(16).unwrap()
-    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let held = socket.listen(16).unwrap();
     let port = held.local_addr().unwrap().port();
     let dir = scratch();
-    let config = write_config(
-        dir.path(),
-        "proxy.toml",
-        &valid_config(port, "ws://127.0.0.1:9/ws/chat", ""),
-    );
-    let run = wsedge_with_env(&["--config", path_str(&config)], &[], COMMAND_WAIT);
+    let text = valid_config()
+        .listen(&format!("127.0.0.1:{port}"))
+        .without_admin()
+        .build();
+    let config = write_config(dir.path(), "proxy.toml", &text);
+    let run = wsedge(&["--config", path_str(&config)]).run().await;
+    drop(held);
     assert!(!run.status.success(), "{run:?}");
     assert!(
         run.stderr

@@ -1,5 +1,5 @@
 //! WebSocket conformance: the Autobahn test suite's cases (through the `kosoku` runner, pinned
-//! in `.ci/run`) drive the edge as a server, with an echo upstream behind it. Every case must
+//! by `test.sh`) drive the edge as a server, with an echo upstream behind it. Every case must
 //! pass (OK, NON-STRICT or INFORMATIONAL, as Autobahn grades them). The compression cases
 //! (12.*, 13.*) do not apply: no extension is negotiated through the edge.
 
@@ -13,24 +13,12 @@ const CASES: usize = 301;
 #[tokio::test(flavor = "multi_thread")]
 async fn the_autobahn_cases_pass_through_the_edge() {
     let upstream = Upstream::start_mode(UpstreamMode::Echo).await;
-    let edge = TestEdge::start(&format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-max_connections_per_user = 0
-handshake_rate_per_ip = "off"
-
-[[route]]
-path = "/"
-match = "prefix"
-upstream = "{}"
-auth = "none"
-message_rate = "off"
-max_message_size = "64MiB"
-"#,
-        upstream.url("/")
-    ))
-    .await;
+    let config = EdgeConfig::new(&upstream.url("/"))
+        .server("max_connections_per_user = 0\nhandshake_rate_per_ip = \"off\"")
+        .path("/")
+        .auth("none")
+        .route("match = \"prefix\"\nmessage_rate = \"off\"\nmax_message_size = \"64MiB\"");
+    let edge = TestEdge::start(&config.build()).await;
     let reports = tempfile::tempdir().unwrap();
     let mut runner = tokio::process::Command::new("kosoku");
     runner
@@ -51,7 +39,7 @@ max_message_size = "64MiB"
     let output = tokio::time::timeout(std::time::Duration::from_secs(300), runner.output())
         .await
         .expect("the Autobahn cases did not finish in 5 minutes")
-        .expect("kosoku runs (pip install kosoku==0.1.0; .ci/run does)");
+        .expect("kosoku runs (pip install kosoku==0.1.0; ./test.sh does)");
     let printed = String::from_utf8_lossy(&output.stdout);
 
     let mut graded = 0;

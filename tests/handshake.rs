@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn edge_for(upstream: &Upstream, route_extra: &str) -> TestEdge {
-    TestEdge::start(&basic_config(&upstream.url("/ws/chat"), "", route_extra)).await
+    let config = EdgeConfig::new(&upstream.url("/ws/chat")).route(route_extra);
+    TestEdge::start(&config.build()).await
 }
 
 fn with_token(edge: &TestEdge, path: &str, token: &str) -> String {
@@ -324,13 +325,9 @@ async fn tenant_rules_refuse_with_403() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_502() {
-    // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let edge = TestEdge::start(&basic_config(&format!("ws://127.0.0.1:{port}/ws"), "", "")).await;
+    let (_held, port) = refusing_port();
+    let config = EdgeConfig::new(&format!("ws://127.0.0.1:{port}/ws"));
+    let edge = TestEdge::start(&config.build()).await;
     let refused = connect_refused(&with_token(&edge, "/ws/chat", &token_for("alice")), &[]).await;
     assert_eq!(refused.status, 502);
     assert_eq!(refused.body["error"], "upstream_unreachable");
@@ -359,10 +356,7 @@ async fn an_upstream_refusal_status_is_passed_on() {
 
 #[tokio::test]
 async fn max_connections_is_exact_and_gives_503() {
-    let upstream = Upstream::start().await;
-    let config = basic_config(&upstream.url("/ws/chat"), "", "")
-        .replace("[server]\n", "[server]\nmax_connections = 2\n");
-    let edge = TestEdge::start(&config).await;
+    let (_upstream, edge) = start_edge(|c| c.server("max_connections = 2")).await;
     let url = with_token(&edge, "/ws/chat", &token_for("alice"));
     let mut first = connect_ok(&url, &[]).await;
     let _second = connect_ok(&url, &[]).await;
@@ -374,11 +368,10 @@ async fn max_connections_is_exact_and_gives_503() {
     first.close(None).await.unwrap();
     drop(first);
     // The slot comes back once the first connection is fully closed.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while edge.handle.stats().open_connections() != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "slot not released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, "the first connection's slot coming back", || async {
+        edge.handle.stats().open_connections() == 1
+    })
+    .await;
     let mut third = connect_ok(&url, &[]).await;
     third.send(Message::text("still works")).await.unwrap();
     assert_eq!(next_text(&mut third).await, "still works");
@@ -427,20 +420,10 @@ auth = "main"
 async fn round_robin_across_targets_and_a_dead_target_is_skipped() {
     let mut a = Upstream::start().await;
     let mut b = Upstream::start().await;
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = basic_config(&a.url("/ws"), "", "").replace(
-        &format!("upstream = \"{}\"", a.url("/ws")),
-        &format!(
-            "upstreams = [\"{}\", \"ws://127.0.0.1:{dead_port}/ws\", \"{}\"]",
-            a.url("/ws"),
-            b.url("/ws")
-        ),
-    );
-    let edge = TestEdge::start(&config).await;
+    let (_held, dead_port) = refusing_port();
+    let dead = format!("ws://127.0.0.1:{dead_port}/ws");
+    let config = EdgeConfig::new(&a.url("/ws")).upstreams(&[&a.url("/ws"), &dead, &b.url("/ws")]);
+    let edge = TestEdge::start(&config.build()).await;
     let url = with_token(&edge, "/ws/chat", &token_for("alice"));
     let mut clients = Vec::new();
     for _ in 0..6 {
@@ -541,9 +524,10 @@ async fn identity_header_spellings_and_x_real_ip_are_stripped() {
 #[tokio::test]
 async fn dot_segments_in_the_path_are_refused() {
     let upstream = Upstream::start().await;
-    let config = basic_config(&upstream.url("/core"), "", "match = \"prefix\"")
-        .replace("path = \"/ws/chat\"", "path = \"/t\"");
-    let edge = TestEdge::start(&config).await;
+    let config = EdgeConfig::new(&upstream.url("/core"))
+        .path("/t")
+        .route("match = \"prefix\"");
+    let edge = TestEdge::start(&config.build()).await;
     for path in ["/t/../../admin", "/t/./x", "/t/%2e%2e/admin", "/t/%2E%2e"] {
         let refused = connect_refused(&with_token(&edge, path, &token_for("alice")), &[]).await;
         assert_eq!(refused.status, 400, "{path}");

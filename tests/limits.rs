@@ -14,10 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-fn with_server_keys(config: String, keys: &str) -> String {
-    config.replace("[server]\n", &format!("[server]\n{keys}\n"))
-}
-
 fn chat(edge: &TestEdge, token: &str) -> String {
     edge.url(&format!("/ws/chat?token={token}"))
 }
@@ -25,10 +21,9 @@ fn chat(edge: &TestEdge, token: &str) -> String {
 #[tokio::test]
 async fn per_user_connections_are_exact_and_give_429() {
     let upstream = Upstream::start().await;
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "max_connections_per_user = 2",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("max_connections_per_user = 2")
+        .build();
     let edge = TestEdge::start(&config).await;
     let alice = token_for("alice");
     let mut first = connect_ok(&chat(&edge, &alice), &[]).await;
@@ -52,26 +47,24 @@ async fn per_user_connections_are_exact_and_give_429() {
     // Closing one gives the slot back.
     first.close(None).await.unwrap();
     drop(first);
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "alice's slot coming back", || async {
         match connect(&chat(&edge, &alice), &[]).await {
-            Ok(_) => break,
+            Ok(_) => true,
             Err(refused) => {
                 assert_eq!(refused.status, 429);
-                assert!(Instant::now() < deadline, "the slot was never released");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                false
             }
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn per_ip_handshake_rate_is_exact_and_gives_429() {
     let upstream = Upstream::start().await;
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "handshake_rate_per_ip = { per_second = 0.2, burst = 3 }",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("handshake_rate_per_ip = { per_second = 0.2, burst = 3 }")
+        .build();
     let edge = TestEdge::start(&config).await;
     let token = token_for("alice");
     // Every request counts, refused or not: the bucket protects the JWT check itself.
@@ -90,10 +83,9 @@ async fn per_ip_handshake_rate_is_exact_and_gives_429() {
 #[tokio::test]
 async fn a_slow_loris_is_dropped_at_handshake_timeout_while_others_are_served() {
     let upstream = Upstream::start().await;
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "handshake_timeout = \"500ms\"",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("handshake_timeout = \"500ms\"")
+        .build();
     let edge = TestEdge::start(&config).await;
     let started = Instant::now();
     // One sends half a request and stops; one sends nothing at all.
@@ -124,7 +116,7 @@ async fn a_slow_loris_is_dropped_at_handshake_timeout_while_others_are_served() 
         "dropped too early: {elapsed:?}"
     );
     assert!(
-        elapsed < Duration::from_millis(500 + 1500),
+        elapsed < Duration::from_secs(5),
         "dropped too late: {elapsed:?}"
     );
     ws.send(Message::text("still served")).await.unwrap();
@@ -137,10 +129,9 @@ async fn a_tls_client_that_never_starts_tls_is_dropped_at_handshake_timeout() {
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
     ca.write(dir.path(), "edge", &["localhost"]);
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "handshake_timeout = \"400ms\"\ntls = { cert = \"edge.crt\", key = \"edge.key\" }",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("handshake_timeout = \"400ms\"\ntls = { cert = \"edge.crt\", key = \"edge.key\" }")
+        .build();
     let edge = TestEdge::start_in(&config, dir).await;
     let started = Instant::now();
     let mut mute = TcpStream::connect(edge.addr).await.unwrap();
@@ -155,10 +146,9 @@ async fn a_tls_client_that_never_starts_tls_is_dropped_at_handshake_timeout() {
 #[tokio::test]
 async fn oversized_request_headers_get_431() {
     let upstream = Upstream::start().await;
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "max_header_size = \"8KiB\"",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("max_header_size = \"8KiB\"")
+        .build();
     let edge = TestEdge::start(&config).await;
     let token = token_for("alice");
     let big = "x".repeat(10 * 1024);
@@ -182,20 +172,10 @@ async fn oversized_request_headers_get_431() {
 async fn a_target_that_times_out_is_skipped_for_its_cooldown() {
     let silent = Upstream::start_mode(UpstreamMode::Silent).await;
     let mut live = Upstream::start().await;
-    let config = basic_config(
-        &silent.url("/ws"),
-        "",
-        "connect_timeout = \"300ms\"\nupstream_cooldown = \"1m\"",
-    )
-    .replace(
-        &format!("upstream = \"{}\"", silent.url("/ws")),
-        &format!(
-            "upstreams = [\"{}\", \"{}\"]",
-            silent.url("/ws"),
-            live.url("/ws")
-        ),
-    );
-    let edge = TestEdge::start(&config).await;
+    let config = EdgeConfig::new(&silent.url("/ws"))
+        .upstreams(&[&silent.url("/ws"), &live.url("/ws")])
+        .route("connect_timeout = \"300ms\"\nupstream_cooldown = \"1m\"");
+    let edge = TestEdge::start(&config.build()).await;
     let token = token_for("alice");
     let mut clients = Vec::new();
     for _ in 0..6 {
@@ -220,11 +200,10 @@ async fn a_target_that_times_out_is_skipped_for_its_cooldown() {
 async fn when_every_target_times_out_the_client_gets_504() {
     let a = Upstream::start_mode(UpstreamMode::Silent).await;
     let b = Upstream::start_mode(UpstreamMode::Silent).await;
-    let config = basic_config(&a.url("/ws"), "", "connect_timeout = \"200ms\"").replace(
-        &format!("upstream = \"{}\"", a.url("/ws")),
-        &format!("upstreams = [\"{}\", \"{}\"]", a.url("/ws"), b.url("/ws")),
-    );
-    let edge = TestEdge::start(&config).await;
+    let config = EdgeConfig::new(&a.url("/ws"))
+        .upstreams(&[&a.url("/ws"), &b.url("/ws")])
+        .route("connect_timeout = \"200ms\"");
+    let edge = TestEdge::start(&config.build()).await;
     let refused = connect_refused(&chat(&edge, &token_for("alice")), &[]).await;
     assert_eq!(
         (refused.status, refused.body["error"].as_str()),
@@ -241,51 +220,46 @@ async fn when_every_target_times_out_the_client_gets_504() {
 #[tokio::test]
 async fn clients_that_have_not_upgraded_are_capped_and_upgraded_ones_do_not_count() {
     let upstream = Upstream::start().await;
-    let config = with_server_keys(
-        basic_config(&upstream.url("/ws"), "", ""),
-        "max_pending_handshakes = 2",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws"))
+        .server("max_pending_handshakes = 2")
+        .build();
     let edge = TestEdge::start(&config).await;
     // Upgraded connections hold no pending slot.
     let mut upgraded = Vec::new();
     for _ in 0..3 {
         upgraded.push(connect_ok(&chat(&edge, &token_for("alice")), &[]).await);
     }
-    // Two silent clients take both slots…
-    let _mute_one = TcpStream::connect(edge.addr).await.unwrap();
-    let _mute_two = TcpStream::connect(edge.addr).await.unwrap();
-    // …so a third is closed at once, long before the 10 s handshake timeout.
-    let started = Instant::now();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut third = TcpStream::connect(edge.addr).await.unwrap();
-        let mut rest = Vec::new();
-        let closed =
-            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut rest)).await;
-        if closed.is_ok() {
-            break;
-        }
-        // The two silent ones may not have been accepted yet; try again.
-        assert!(
-            Instant::now() < deadline,
-            "a third pending client was never refused"
-        );
+    // Three silent clients: two take both slots, and whichever comes last is closed at once,
+    // long before the 10 s handshake timeout.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(edge.addr).await.unwrap());
     }
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let reads = silent.iter_mut().map(|stream| {
+        Box::pin(async move {
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+        })
+    });
+    tokio::time::timeout(WAIT, futures_util::future::select_all(reads))
+        .await
+        .expect("one of three silent clients is closed at once");
+    edge.wait_metric(
+        "wsedge_limit_hits_total{kind=\"max_pending_handshakes\"}",
+        1.0,
+    )
+    .await;
     // Once the silent ones go, new clients are served again.
-    drop((_mute_one, _mute_two));
-    let deadline = Instant::now() + WAIT;
-    loop {
+    drop(silent);
+    eventually(WAIT, "the pending slots coming back", || async {
         // The edge may not have seen the silent clients leave yet: a refused attempt is an I/O
         // error here, not a test failure.
         let tcp = TcpStream::connect(edge.addr).await.unwrap();
         let attempt = tokio_tungstenite::client_async(chat(&edge, &token_for("bob")), tcp);
-        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-            Ok(Ok(_)) => break,
-            _ => {
-                assert!(Instant::now() < deadline, "slots were not released");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), attempt).await,
+            Ok(Ok(_))
+        )
+    })
+    .await;
 }

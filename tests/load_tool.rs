@@ -4,29 +4,20 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
-use common::process::free_port;
 use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 const LOAD: &str = env!("CARGO_BIN_EXE_wsedge-load");
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn run_load(args: &[&str]) -> serde_json::Value {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(LOAD).args(&args).output().unwrap())
-            .await
-            .unwrap();
+    let run = Command::new(LOAD).args(args).kill_on_drop(true).output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), run)
+        .await
+        .expect("wsedge-load finished")
+        .unwrap();
     assert!(
         output.status.success(),
         "wsedge-load failed:\n{}",
@@ -39,36 +30,27 @@ async fn run_load(args: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_mode_runs_through_the_edge() {
-    let port = free_port();
-    let upstream = Killed(
-        Command::new(LOAD)
-            .args(["upstream", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut upstream = Command::new(LOAD)
+        .args(["upstream", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // It says where it listens once it does.
+    let mut lines = BufReader::new(upstream.stderr.take().unwrap()).lines();
+    let said = tokio::time::timeout(WAIT, lines.next_line())
         .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the load tool's upstream did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let config = basic_config(
-        &format!("ws://127.0.0.1:{port}/ws"),
-        "",
-        "message_rate = \"off\"",
-    )
-    .replace(
-        "[server]\n",
-        "[server]\nmax_connections_per_user = 0\nhandshake_rate_per_ip = \"off\"\n",
-    );
-    let edge = TestEdge::start(&config).await;
+        .expect("the load tool's upstream did not start in time")
+        .unwrap()
+        .expect("a line from the load tool's upstream");
+    let address = said
+        .strip_prefix("upstream listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {said:?}"));
+    let config = EdgeConfig::new(&format!("ws://{address}/ws"))
+        .server("max_connections_per_user = 0\nhandshake_rate_per_ip = \"off\"")
+        .route("message_rate = \"off\"");
+    let edge = TestEdge::start(&config.build()).await;
     let url = edge.url("/ws/chat");
     let common = ["--url", &url, "--jwt-secret", SECRET];
 
@@ -139,17 +121,11 @@ async fn every_mode_runs_through_the_edge() {
     );
 
     // Without a token the edge refuses, and the tool says so.
-    let refused = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || {
-            Command::new(LOAD)
-                .args(["handshake", "--url", &url, "--count", "3"])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let refused = Command::new(LOAD)
+        .args(["handshake", "--url", &url, "--count", "3"])
+        .kill_on_drop(true)
+        .output();
+    let refused = tokio::time::timeout(WAIT, refused).await.unwrap().unwrap();
     let result: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
     assert_eq!(result["errors"].as_u64(), Some(3), "{result}");
     assert!(

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::process::{EdgeProcess, process_config};
+use common::process::EdgeProcess;
 use common::*;
 
 const MESSAGES: usize = 1600;
@@ -18,14 +18,16 @@ const BOUND_KIB: u64 = 16 * 1024;
 
 /// Heartbeats off: a client that reads nothing must stay connected for the measurement.
 fn config(upstream: &str, route_extra: &str) -> String {
-    let route = format!("ping_interval = \"off\"\nmax_message_size = \"1MiB\"\n{route_extra}");
-    process_config(upstream, "", &route)
+    EdgeConfig::new(upstream)
+        .route("ping_interval = \"off\"\nmax_message_size = \"1MiB\"")
+        .route(route_extra)
+        .build()
 }
 
 /// A raw client of alice's on the edge's chat route; `query` is appended to the token.
 async fn alice(edge: &EdgeProcess, query: &str) -> RawClient {
     let path = format!("/ws/chat?token={}{query}", token_for("alice"));
-    RawClient::connect(edge.addr(), &path, &[]).await
+    RawClient::connect(edge.addr, &path, &[]).await
 }
 
 /// Waits until a writer's byte counter has not moved for a whole second (its writes are

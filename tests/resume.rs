@@ -12,16 +12,6 @@ use serde_json::{Value, json};
 
 const RESUME: &str = r#"resume = { window = "5s", max_messages = 50000, max_bytes = "4MiB" }"#;
 
-async fn setup(route_extra: &str) -> (Upstream, TestEdge) {
-    let upstream = Upstream::start().await;
-    let config = basic_config(&upstream.url("/ws/chat"), "", route_extra).replace(
-        "[auth.main]",
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[auth.main]",
-    );
-    let edge = TestEdge::start(&config).await;
-    (upstream, edge)
-}
-
 fn path(token: &str, session: &str, last_seq: Option<usize>) -> String {
     match last_seq {
         None => format!("/ws/chat?token={token}&session_id={session}"),
@@ -29,28 +19,8 @@ fn path(token: &str, session: &str, last_seq: Option<usize>) -> String {
     }
 }
 
-/// Waits until a metric sample has `value` (fails the test after `WAIT`).
-async fn wait_metric(edge: &TestEdge, sample: &str, value: f64) {
-    wait_metric_until(edge, sample, |now| now == value).await;
-}
-
-async fn wait_metric_until(edge: &TestEdge, sample: &str, done: impl Fn(f64) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = edge.metric(sample).await;
-        if now.is_some_and(&done) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sample} is still {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn detached(edge: &TestEdge, count: f64) {
-    wait_metric(edge, "wsedge_sessions_detached", count).await;
+    edge.wait_metric("wsedge_sessions_detached", count).await;
 }
 
 /// The next data frame as text (answering pings on the way); panics on anything else.
@@ -136,7 +106,7 @@ async fn upstream_connection(client: &mut RawClient) -> String {
 
 async fn cut_and_resume(cut: usize) {
     const TOTAL: usize = 20_000;
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "s-1", None), &[]).await;
     upstream.next_request().await;
@@ -146,10 +116,8 @@ async fn cut_and_resume(cut: usize) {
         // The client answered the pings behind what it read: only what came after the last
         // of them is kept.
         assert_eq!(upstream_connection(&mut first).await, "conn 1");
-        wait_metric_until(&edge, "wsedge_resume_buffered_messages", |kept| {
-            kept < 1000.0
-        })
-        .await;
+        edge.wait_metric_until("wsedge_resume_buffered_messages", |kept| kept < 1000.0)
+            .await;
     }
     // No close frame: the TCP connection just ends, with whatever was in flight lost.
     first.vanish();
@@ -176,8 +144,7 @@ async fn cut_and_resume(cut: usize) {
         1
     );
     detached(&edge, 0.0).await;
-    wait_metric(
-        &edge,
+    edge.wait_metric(
         "wsedge_resumes_total{route=\"/ws/chat\",outcome=\"resumed\"}",
         1.0,
     )
@@ -186,8 +153,9 @@ async fn cut_and_resume(cut: usize) {
     second.send_frame(true, 8, &1000u16.to_be_bytes()).await;
     assert_eq!(upstream.next_close().await, Some((1000, String::new())));
     edge.wait_idle().await;
-    wait_metric(&edge, "wsedge_resume_buffered_messages", 0.0).await;
-    wait_metric(&edge, "wsedge_resume_buffered_bytes", 0.0).await;
+    edge.wait_metric("wsedge_resume_buffered_messages", 0.0)
+        .await;
+    edge.wait_metric("wsedge_resume_buffered_bytes", 0.0).await;
 }
 
 #[tokio::test]
@@ -207,7 +175,7 @@ async fn a_cut_after_the_whole_stream_resumes_with_nothing_to_replay() {
 
 #[tokio::test]
 async fn a_token_that_expires_mid_stream_is_renewed_by_a_resume_without_loss() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let short = hs256(&claims("alice", json!({ "exp": now() + 2 })));
     let mut first = RawClient::connect(edge.addr, &path(&short, "s-exp", None), &[]).await;
     upstream.next_request().await;
@@ -224,7 +192,8 @@ async fn a_token_that_expires_mid_stream_is_renewed_by_a_resume_without_loss() {
     assert_eq!(code, 4001);
     assert!(received < 40, "the token should expire mid-stream");
     // The stream goes on while the client renews its token; what it sends meanwhile is kept.
-    wait_metric_until(&edge, "wsedge_resume_buffered_messages", |kept| kept >= 2.0).await;
+    edge.wait_metric_until("wsedge_resume_buffered_messages", |kept| kept >= 2.0)
+        .await;
 
     let mut second = RawClient::connect(
         edge.addr,
@@ -242,7 +211,7 @@ async fn a_token_that_expires_mid_stream_is_renewed_by_a_resume_without_loss() {
 
 #[tokio::test]
 async fn another_user_cannot_resume_and_learns_nothing() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut alice =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "shared", None), &[]).await;
     upstream.next_request().await;
@@ -283,8 +252,10 @@ async fn another_user_cannot_resume_and_learns_nothing() {
 
 #[tokio::test]
 async fn a_session_whose_window_passed_is_reported_expired() {
-    let (mut upstream, edge) =
-        setup(r#"resume = { window = "300ms", max_messages = 100, max_bytes = "1MiB" }"#).await;
+    let (mut upstream, edge) = start_edge(|c| {
+        c.route(r#"resume = { window = "300ms", max_messages = 100, max_bytes = "1MiB" }"#)
+    })
+    .await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "late", None), &[]).await;
     upstream.next_request().await;
@@ -301,8 +272,7 @@ async fn a_session_whose_window_passed_is_reported_expired() {
         close_of(&mut late).await,
         (4002, "session expired".to_owned())
     );
-    wait_metric(
-        &edge,
+    edge.wait_metric(
         "wsedge_resumes_total{route=\"/ws/chat\",outcome=\"expired\"}",
         1.0,
     )
@@ -313,8 +283,10 @@ async fn a_session_whose_window_passed_is_reported_expired() {
 
 #[tokio::test]
 async fn a_detached_session_that_overflows_its_buffer_ends_and_is_reported() {
-    let (mut upstream, edge) =
-        setup(r#"resume = { window = "10s", max_messages = 100, max_bytes = "1MiB" }"#).await;
+    let (mut upstream, edge) = start_edge(|c| {
+        c.route(r#"resume = { window = "10s", max_messages = 100, max_bytes = "1MiB" }"#)
+    })
+    .await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "big", None), &[]).await;
     upstream.next_request().await;
@@ -332,18 +304,14 @@ async fn a_detached_session_that_overflows_its_buffer_ends_and_is_reported() {
         (4002, "session overflowed".to_owned())
     );
     edge.wait_idle().await;
-    wait_metric(&edge, "wsedge_resume_buffered_bytes", 0.0).await;
-    wait_metric(
-        &edge,
-        "wsedge_limit_hits_total{kind=\"resume_buffer\"}",
-        1.0,
-    )
-    .await;
+    edge.wait_metric("wsedge_resume_buffered_bytes", 0.0).await;
+    edge.wait_metric("wsedge_limit_hits_total{kind=\"resume_buffer\"}", 1.0)
+        .await;
 }
 
 #[tokio::test]
 async fn a_live_session_refuses_what_does_not_fit_it_and_keeps_going() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let token = token_for("alice");
     let mut alice = RawClient::connect(
         edge.addr,
@@ -377,7 +345,7 @@ async fn a_live_session_refuses_what_does_not_fit_it_and_keeps_going() {
 
 #[tokio::test]
 async fn a_second_connection_takes_a_live_session_over() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "phone", None), &[]).await;
     upstream.next_request().await;
@@ -397,7 +365,7 @@ async fn a_second_connection_takes_a_live_session_over() {
 
 #[tokio::test]
 async fn a_takeover_drops_what_the_old_connection_left_unfinished() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "switch", None), &[]).await;
     upstream.next_request().await;
@@ -431,7 +399,7 @@ async fn a_takeover_drops_what_the_old_connection_left_unfinished() {
 
 #[tokio::test]
 async fn a_takeover_during_the_last_replay_still_gets_the_upstreams_close() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let gone = ask_for_an_answer(&edge, &mut upstream, "final", "trickle 20 20").await;
     gone.vanish();
     answer_complete(&mut upstream).await;
@@ -454,7 +422,7 @@ async fn a_takeover_during_the_last_replay_still_gets_the_upstreams_close() {
 
 #[tokio::test]
 async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_back() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first = ask_for_an_answer(&edge, &mut upstream, "tunnel", "stream 3000").await;
     // The answer and its close left the edge while the phone's link was already dead: it
     // read 100 messages, and its pongs never arrive.
@@ -477,7 +445,7 @@ async fn an_upstream_close_that_meets_a_dead_link_waits_for_the_client_to_come_b
 #[tokio::test]
 async fn the_upstreams_close_follows_the_last_confirmation_even_behind_a_ping() {
     // Heartbeats at their default (30 s): nothing but the confirmation may wake the edge.
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut client = ask_for_an_answer(&edge, &mut upstream, "pingy", "stream 5").await;
     answer_complete(&mut upstream).await;
     let mut received = 0;
@@ -506,7 +474,7 @@ async fn the_upstreams_close_follows_the_last_confirmation_even_behind_a_ping() 
 
 #[tokio::test]
 async fn a_clean_close_ends_the_session_at_once() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "done", None), &[]).await;
     upstream.next_request().await;
@@ -525,9 +493,10 @@ async fn a_clean_close_ends_the_session_at_once() {
 
 #[tokio::test]
 async fn a_client_that_stops_answering_pings_is_detached_and_can_come_back() {
-    let (mut upstream, edge) = setup(&format!(
-        "ping_interval = \"200ms\"\npong_timeout = \"200ms\"\n{RESUME}"
-    ))
+    let (mut upstream, edge) = start_edge(|c| {
+        c.route("ping_interval = \"200ms\"\npong_timeout = \"200ms\"")
+            .route(RESUME)
+    })
     .await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "quiet", None), &[]).await;
@@ -542,10 +511,7 @@ async fn a_client_that_stops_answering_pings_is_detached_and_can_come_back() {
 
 #[tokio::test]
 async fn the_announcement_tells_the_client_what_happened_to_its_session() {
-    let (mut upstream, edge) = setup(
-        r#"resume = { window = "5s", max_messages = 10000, max_bytes = "4MiB", announce = true }"#,
-    )
-    .await;
+    let (mut upstream, edge) = start_edge(|c| c.route(r#"resume = { window = "5s", max_messages = 10000, max_bytes = "4MiB", announce = true }"#)).await;
     // No session_id: the edge names one.
     let mut first = RawClient::connect(
         edge.addr,
@@ -602,7 +568,7 @@ async fn the_announcement_tells_the_client_what_happened_to_its_session() {
 
 #[tokio::test]
 async fn malformed_session_parameters_are_refused_before_the_upgrade() {
-    let (_upstream, edge) = setup(RESUME).await;
+    let (_upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let token = token_for("alice");
     for query in [
         "session_id=a%20b",
@@ -620,7 +586,7 @@ async fn malformed_session_parameters_are_refused_before_the_upgrade() {
 
 #[tokio::test]
 async fn a_pong_frees_only_what_was_sent_before_its_ping() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut client =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "acks", None), &[]).await;
     upstream.next_request().await;
@@ -628,12 +594,14 @@ async fn a_pong_frees_only_what_was_sent_before_its_ping() {
     assert_eq!(upstream_connection(&mut client).await, "conn 1");
     // Five more behind that ping, while it is unanswered: all six are kept.
     client.send_text("stream 5").await;
-    wait_metric(&edge, "wsedge_resume_buffered_messages", 6.0).await;
+    edge.wait_metric("wsedge_resume_buffered_messages", 6.0)
+        .await;
     let ping = client.read_frame().await.expect("the edge's ping");
     assert_eq!(ping.opcode, 9);
     client.send_frame(true, 10, &ping.payload).await;
     // The pong covers "conn 1" only.
-    wait_metric(&edge, "wsedge_resume_buffered_messages", 5.0).await;
+    edge.wait_metric("wsedge_resume_buffered_messages", 5.0)
+        .await;
     client.vanish();
     detached(&edge, 1.0).await;
     let mut back =
@@ -643,7 +611,7 @@ async fn a_pong_frees_only_what_was_sent_before_its_ping() {
 
 #[tokio::test]
 async fn an_upstream_that_closes_while_the_client_is_away_is_closed_after_the_replay() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let client = ask_for_an_answer(&edge, &mut upstream, "end", "trickle 20 20").await;
     client.vanish();
     detached(&edge, 1.0).await;
@@ -656,12 +624,8 @@ async fn an_upstream_that_closes_while_the_client_is_away_is_closed_after_the_re
 
 #[tokio::test]
 async fn detaching_and_resuming_are_in_the_audit_log() {
-    let upstream = Upstream::start().await;
-    let config = basic_config(&upstream.url("/ws/chat"), "", RESUME).replace(
-        "[auth.main]",
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\naudit = \"{dir}/audit.jsonl\"\n\n[auth.main]",
-    );
-    let edge = TestEdge::start(&config).await;
+    let (_upstream, edge) =
+        start_edge(|c| c.log("audit = \"{dir}/audit.jsonl\"").route(RESUME)).await;
     let audit = edge.dir.path().join("audit.jsonl");
     let token = token_for("alice");
     let mut first = RawClient::connect(edge.addr, &path(&token, "audited", None), &[]).await;
@@ -691,10 +655,7 @@ async fn detaching_and_resuming_are_in_the_audit_log() {
 async fn a_small_buffer_keeps_a_fast_stream_flowing_without_heartbeats() {
     // 50 messages of room, a stream of 100,000: only the client's pongs to the edge's pings make
     // room again, and with heartbeats off nothing else would.
-    let (mut upstream, edge) = setup(
-        "ping_interval = \"off\"\nresume = { window = \"5s\", max_messages = 50, max_bytes = \"4MiB\" }",
-    )
-    .await;
+    let (mut upstream, edge) = start_edge(|c| c.route("ping_interval = \"off\"\nresume = { window = \"5s\", max_messages = 50, max_bytes = \"4MiB\" }")).await;
     let mut client =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "tight", None), &[]).await;
     upstream.next_request().await;
@@ -702,7 +663,8 @@ async fn a_small_buffer_keeps_a_fast_stream_flowing_without_heartbeats() {
     // pong frees that one message only and the buffer stays full of the stream.
     assert_eq!(upstream_connection(&mut client).await, "conn 1");
     client.send_text("stream 100000").await;
-    wait_metric_until(&edge, "wsedge_resume_buffered_messages", |kept| kept > 50.0).await;
+    edge.wait_metric_until("wsedge_resume_buffered_messages", |kept| kept > 50.0)
+        .await;
     expect_numbers(&mut client, 0, 100_000).await;
 }
 
@@ -710,8 +672,10 @@ async fn a_small_buffer_keeps_a_fast_stream_flowing_without_heartbeats() {
 async fn a_detached_session_keeps_what_it_held_beyond_its_bounds_when_the_client_left() {
     // One read can take a connected client's buffer past max_messages; that is not an overflow
     // as long as nothing more has to be kept.
-    let (mut upstream, edge) =
-        setup(r#"resume = { window = "5s", max_messages = 10, max_bytes = "4MiB" }"#).await;
+    let (mut upstream, edge) = start_edge(|c| {
+        c.route(r#"resume = { window = "5s", max_messages = 10, max_bytes = "4MiB" }"#)
+    })
+    .await;
     let mut first =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "over", None), &[]).await;
     upstream.next_request().await;
@@ -726,7 +690,8 @@ async fn a_detached_session_keeps_what_it_held_beyond_its_bounds_when_the_client
 
 #[tokio::test]
 async fn endless_empty_fragments_from_a_client_are_stopped_with_1009() {
-    let (mut upstream, edge) = setup(&format!("max_message_size = \"16KiB\"\n{RESUME}")).await;
+    let (mut upstream, edge) =
+        start_edge(|c| c.route(&format!("max_message_size = \"16KiB\"\n{RESUME}"))).await;
     let client = RawClient::connect(edge.addr, &path(&token_for("alice"), "frag", None), &[]).await;
     upstream.next_request().await;
     // The edge would hold every fragment until the message is complete: each counts as a byte.
@@ -735,8 +700,10 @@ async fn endless_empty_fragments_from_a_client_are_stopped_with_1009() {
 
 #[tokio::test]
 async fn a_replay_that_takes_longer_than_the_close_timeout_still_arrives_whole() {
-    let (mut upstream, edge) =
-        setup(r#"resume = { window = "30s", max_messages = 1000, max_bytes = "8MiB" }"#).await;
+    let (mut upstream, edge) = start_edge(|c| {
+        c.route(r#"resume = { window = "30s", max_messages = 1000, max_bytes = "8MiB" }"#)
+    })
+    .await;
     let first = ask_for_an_answer(&edge, &mut upstream, "slow", "flood 64 65536").await;
     first.vanish();
     answer_complete(&mut upstream).await;
@@ -758,12 +725,8 @@ async fn a_replay_that_takes_longer_than_the_close_timeout_still_arrives_whole()
 
 #[tokio::test]
 async fn a_refused_handshake_does_not_keep_its_session_id() {
-    let upstream = Upstream::start().await;
-    let config = basic_config(&upstream.url("/ws/chat"), "", RESUME).replace(
-        "listen = [\"127.0.0.1:0\"]",
-        "listen = [\"127.0.0.1:0\"]\nmax_connections_per_user = 1",
-    );
-    let edge = TestEdge::start(&config).await;
+    let (_upstream, edge) =
+        start_edge(|c| c.server("max_connections_per_user = 1").route(RESUME)).await;
     let token = token_for("alice");
     let mut first = RawClient::connect(edge.addr, &path(&token, "one", None), &[]).await;
     assert_eq!(upstream_connection(&mut first).await, "conn 1");
@@ -779,7 +742,7 @@ async fn a_refused_handshake_does_not_keep_its_session_id() {
 
 #[tokio::test]
 async fn a_drain_ends_detached_sessions_too() {
-    let (mut upstream, edge) = setup(RESUME).await;
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut client =
         RawClient::connect(edge.addr, &path(&token_for("alice"), "away", None), &[]).await;
     upstream.next_request().await;

@@ -14,11 +14,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 
-fn tls_edge_config(upstream: &str, route_extra: &str) -> String {
-    basic_config(upstream, "", route_extra).replace(
-        "listen = [\"127.0.0.1:0\"]",
-        "listen = [\"127.0.0.1:0\"]\ntls = { cert = \"edge.crt\", key = \"edge.key\" }",
-    )
+fn tls_edge_config(upstream: &str) -> String {
+    EdgeConfig::new(upstream)
+        .server("tls = { cert = \"edge.crt\", key = \"edge.key\" }")
+        .build()
 }
 
 async fn wss_connect(
@@ -74,7 +73,7 @@ async fn wss_clients_are_terminated_with_tls_1_2_and_1_3() {
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
     ca.write(dir.path(), "edge", &["localhost"]);
-    let edge = TestEdge::start_in(&tls_edge_config(&upstream.url("/ws/chat"), ""), dir).await;
+    let edge = TestEdge::start_in(&tls_edge_config(&upstream.url("/ws/chat")), dir).await;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         let path = format!("/ws/chat?token={}", token_for("alice"));
         let (mut ws, alpn, negotiated) =
@@ -103,7 +102,7 @@ async fn a_plaintext_client_on_a_tls_listener_never_gets_an_upgrade() {
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
     ca.write(dir.path(), "edge", &["localhost"]);
-    let edge = TestEdge::start_in(&tls_edge_config(&upstream.url("/ws/chat"), ""), dir).await;
+    let edge = TestEdge::start_in(&tls_edge_config(&upstream.url("/ws/chat")), dir).await;
     let mut tcp = TcpStream::connect(edge.addr).await.unwrap();
     let request = format!(
         "GET /ws/chat?token={} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n\r\n",
@@ -130,7 +129,9 @@ async fn wss_upstreams_are_verified_against_the_route_ca() {
     std::fs::write(dir.path().join("upstream-ca.pem"), &ca.ca_pem).unwrap();
     let url = format!("wss://{}/ws/chat", upstream.addr);
     let edge = TestEdge::start_in(
-        &basic_config(&url, "", r#"upstream_tls = { ca = "upstream-ca.pem" }"#),
+        &EdgeConfig::new(&url)
+            .route(r#"upstream_tls = { ca = "upstream-ca.pem" }"#)
+            .build(),
         dir,
     )
     .await;
@@ -159,7 +160,9 @@ async fn a_wss_upstream_with_an_untrusted_certificate_is_502() {
     std::fs::write(dir.path().join("other-ca.pem"), &other_ca.ca_pem).unwrap();
     let url = format!("wss://{}/ws/chat", upstream.addr);
     let edge = TestEdge::start_in(
-        &basic_config(&url, "", r#"upstream_tls = { ca = "other-ca.pem" }"#),
+        &EdgeConfig::new(&url)
+            .route(r#"upstream_tls = { ca = "other-ca.pem" }"#)
+            .build(),
         dir,
     )
     .await;
@@ -191,10 +194,9 @@ async fn several_certificates_are_chosen_by_sni() {
     let dir = tempfile::tempdir().unwrap();
     chat_ca.write(dir.path(), "chat", &["chat.example.com"]);
     admin_ca.write(dir.path(), "admin", &["admin.example.com"]);
-    let config = basic_config(&upstream.url("/ws/chat"), "", "").replace(
-        "listen = [\"127.0.0.1:0\"]",
-        "listen = [\"127.0.0.1:0\"]\ntls = [{ cert = \"chat.crt\", key = \"chat.key\" }, { cert = \"admin.crt\", key = \"admin.key\" }]",
-    );
+    let config = EdgeConfig::new(&upstream.url("/ws/chat"))
+        .server("tls = [{ cert = \"chat.crt\", key = \"chat.key\" }, { cert = \"admin.crt\", key = \"admin.key\" }]")
+        .build();
     let edge = TestEdge::start_in(&config, dir).await;
     assert!(tls_accepted(&edge, &chat_ca, "chat.example.com").await);
     assert!(tls_accepted(&edge, &admin_ca, "admin.example.com").await);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +24,32 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use wsedge::{Config, Edge, EdgeHandle};
 
+pub mod config;
 pub mod process;
 
+pub use config::EdgeConfig;
+
 pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
+/// How long a test waits for something that should happen at once: long enough for a loaded
+/// 2-core machine, short enough that a hang fails the test rather than the whole run.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until `check` says yes, looking again every few milliseconds; fails the test with
+/// `what` after `timeout`. For what cannot be awaited as an event (a gauge, a file).
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Upstream chat core
@@ -405,17 +428,25 @@ impl TestEdge {
         sample_value(&text, sample)
     }
 
+    /// Waits until a metric sample has `value` (fails the test after `WAIT`).
+    pub async fn wait_metric(&self, sample: &str, value: f64) {
+        self.wait_metric_until(sample, |now| now == value).await;
+    }
+
+    /// Waits until a metric sample satisfies `done` (fails the test after `WAIT`).
+    pub async fn wait_metric_until(&self, sample: &str, done: impl Fn(f64) -> bool) {
+        eventually(WAIT, &format!("{sample} reaching its value"), || async {
+            self.metric(sample).await.is_some_and(&done)
+        })
+        .await;
+    }
+
     /// Waits until the edge reports no open connections (fails the test after `WAIT`).
     pub async fn wait_idle(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.handle.stats().open_connections() != 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "edge still reports {} open connection(s)",
-                self.handle.stats().open_connections()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(WAIT, "the edge closing every connection", || async {
+            self.handle.stats().open_connections() == 0
+        })
+        .await;
     }
 
     /// Drains the edge and waits for it to stop.
@@ -428,27 +459,22 @@ impl TestEdge {
     }
 }
 
-/// A config with one HS256 policy ("main") and one route at /ws/chat to `upstream`;
-/// `route_extra` lines are appended to the route, `auth_extra` to the policy.
-pub fn basic_config(upstream: &str, auth_extra: &str, route_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
+/// An upstream at /ws/chat and an edge in front of it, configured by `configure` (which gets
+/// the [`EdgeConfig`] for that upstream).
+pub async fn start_edge(configure: impl FnOnce(EdgeConfig) -> EdgeConfig) -> (Upstream, TestEdge) {
+    let upstream = Upstream::start().await;
+    let config = configure(EdgeConfig::new(&upstream.url("/ws/chat")));
+    let edge = TestEdge::start(&config.build()).await;
+    (upstream, edge)
+}
 
-[auth.main]
-kind = "jwt"
-algorithms = ["HS256"]
-secret = "{SECRET}"
-{auth_extra}
-
-[[route]]
-path = "/ws/chat"
-upstream = "{upstream}"
-auth = "main"
-{route_extra}
-"#
-    )
+/// A port on which connections are refused (bound, never listening), held for as long as the
+/// socket is: no other test can take it meanwhile.
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).
@@ -489,25 +515,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Reads the audit log until it has `count` lines.
+/// Waits until the audit log has `count` lines, and reads them.
 pub async fn audit_lines(path: &Path, count: usize) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.len() >= count {
-            return lines
-                .iter()
-                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-                .collect();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "audit log has {} lines:\n{text}",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    eventually(WAIT, &format!("{count} lines in the audit log"), || async {
+        read().lines().count() >= count
+    })
+    .await;
+    read()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect()
 }
 
 /// The value of a sample line in Prometheus text (`name{labels} value`).

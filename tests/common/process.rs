@@ -1,109 +1,211 @@
-//! The real binary as a process: started from config text on a free loopback port, its log
-//! captured to a file, its memory read from /proc, killed when the test ends.
+//! The real binary as a process: a command run to completion ([`wsedge`]), or the edge itself
+//! ([`EdgeProcess`]) started from config text on port 0 and reporting the ports it bound the
+//! way systemd hears it (`READY=1` with its status on a notify socket the test owns). Its log
+//! goes to a file, its memory is read from /proc, and it is killed when the test ends.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
-use super::WAIT;
+use tokio::net::UnixDatagram;
+use tokio::process::{Child, Command};
+
+use super::{WAIT, eventually};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsedge");
+/// How long a short-lived command (`check`, `token`) may take before the test fails.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(30);
 
-/// `basic_config` for the binary: it listens on the `{port}` that `EdgeProcess` fills in.
-pub fn process_config(upstream: &str, server_extra: &str, route_extra: &str) -> String {
-    super::basic_config(upstream, "", route_extra).replace(
-        "listen = [\"127.0.0.1:0\"]",
-        &format!("listen = [\"127.0.0.1:{{port}}\"]\n{server_extra}"),
-    )
+// ---------------------------------------------------------------------------------------------
+// Commands run to completion
+
+/// A finished command: exit status and everything it printed.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
 }
 
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// `wsedge` with these arguments, to be run to completion.
+pub struct WsedgeCommand {
+    command: Command,
+    description: String,
+    timeout: Duration,
+}
+
+pub fn wsedge(args: &[&str]) -> WsedgeCommand {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    WsedgeCommand {
+        command,
+        description: format!("wsedge {args:?}"),
+        timeout: COMMAND_WAIT,
+    }
+}
+
+impl WsedgeCommand {
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.command.env(name, value);
+        self
+    }
+
+    pub fn env_remove(mut self, name: &str) -> Self {
+        self.command.env_remove(name);
+        self
+    }
+
+    pub fn current_dir(mut self, dir: &Path) -> Self {
+        self.command.current_dir(dir);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs it, reading what it prints as it goes; fails the test after the timeout (the
+    /// process is killed then).
+    pub async fn run(mut self) -> Run {
+        let child = self.command.spawn().expect("cannot start wsedge");
+        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not exit within {:?}",
+                    self.description, self.timeout
+                )
+            })
+            .expect("wsedge's output");
+        Run {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// [`WsedgeCommand::run`] for a test without a runtime of its own.
+    pub fn run_blocking(self) -> Run {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(self.run())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge as a process
+
 pub struct EdgeProcess {
-    pub port: u16,
+    /// The first listen address, as bound.
+    pub addr: SocketAddr,
+    /// The admin listener, when the config has one.
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    notify: UnixDatagram,
     child: Child,
 }
 
-/// A port that was free a moment ago (the binary binds what its config names).
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 impl EdgeProcess {
-    /// Writes `config` (with `{port}` and `{dir}` filled in) and starts `wsedge --config` on it,
-    /// returning once the port accepts connections.
+    /// Writes `config` (with `{dir}` filled in) and starts `wsedge --config` on it with a
+    /// notify socket of the test's, returning once the edge says it is ready.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> Self {
-        let mut edge = Self::spawn(config, env);
-        edge.wait_listening().await;
-        edge
-    }
-
-    /// Starts the process without waiting for it to listen.
-    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let text = config
-            .replace("{port}", &port.to_string())
-            .replace("{dir}", dir.path().to_str().unwrap());
+        let text = config.replace("{dir}", dir.path().to_str().unwrap());
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, text).unwrap();
         let log_path = dir.path().join("wsedge.log");
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
         let mut command = Command::new(BIN);
         command
             .arg("--config")
             .arg(&config_path)
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(&log_path).unwrap());
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .kill_on_drop(true);
         for (name, value) in env {
             command.env(name, value);
         }
         let child = command.spawn().expect("cannot start wsedge");
-        EdgeProcess {
-            port,
+        let mut edge = EdgeProcess {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
             dir,
             config_path,
             log_path,
+            notify,
             child,
+        };
+        let ready = edge.next_notification("READY=1").await;
+        let status = ready
+            .lines()
+            .find_map(|line| line.strip_prefix("STATUS=serving on "))
+            .unwrap_or_else(|| panic!("READY=1 without the addresses: {ready:?}"));
+        let (listen, admin) = match status.split_once(" (admin on ") {
+            Some((listen, admin)) => (listen, Some(admin.trim_end_matches(')'))),
+            None => (status, None),
+        };
+        let first = listen.split(", ").next().unwrap_or(listen);
+        edge.addr = first.parse().expect("a listen address");
+        edge.admin = admin.map(|admin| admin.parse().expect("the admin address"));
+        edge
+    }
+
+    /// The next notification that has a line `wanted`, skipping others (watchdog
+    /// keep-alives); fails the test if the process exits first or nothing comes in time.
+    pub async fn next_notification(&mut self, wanted: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut buffer = [0u8; 4096];
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(deadline, self.notify.recv(&mut buffer)) => received,
+                status = self.child.wait() => panic!(
+                    "wsedge exited with {status:?} before {wanted}:\n{}",
+                    self.log()
+                ),
+            };
+            let n = received
+                .unwrap_or_else(|_| panic!("no {wanted} within {WAIT:?}:\n{}", self.log()))
+                .expect("the notify socket");
+            let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            if message.lines().any(|line| line == wanted) {
+                return message;
+            }
         }
     }
 
-    pub async fn wait_listening(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "wsedge exited with {status} before listening:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wsedge did not listen within {WAIT:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// Waits for `count` `WATCHDOG=1` keep-alives (each within `WAIT`).
+    pub async fn watchdog_keepalives(&mut self, count: usize) {
+        for _ in 0..count {
+            self.next_notification("WATCHDOG=1").await;
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn addr(&self) -> std::net::SocketAddr {
-        ([127, 0, 0, 1], self.port).into()
+        self.child.id().expect("the edge is running")
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
-        format!("ws://127.0.0.1:{}{path_and_query}", self.port)
+        format!("ws://{}{path_and_query}", self.addr)
     }
 
     pub fn log(&self) -> String {
@@ -112,22 +214,15 @@ impl EdgeProcess {
 
     /// Waits until the log contains `text` (fails the test after `WAIT`).
     pub async fn wait_log(&self, text: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.log().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "the log never said {text:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(WAIT, &format!("the log saying {text:?}"), || async {
+            self.log().contains(text)
+        })
+        .await;
     }
 
-    /// Replaces the config file (`{port}` and `{dir}` filled in as at start).
+    /// Replaces the config file (`{dir}` filled in as at start).
     pub fn rewrite_config(&self, config: &str) {
-        let text = config
-            .replace("{port}", &self.port.to_string())
-            .replace("{dir}", self.dir.path().to_str().unwrap());
+        let text = config.replace("{dir}", self.dir.path().to_str().unwrap());
         std::fs::write(&self.config_path, text).unwrap();
     }
 
@@ -142,7 +237,7 @@ impl EdgeProcess {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
+        let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
             .status()
@@ -152,26 +247,9 @@ impl EdgeProcess {
 
     /// Waits for the process to exit, failing the test after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wsedge did not exit within {timeout:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("the edge's exit status"),
+            Err(_) => panic!("wsedge did not exit within {timeout:?}:\n{}", self.log()),
         }
     }
 }
