@@ -3,14 +3,14 @@
 //! The binary is a thin shell over [`Edge`]: tests bind it on port 0, drive it with real
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 //!
-//! A request's path through the modules, each depending only on those after it:
-//! `server` (listeners, TLS, HTTP up to the upgrade) → `handshake` (the upgrade) →
-//! `admission` (the ordered checks: `Admitted` or a `Refusal`) → `forward` (the request shaped
-//! for the upstream) → `upstream` (targets, failover, the upstream's handshake) → `report`
-//! (log, audit and metrics of a request) → `relay` (the state machine over two legs) →
-//! `session` (registry, replay buffer, detach and attach) → `ws` (frames, legs, closes).
-//! Beside them: `route`, `limits`, `auth`, `template`, `config`, `metrics`, `audit`, `stats`,
-//! `tls`, `query`, `units`, each below whatever uses it.
+//! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
+//! HTTP up to the upgrade) → `admin` → `handshake` (the upgrade) → `report` (log, audit and metrics of a
+//! request) → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a
+//! running edge shares) → `route` (routes at run time) → `upstream` (targets, failover, the
+//! upstream's handshake) → `forward` (the request shaped for the upstream) → `relay` (the state
+//! machine over two legs) → `session` (registry, replay buffer, detach and attach) → `ws`
+//! (frames, legs, closes). Beside them, using none of them: `token`, `systemd`, `limits`,
+//! `config`, `template`, `auth`, `tls`, `metrics`, `audit`, `stats`, `query`, `units`.
 #![forbid(unsafe_code)]
 
 mod admin;

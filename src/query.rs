@@ -6,23 +6,23 @@
 use std::borrow::Cow;
 
 /// One `key=value` pair of a query string.
-pub struct Pair<'a> {
+pub(crate) struct Pair<'a> {
     /// The key, decoded.
-    pub key: Cow<'a, str>,
+    pub(crate) key: Cow<'a, str>,
     raw_value: &'a str,
     /// The pair as the client wrote it.
-    pub raw: &'a str,
+    pub(crate) raw: &'a str,
 }
 
 impl<'a> Pair<'a> {
     /// The value, decoded (`+` is a space, `%XX` a byte, invalid UTF-8 replaced).
-    pub fn value(&self) -> Cow<'a, str> {
+    pub(crate) fn value(&self) -> Cow<'a, str> {
         decode(self.raw_value)
     }
 }
 
 /// The pairs of `application/x-www-form-urlencoded` text, in order, empty ones skipped.
-pub fn pairs(query: &str) -> impl Iterator<Item = Pair<'_>> {
+pub(crate) fn pairs(query: &str) -> impl Iterator<Item = Pair<'_>> {
     query.split('&').filter(|raw| !raw.is_empty()).map(|raw| {
         let (key, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
         Pair {

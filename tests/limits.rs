@@ -220,8 +220,9 @@ async fn when_every_target_times_out_the_client_gets_504() {
 #[tokio::test]
 async fn clients_that_have_not_upgraded_are_capped_and_upgraded_ones_do_not_count() {
     let upstream = Upstream::start().await;
+    // A handshake timeout far beyond WAIT: only the cap can close a silent client in time.
     let config = EdgeConfig::new(&upstream.url("/ws"))
-        .server("max_pending_handshakes = 2")
+        .server("max_pending_handshakes = 2\nhandshake_timeout = \"60s\"")
         .build();
     let edge = TestEdge::start(&config).await;
     // Upgraded connections hold no pending slot.
@@ -230,7 +231,7 @@ async fn clients_that_have_not_upgraded_are_capped_and_upgraded_ones_do_not_coun
         upgraded.push(connect_ok(&chat(&edge, &token_for("alice")), &[]).await);
     }
     // Three silent clients: two take both slots, and whichever comes last is closed at once,
-    // long before the 10 s handshake timeout.
+    // long before the handshake timeout.
     let mut silent = Vec::new();
     for _ in 0..3 {
         silent.push(TcpStream::connect(edge.addr).await.unwrap());

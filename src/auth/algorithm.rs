@@ -5,7 +5,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 
 /// A policy's algorithms or key that cannot verify tokens.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("algorithms must name at least one algorithm")]
     NoAlgorithms,
     #[error(

@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 /// A token's claims.
-pub type Claims = Map<String, Value>;
+pub(crate) type Claims = Map<String, Value>;
 
 /// A claim as a string: strings as they are, numbers and booleans printed; empty counts as absent.
 pub(crate) fn claim_string(claims: &Claims, name: &str) -> Option<String> {

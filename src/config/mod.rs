@@ -12,7 +12,9 @@ mod route;
 pub(crate) mod settings;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use raw::RawConfig;
 pub use settings::{Config, ConfigError, LogFormat, LogSettings};
@@ -39,11 +41,64 @@ impl Config {
                 return Err(ctx.into_error());
             }
         };
-        match ctx.validate(raw) {
+        match validate(&mut ctx, raw) {
             Some(config) if ctx.error_count() == 0 => Ok(config),
             _ => Err(ctx.into_error()),
         }
     }
+}
+
+/// The whole config; `None` (with errors recorded in `ctx`) when any part of it failed.
+fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
+    let server = ctx.server(raw.server);
+    let admin = raw.admin.and_then(|admin| ctx.admin(admin));
+    let log = ctx.log(raw.log);
+
+    let mut policies = BTreeMap::new();
+    for (name, auth) in raw.auth {
+        if name == "none" {
+            ctx.error(auth.span(), "a policy cannot be named \"none\": routes use auth = \"none\" to mean no authentication");
+            continue;
+        }
+        if let Some(policy) = ctx.policy(&name, auth) {
+            policies.insert(name, Arc::new(policy));
+        }
+    }
+
+    if raw.routes.is_empty() {
+        ctx.error(
+            0..0,
+            "no [[route]]: the edge would refuse every request with 404",
+        );
+    }
+    let mut routes = Vec::new();
+    for raw_route in raw.routes {
+        if let Some(route) = ctx.route(raw_route, &policies) {
+            routes.push(Arc::new(route));
+        }
+    }
+    for (i, first) in routes.iter().enumerate() {
+        for (j, second) in routes.iter().enumerate().skip(i + 1) {
+            if first.path == second.path && first.host == second.host {
+                ctx.error(
+                    0..0,
+                    format!(
+                        "two routes have the same host and path: route #{} and route #{}",
+                        i + 1,
+                        j + 1
+                    ),
+                );
+            }
+        }
+    }
+    Some(Config {
+        server: server?,
+        admin,
+        log,
+        policies,
+        routes,
+        warnings: ctx.take_warnings(),
+    })
 }
 
 #[cfg(test)]
@@ -117,6 +172,23 @@ auth = "main"
         );
         let error = first_error(&minimal("").replace("[server]", "[server"));
         assert!(error.starts_with("proxy.toml:2:"), "{error}");
+    }
+
+    #[test]
+    fn a_route_with_a_bad_duration_is_left_out_with_that_error_alone() {
+        // Two routes on one path, one of them broken: only the broken value is reported (a
+        // broken route takes no part in the duplicate check).
+        let text = format!(
+            "{}\nconnect_timeout = \"soon\"\n\n[[route]]\npath = \"/ws/chat\"\nupstream = \"ws://127.0.0.1:9/ws\"\nauth = \"main\"\n",
+            minimal("")
+        );
+        let error = load(&text).err().expect("refused");
+        assert_eq!(error.diagnostics.len(), 1, "{:?}", error.diagnostics);
+        assert!(
+            error.diagnostics[0].starts_with("proxy.toml:16:19: invalid duration"),
+            "{:?}",
+            error.diagnostics
+        );
     }
 
     #[test]

@@ -58,9 +58,10 @@ impl Ctx<'_> {
         policies: &BTreeMap<String, Arc<AuthPolicy>>,
     ) -> Option<RouteSettings> {
         let route_span = raw.span();
-        let raw = raw.into_inner();
+        let mut raw = raw.into_inner();
         let errors_before = self.error_count();
 
+        // Errors come in the order of the route's keys, mostly.
         let path = raw.path.get_ref().clone();
         if !path.starts_with('/') || path.contains(['?', '#']) {
             self.error(
@@ -85,26 +86,26 @@ impl Ctx<'_> {
                 }
             },
         };
-        let lifecycle = self.lifecycle(&raw, auth.is_some());
-        let upstream_tls = self.upstream_tls(raw.upstream_tls);
+        let upstream_tls = self.upstream_tls(raw.upstream_tls.take());
         let targets = self.targets(
-            raw.upstream,
-            raw.upstreams,
+            raw.upstream.take(),
+            raw.upstreams.take(),
             upstream_tls.as_ref(),
             &route_span,
         );
-        let tenant = match raw.tenant {
+        let tenant = match raw.tenant.take() {
             None => TenantRule::Optional,
             Some(rule) => self.tenant(rule),
         };
-        let inject = self.inject(raw.inject);
-        let upstream_query = self.upstream_query(raw.upstream_query.unwrap_or_default());
+        let inject = self.inject(raw.inject.take());
+        let upstream_query = self.upstream_query(raw.upstream_query.take().unwrap_or_default());
         let max_message_size = self.size_in(
             &raw.max_message_size,
             1 << 20,
             16..=(256 << 20),
             "max_message_size must be between 16B and 256MiB",
         );
+        let connect_timeout = self.duration(&raw.connect_timeout, Duration::from_secs(10));
         if let Some(http) = &raw.http
             && *http.get_ref() == HttpMode::Proxy
         {
@@ -113,6 +114,8 @@ impl Ctx<'_> {
                 "http = \"proxy\" is not supported by this version yet; use \"refuse\"",
             );
         }
+        let lifecycle = self.lifecycle(&raw, auth.is_some());
+        let upstream_cooldown = self.duration(&raw.upstream_cooldown, Duration::from_secs(10));
         let resume = raw
             .resume
             .as_ref()
@@ -132,10 +135,10 @@ impl Ctx<'_> {
             inject,
             upstream_query,
             forward_token: raw.forward_token.unwrap_or(false),
-            connect_timeout: self.duration(&raw.connect_timeout, Duration::from_secs(10)),
+            connect_timeout,
             max_message_size,
             lifecycle,
-            upstream_cooldown: self.duration(&raw.upstream_cooldown, Duration::from_secs(10)),
+            upstream_cooldown,
             resume,
         })
     }

@@ -1,8 +1,7 @@
-//! Raw config → validated [`Config`]: the context that collects every error with its location,
-//! the helpers every section uses (durations, sizes, ranges, rates, files, secrets), and the
-//! server, admin and log sections. Policies are validated in `auth.rs`, routes in `route.rs`.
+//! The context that collects every error of a config with its location, the helpers every
+//! section uses (durations, sizes, ranges, rates, files, secrets), and the server, admin and
+//! log sections. Policies are validated in `auth.rs`, routes in `route.rs`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::{Range, RangeInclusive};
@@ -12,9 +11,9 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{OneOrManyTls, RawAdmin, RawConfig, RawLog, RawRate, RawSecret, RawServer};
+use super::raw::{OneOrManyTls, RawAdmin, RawLog, RawRate, RawSecret, RawServer};
 use super::settings::{
-    AdminSettings, Config, ConfigError, LogFormat, LogSettings, RateLimit, ServerSettings,
+    AdminSettings, ConfigError, LogFormat, LogSettings, RateLimit, ServerSettings,
 };
 use crate::tls;
 use crate::units::{parse_duration, parse_size};
@@ -63,6 +62,11 @@ impl<'a> Ctx<'a> {
     pub(super) fn warn(&mut self, span: Range<usize>, message: impl fmt::Display) {
         let line = format!("{}: warning: {message}", self.location(&span));
         self.warnings.push(line);
+    }
+
+    /// The warnings found so far, taken.
+    pub(super) fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// How many errors have been found so far.
@@ -268,60 +272,7 @@ impl<'a> Ctx<'a> {
         Some(bytes)
     }
 
-    /// The whole config; `None` (with errors recorded) when any part of it failed.
-    pub(super) fn validate(&mut self, raw: RawConfig) -> Option<Config> {
-        let server = self.server(raw.server);
-        let admin = raw.admin.and_then(|admin| self.admin(admin));
-        let log = self.log(raw.log);
-
-        let mut policies = BTreeMap::new();
-        for (name, auth) in raw.auth {
-            if name == "none" {
-                self.error(auth.span(), "a policy cannot be named \"none\": routes use auth = \"none\" to mean no authentication");
-                continue;
-            }
-            if let Some(policy) = self.policy(&name, auth) {
-                policies.insert(name, Arc::new(policy));
-            }
-        }
-
-        if raw.routes.is_empty() {
-            self.error(
-                0..0,
-                "no [[route]]: the edge would refuse every request with 404",
-            );
-        }
-        let mut routes = Vec::new();
-        for raw_route in raw.routes {
-            if let Some(route) = self.route(raw_route, &policies) {
-                routes.push(Arc::new(route));
-            }
-        }
-        for (i, first) in routes.iter().enumerate() {
-            for (j, second) in routes.iter().enumerate().skip(i + 1) {
-                if first.path == second.path && first.host == second.host {
-                    self.error(
-                        0..0,
-                        format!(
-                            "two routes have the same host and path: route #{} and route #{}",
-                            i + 1,
-                            j + 1
-                        ),
-                    );
-                }
-            }
-        }
-        Some(Config {
-            server: server?,
-            admin,
-            log,
-            policies,
-            routes,
-            warnings: std::mem::take(&mut self.warnings),
-        })
-    }
-
-    fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+    pub(super) fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
         let Some(listen) = raw.listen else {
             return Some(AdminSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
@@ -342,7 +293,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn server(&mut self, raw: RawServer) -> Option<ServerSettings> {
+    pub(super) fn server(&mut self, raw: RawServer) -> Option<ServerSettings> {
         let mut listen = Vec::new();
         if raw.listen.get_ref().is_empty() {
             self.error(raw.listen.span(), "listen needs at least one address");
@@ -359,48 +310,56 @@ impl<'a> Ctx<'a> {
                 ),
             }
         }
+        // In the order of the file's keys, so that the errors come in that order too.
         let tls = raw.tls.and_then(|tls| self.listener_tls(tls));
+        let handshake_timeout = self.duration(&raw.handshake_timeout, Duration::from_secs(10));
+        let max_connections = self.integer(
+            &raw.max_connections,
+            100_000,
+            1..=10_000_000,
+            "max_connections",
+        );
+        let drain_timeout = self.duration(&raw.drain_timeout, Duration::from_secs(30));
+        let max_header_size = self.size_in(
+            &raw.max_header_size,
+            16 * 1024,
+            8192..=1024 * 1024,
+            "max_header_size must be between 8KiB and 1MiB",
+        );
         let max_connections_per_user = self.integer(
             &raw.max_connections_per_user,
             DEFAULT_MAX_CONNECTIONS_PER_USER,
             0..=i64::from(u32::MAX),
             "max_connections_per_user (0: unlimited)",
         );
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_pending_handshakes = self.integer(
+            &raw.max_pending_handshakes,
+            4096,
+            1..=1_000_000,
+            "max_pending_handshakes",
+        );
+        let handshake_rate_per_ip = self.rate(
+            &raw.handshake_rate_per_ip,
+            Some(RateLimit {
+                per_second: 20.0,
+                burst: 40,
+            }),
+        );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = self.integer(&raw.workers, cores, 1..=1024, "workers");
         Some(ServerSettings {
             listen,
             tls,
-            handshake_timeout: self.duration(&raw.handshake_timeout, Duration::from_secs(10)),
-            max_connections: self.integer(
-                &raw.max_connections,
-                100_000,
-                1..=10_000_000,
-                "max_connections",
-            ),
-            drain_timeout: self.duration(&raw.drain_timeout, Duration::from_secs(30)),
-            max_header_size: self.size_in(
-                &raw.max_header_size,
-                16 * 1024,
-                8192..=1024 * 1024,
-                "max_header_size must be between 8KiB and 1MiB",
-            ),
+            handshake_timeout,
+            max_connections,
+            drain_timeout,
+            max_header_size,
             max_connections_per_user: u32::try_from(max_connections_per_user)
                 .ok()
                 .filter(|&max| max > 0),
-            handshake_rate_per_ip: self.rate(
-                &raw.handshake_rate_per_ip,
-                Some(RateLimit {
-                    per_second: 20.0,
-                    burst: 40,
-                }),
-            ),
-            max_pending_handshakes: self.integer(
-                &raw.max_pending_handshakes,
-                4096,
-                1..=1_000_000,
-                "max_pending_handshakes",
-            ),
-            workers: self.integer(&raw.workers, workers, 1..=1024, "workers"),
+            max_pending_handshakes,
+            handshake_rate_per_ip,
+            workers,
         })
     }
 
@@ -433,7 +392,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn log(&mut self, raw: Option<RawLog>) -> LogSettings {
+    pub(super) fn log(&mut self, raw: Option<RawLog>) -> LogSettings {
         let mut settings = LogSettings {
             format: LogFormat::Text,
             level: "info".into(),

@@ -186,7 +186,7 @@ fn utf8_char_len(first: u8) -> usize {
 /// A control frame, read whole (its payload is at most 125 bytes), unmasked.
 #[derive(Clone, Copy)]
 pub(crate) struct Control {
-    pub opcode: u8,
+    pub(crate) opcode: u8,
     payload: [u8; MAX_CONTROL_PAYLOAD],
     len: u8,
 }

@@ -170,27 +170,43 @@ impl EdgeProcess {
         edge
     }
 
-    /// The next notification that has a line `wanted`, skipping others (watchdog
-    /// keep-alives); fails the test if the process exits first or nothing comes in time.
+    /// The next notification that has a line `wanted`, skipping others; fails the test if the
+    /// process exits first or it does not come within `WAIT`.
     pub async fn next_notification(&mut self, wanted: &str) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let mut buffer = [0u8; 4096];
-            let received = tokio::select! {
-                received = tokio::time::timeout_at(deadline, self.notify.recv(&mut buffer)) => received,
-                status = self.child.wait() => panic!(
-                    "wsedge exited with {status:?} before {wanted}:\n{}",
-                    self.log()
-                ),
-            };
-            let n = received
-                .unwrap_or_else(|_| panic!("no {wanted} within {WAIT:?}:\n{}", self.log()))
-                .expect("the notify socket");
-            let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            let message = self.notification(deadline, wanted).await;
             if message.lines().any(|line| line == wanted) {
                 return message;
             }
         }
+    }
+
+    /// The next notification other than a watchdog keep-alive (within `WAIT`).
+    pub async fn next_status(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let message = self.notification(deadline, "a status").await;
+            if message.trim() != "WATCHDOG=1" {
+                return message;
+            }
+        }
+    }
+
+    /// The next notification, whatever it says; `awaited` names what the test waits for.
+    async fn notification(&mut self, deadline: tokio::time::Instant, awaited: &str) -> String {
+        let mut buffer = [0u8; 4096];
+        let received = tokio::select! {
+            received = tokio::time::timeout_at(deadline, self.notify.recv(&mut buffer)) => received,
+            status = self.child.wait() => panic!(
+                "wsedge exited with {status:?} before {awaited}:\n{}",
+                self.log()
+            ),
+        };
+        let n = received
+            .unwrap_or_else(|_| panic!("no {awaited} within {WAIT:?}:\n{}", self.log()))
+            .expect("the notify socket");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
     }
 
     /// Waits for `count` `WATCHDOG=1` keep-alives (each within `WAIT`).
