@@ -89,21 +89,30 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// A value written as text and read by `parse` (a duration, a size); `default` when it is
+    /// absent, or (with the error at its location) when it cannot be read.
+    fn parsed<T, E: fmt::Display>(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> T {
+        let Some(value) = value else { return default };
+        match parse(value.get_ref()) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.error(value.span(), error);
+                default
+            }
+        }
+    }
+
     pub(super) fn duration(
         &mut self,
         value: &Option<Spanned<String>>,
         default: Duration,
     ) -> Duration {
-        match value {
-            None => default,
-            Some(value) => match parse_duration(value.get_ref()) {
-                Ok(duration) => duration,
-                Err(error) => {
-                    self.error(value.span(), error);
-                    default
-                }
-            },
-        }
+        self.parsed(value, default, parse_duration)
     }
 
     /// A duration that may be switched off with `"off"` (or `"0s"`).
@@ -120,16 +129,7 @@ impl<'a> Ctx<'a> {
     }
 
     pub(super) fn size(&mut self, value: &Option<Spanned<String>>, default: u64) -> u64 {
-        match value {
-            None => default,
-            Some(value) => match parse_size(value.get_ref()) {
-                Ok(size) => size,
-                Err(error) => {
-                    self.error(value.span(), error);
-                    default
-                }
-            },
-        }
+        self.parsed(value, default, parse_size)
     }
 
     /// A size that must lie in `range`; `out_of_range` says so at the value.
