@@ -88,6 +88,7 @@ pub(crate) fn shape<B>(
             || matches!(
                 lower,
                 "keep-alive"
+                    | "expect"
                     | "proxy-connection"
                     | "proxy-authorization"
                     | "x-request-id"
@@ -226,6 +227,11 @@ pub(crate) struct ShapedRequest {
 }
 
 impl ShapedRequest {
+    /// The headers for the upstream (the same for every target).
+    pub(crate) fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
+    }
+
     pub(crate) fn for_target(&self, target: &TargetSettings) -> UpstreamRequest<'_> {
         let mut path = target.path.clone();
         let remainder = self.remainder.as_str();

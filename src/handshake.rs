@@ -3,7 +3,6 @@
 //! session (101 at once: the session's upstream is already there), and one that cannot have the
 //! session it asked for (101, then 4002).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -17,7 +16,7 @@ use hyper::upgrade::Upgraded;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::admission::refusal::Refusal;
-use crate::admission::{self, Admitted, ClientConn, Held, NewSession, Rejected, SessionPlan};
+use crate::admission::{ClientConn, Held, NewSession, Rejected, SessionPlan};
 use crate::auth::Identity;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
 use crate::forward::{self, header_value};
@@ -28,50 +27,53 @@ use crate::route::Route;
 use crate::session::registry::{Attach, Delivery, SessionEntry, close_not_resumable};
 use crate::session::resumable::Resumable;
 use crate::state::Shared;
-use crate::upstream;
+use crate::upstream::websocket;
 use crate::ws::close::{EdgeClose, Finish, NotResumable};
 use crate::ws::io::Io;
 use crate::ws::leg::{CLOSE_TIMEOUT, Leg, close_leg};
 
-pub(crate) async fn handle(
+/// An admitted WebSocket upgrade.
+pub(crate) struct WebSocket<'a> {
+    pub(crate) conn: ClientConn,
+    pub(crate) route: &'a Route,
+    pub(crate) identity: Identity,
+    pub(crate) token: Option<FoundToken>,
+    pub(crate) token_expires_at: Option<SystemTime>,
+    pub(crate) affinity: Option<u64>,
+    pub(crate) websocket_key: String,
+    pub(crate) session: SessionPlan<'a>,
+    pub(crate) request_id: &'a str,
+    pub(crate) started: Instant,
+}
+
+/// Answers an admitted upgrade: 101 (with the relay to follow), or the upstream's refusal.
+pub(crate) async fn upgrade(
     mut request: Request<Incoming>,
-    conn: ClientConn,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let started = Instant::now();
-    let request_id = admission::request_id(request.headers());
-    let live = shared.live.load_full();
-    let Admitted {
+    shared: &Arc<Shared>,
+    websocket: WebSocket<'_>,
+) -> Response<Full<Bytes>> {
+    let WebSocket {
+        conn,
         route,
         identity,
         token,
         token_expires_at,
+        affinity,
         websocket_key,
         session,
-    } = match admission::admit(&request, conn, &shared, &live) {
-        Ok(admitted) => admitted,
-        Err(rejected) => {
-            let uri = request.uri();
-            return Ok(report::refused(
-                &shared,
-                &request_id,
-                conn,
-                uri,
-                started,
-                rejected,
-            ));
-        }
-    };
+        request_id,
+        started,
+    } = websocket;
     let reply = Reply {
         websocket_key: &websocket_key,
         token: token.as_ref(),
-        request_id: &request_id,
+        request_id,
         forward_token: route.forward_token,
     };
-    let response = match session {
+    match session {
         SessionPlan::Resume { entry, last_seq } => resume(
             &mut request,
-            &shared,
+            shared,
             route,
             entry,
             last_seq,
@@ -79,7 +81,7 @@ pub(crate) async fn handle(
             &reply,
         ),
         SessionPlan::Refuse(why) => {
-            not_resumable(&mut request, &shared, route, why, &identity, conn, &reply)
+            not_resumable(&mut request, shared, route, why, &identity, conn, &reply)
         }
         SessionPlan::Connect { held, session } => {
             let upgrade = Upgrade {
@@ -87,24 +89,24 @@ pub(crate) async fn handle(
                 route,
                 identity: &identity,
                 token_expires_at,
+                affinity,
                 held,
                 session,
             };
-            match connect(&mut request, &shared, upgrade, &reply).await {
+            match connect(&mut request, shared, upgrade, &reply).await {
                 Ok(response) => response,
                 Err(refusal) => {
                     let rejected = Rejected {
                         refusal,
                         route: Some(route.label.clone()),
-                        identity: Some(Box::new(identity.clone())),
+                        identity: Some(Box::new(identity)),
+                        http: false,
                     };
-                    let uri = request.uri();
-                    report::refused(&shared, &request_id, conn, uri, started, rejected)
+                    report::refused(shared, request_id, conn, request.uri(), started, rejected)
                 }
             }
         }
-    };
-    Ok(response)
+    }
 }
 
 /// What every 101 of a handshake is built from.
@@ -121,6 +123,7 @@ struct Upgrade<'a> {
     route: &'a Route,
     identity: &'a Identity,
     token_expires_at: Option<SystemTime>,
+    affinity: Option<u64>,
     held: Held,
     session: Option<NewSession<'a>>,
 }
@@ -153,6 +156,7 @@ async fn connect(
         route,
         identity,
         token_expires_at,
+        affinity,
         held,
         session,
     } = upgrade;
@@ -169,7 +173,8 @@ async fn connect(
         reply.request_id,
     )?;
     let connect_started = Instant::now();
-    let upstream = upstream::connect_any(route, &route.targets, &shaped, reply.request_id).await?;
+    let upstream =
+        websocket::connect_any(route, &route.targets, affinity, &shaped, reply.request_id).await?;
     let response = switching_protocols(reply, upstream.protocol.as_ref());
     let report = ConnectionReport::connected(
         shared,

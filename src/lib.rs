@@ -4,13 +4,15 @@
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 //!
 //! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
-//! HTTP up to the upgrade) → `admin` → `handshake` (the upgrade) → `report` (log, audit and metrics of a
-//! request) → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a
-//! running edge shares) → `route` (routes at run time) → `upstream` (targets, failover, the
-//! upstream's handshake) → `forward` (the request shaped for the upstream) → `relay` (the state
-//! machine over two legs) → `session` (registry, replay buffer, detach and attach) → `ws`
-//! (frames, legs, closes). Beside them, using none of them: `token`, `systemd`, `limits`,
-//! `config`, `template`, `auth`, `tls`, `metrics`, `audit`, `stats`, `query`, `units`.
+//! HTTP) → `admin` → `dispatch` (every request: admitted, then upgraded or proxied) →
+//! `handshake` (the upgrade) → `passthrough` (plain HTTP passed through) → `report` (log, audit
+//! and metrics of a request) → `admission` (the ordered checks: `Admitted` or a `Refusal`) →
+//! `state` (what a running edge shares) → `route` (routes at run time) → `upstream` (targets,
+//! affinity, failover, the upstream's handshake, pooled HTTP) → `forward` (the request shaped
+//! for the upstream) → `relay` (the state machine over two legs) → `session` (registry, replay
+//! buffer, detach and attach) → `ws` (frames, legs, closes). Beside them, using none of them:
+//! `token`, `systemd`, `limits`, `config`, `template`, `auth`, `tls`, `metrics`, `audit`,
+//! `stats`, `query`, `units`, `cors`.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -18,11 +20,14 @@ mod admission;
 mod audit;
 mod auth;
 mod config;
+mod cors;
 mod demo;
+mod dispatch;
 mod forward;
 mod handshake;
 mod limits;
 mod metrics;
+mod passthrough;
 mod query;
 mod relay;
 mod report;

@@ -25,6 +25,12 @@ pub(crate) struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HttpLabels {
+    pub(crate) route: String,
+    pub(crate) status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DirectionLabels {
     pub(crate) route: String,
     /// "client_to_upstream" or "upstream_to_client".
@@ -109,6 +115,8 @@ pub(crate) struct Metrics {
     pub(crate) sessions_detached: Gauge,
     pub(crate) resume_buffered_messages: Gauge,
     pub(crate) resume_buffered_bytes: Gauge,
+    pub(crate) http_requests: Family<HttpLabels, Counter>,
+    pub(crate) http_request_seconds: HistogramFamily<RouteLabels>,
 }
 
 /// A route's handles for what every upgraded connection touches, resolved once per route
@@ -117,6 +125,8 @@ pub(crate) struct RouteMetrics {
     pub(crate) upgraded: Counter,
     pub(crate) connect: Histogram,
     pub(crate) session: Histogram,
+    /// On routes that proxy plain HTTP.
+    pub(crate) http_seconds: Option<Histogram>,
     pub(crate) open: Gauge,
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
@@ -157,6 +167,11 @@ fn session_buckets() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
 }
 
+fn http_buckets() -> Histogram {
+    // 1 ms to ~2 min (a long-poll's length).
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
+
 fn connect_buckets() -> Histogram {
     // 0.25 ms to ~8 s.
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
@@ -186,6 +201,8 @@ impl Metrics {
             sessions_detached: Gauge::default(),
             resume_buffered_messages: Gauge::default(),
             resume_buffered_bytes: Gauge::default(),
+            http_requests: Family::default(),
+            http_request_seconds: Family::new_with_constructor(http_buckets as fn() -> Histogram),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +275,16 @@ impl Metrics {
             "Bytes of the upstream messages kept for resumes",
             metrics.resume_buffered_bytes.clone(),
         );
+        registry.register(
+            "http_requests",
+            "Plain HTTP requests on routes that proxy them, by response status (refusals included)",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_seconds",
+            "Length of proxied HTTP exchanges, from the request to the end of the response body",
+            metrics.http_request_seconds.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -283,7 +310,7 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn for_route(&self, route: &str) -> RouteMetrics {
+    pub(crate) fn for_route(&self, route: &str, http: bool) -> RouteMetrics {
         let labels = RouteLabels {
             route: route.to_owned(),
         };
@@ -295,6 +322,7 @@ impl Metrics {
             }),
             connect: self.upstream_connect.get_or_create_owned(&labels),
             session: self.session_duration.get_or_create_owned(&labels),
+            http_seconds: http.then(|| self.http_request_seconds.get_or_create_owned(&labels)),
             open: self.open_connections.get_or_create_owned(&labels),
             client_to_upstream: self.direction(route, "client_to_upstream"),
             upstream_to_client: self.direction(route, "upstream_to_client"),
@@ -307,6 +335,15 @@ impl Metrics {
                 route: route.to_owned(),
                 status,
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn http_request(&self, route: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                status,
             })
             .inc();
     }
@@ -349,7 +386,7 @@ mod tests {
         metrics
             .direction("/ws/chat", "upstream_to_client")
             .add(3, 96);
-        metrics.for_route("/ws/chat").open.inc();
+        metrics.for_route("/ws/chat", false).open.inc();
         let text = metrics.encode();
         assert!(text.contains("wsedge_handshakes_total{route=\"/ws/chat\",status=\"401\",reason=\"token_missing\"} 1"), "{text}");
         assert!(

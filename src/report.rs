@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, Uri};
+use http::{HeaderValue, Method, Response, StatusCode, Uri};
 use http_body_util::Full;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
-use crate::admission::{ClientConn, Rejected};
+use crate::admission::{ClientConn, Held, Rejected};
 use crate::audit::Who;
 use crate::auth::Identity;
 use crate::relay::RelayReport;
@@ -92,10 +92,15 @@ pub(crate) fn refused(
         refusal,
         route,
         identity,
+        http,
     } = rejected;
     let route = route.as_deref().unwrap_or("-");
     let status = refusal.status().as_u16();
-    shared.metrics.handshake(route, status, refusal.reason());
+    if http {
+        shared.metrics.http_request(route, status);
+    } else {
+        shared.metrics.handshake(route, status, refusal.reason());
+    }
     if let Some(limit) = refusal.limit() {
         shared.metrics.limit_hit(limit);
     }
@@ -121,6 +126,14 @@ pub(crate) fn refused(
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// A CORS preflight the edge answered.
+pub(crate) fn preflight(shared: &Shared, route: &Route, request_id: &str, conn: ClientConn) {
+    shared
+        .metrics
+        .http_request(&route.label, StatusCode::NO_CONTENT.as_u16());
+    tracing::info!(request_id = %request_id, client = %conn.peer, route = %route.label, "preflight answered");
 }
 
 /// A client coming back to its session.
@@ -281,5 +294,120 @@ impl ConnectionReport {
         shared
             .audit
             .record("disconnect", &who.request_id, &who, details);
+    }
+}
+
+#[derive(Serialize)]
+struct HttpDetails<'a> {
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    upstream: &'a str,
+    complete: bool,
+    duration_ms: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// A proxied HTTP request whose response is on its way: reported when the response has
+/// ended; until then it holds its connection slot.
+pub(crate) struct HttpExchange {
+    shared: Arc<Shared>,
+    request_id: Box<str>,
+    route: Arc<str>,
+    method: Method,
+    /// The path only: a query carries tokens.
+    path: Box<str>,
+    status: u16,
+    upstream: Box<str>,
+    started: Instant,
+    seconds: Option<Histogram>,
+    /// Who sent it, when an audit log is being written.
+    who: Option<Box<Who>>,
+    _held: Held,
+}
+
+/// A proxied request that got its response head.
+pub(crate) struct Proxied<'a> {
+    pub(crate) request_id: &'a str,
+    pub(crate) conn: ClientConn,
+    pub(crate) route: &'a Route,
+    pub(crate) identity: &'a Identity,
+    pub(crate) method: Method,
+    pub(crate) path: &'a str,
+    pub(crate) status: StatusCode,
+    pub(crate) upstream: &'a str,
+    pub(crate) started: Instant,
+    pub(crate) held: Held,
+}
+
+impl HttpExchange {
+    /// Counts the response by its status and keeps what its end will need.
+    pub(crate) fn answered(shared: &Arc<Shared>, proxied: Proxied<'_>) -> Self {
+        let Proxied {
+            request_id,
+            conn,
+            route,
+            identity,
+            method,
+            path,
+            status,
+            upstream,
+            started,
+            held,
+        } = proxied;
+        shared.metrics.http_request(&route.label, status.as_u16());
+        let who = shared
+            .audit
+            .enabled()
+            .then(|| Box::new(who(request_id, &route.label, conn, Some(identity), None)));
+        Self {
+            shared: shared.clone(),
+            request_id: request_id.into(),
+            route: route.label.clone(),
+            method,
+            path: path.into(),
+            status: status.as_u16(),
+            upstream: upstream.into(),
+            started,
+            seconds: route.metrics(&shared.metrics).http_seconds.clone(),
+            who,
+            _held: held,
+        }
+    }
+
+    /// The response has ended (`complete`: as the upstream meant it to) with `bytes_down`
+    /// sent, after `bytes_up` of request body.
+    pub(crate) fn finished(self, bytes_up: u64, bytes_down: u64, complete: bool) {
+        let lasted = self.started.elapsed();
+        if let Some(seconds) = &self.seconds {
+            seconds.observe(lasted.as_secs_f64());
+        }
+        tracing::info!(
+            request_id = %self.request_id,
+            route = %self.route,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            complete,
+            bytes_up,
+            bytes_down,
+            duration_ms = lasted.as_millis() as u64,
+            "proxied"
+        );
+        let Some(who) = &self.who else { return };
+        let details = HttpDetails {
+            method: self.method.as_str(),
+            path: &self.path,
+            status: self.status,
+            upstream: &self.upstream,
+            complete,
+            duration_ms: lasted.as_millis() as u64,
+            bytes_up,
+            bytes_down,
+        };
+        self.shared
+            .audit
+            .record("http", &self.request_id, who, details);
     }
 }

@@ -7,13 +7,16 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::settings::{PathMatch, RouteSettings};
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::upstream::Targets;
+use crate::upstream::http::HttpClients;
+use crate::upstream::targets::Targets;
 
 pub(crate) struct Route {
     settings: Arc<RouteSettings>,
     /// A short label for logs and metrics: the host (if any) and path.
     pub(crate) label: Arc<str>,
     pub(crate) targets: Targets,
+    /// Pooled connections to each target, when the route proxies plain HTTP.
+    pub(crate) http_clients: Option<HttpClients>,
     /// This route's metric handles, resolved at its first connection.
     metrics: OnceLock<RouteMetrics>,
 }
@@ -29,7 +32,8 @@ impl Route {
     fn new(settings: Arc<RouteSettings>) -> Self {
         Self {
             label: settings.label().into(),
-            targets: Targets::new(settings.targets.len()),
+            targets: Targets::new(&settings.targets),
+            http_clients: settings.http.as_ref().map(|_| HttpClients::new(&settings)),
             settings,
             metrics: OnceLock::new(),
         }
@@ -38,7 +42,8 @@ impl Route {
     /// The route's metric handles (each lookup by label takes a lock and an allocation, so
     /// they are resolved once per route rather than once per handshake).
     pub(crate) fn metrics(&self, metrics: &Metrics) -> &RouteMetrics {
-        self.metrics.get_or_init(|| metrics.for_route(&self.label))
+        self.metrics
+            .get_or_init(|| metrics.for_route(&self.label, self.http.is_some()))
     }
 }
 

@@ -1,5 +1,7 @@
-//! Listeners, the accept loop, TLS termination, HTTP/1.1 up to the upgrade, and drain.
+//! Listeners, the accept loop, TLS termination, HTTP/1.1 (up to an upgrade, or request by
+//! request on a keep-alive connection), and drain.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::ClientConn;
 use crate::audit::AuditLog;
 use crate::config::{Config, ConfigError};
-use crate::handshake;
+use crate::dispatch;
 use crate::limits::HandshakeRate;
 use crate::metrics::{Limit, Metrics};
 use crate::session::registry::Sessions;
@@ -300,11 +302,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     drop(tcp);
                     continue;
                 };
-                let shared_for_task = shared.clone();
-                shared.tasks.spawn(async move {
-                    serve_connection(tcp, peer, shared_for_task).await;
-                    drop(pending);
-                });
+                shared
+                    .tasks
+                    .spawn(serve_connection(tcp, peer, shared.clone(), pending));
             }
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -315,24 +315,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// `pending`: the connection's pending-handshake slot, held until it has sent a whole request
+/// (or given up).
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    pending: OwnedSemaphorePermit,
+) {
     let _ = tcp.set_nodelay(true);
     let live = shared.live.load();
     let handshake_timeout = live.config.server.handshake_timeout;
     let tls = live.config.server.tls.clone();
     drop(live);
     match tls {
-        None => serve_http(Io::Tcp(tcp), ClientConn { peer, tls: false }, shared).await,
+        None => {
+            let conn = ClientConn { peer, tls: false };
+            serve_http(Io::Tcp(tcp), conn, shared, pending).await
+        }
         Some(tls) => {
             match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(tls).accept(tcp)).await
             {
                 Ok(Ok(stream)) => {
-                    serve_http(
-                        Io::ServerTls(Box::new(stream)),
-                        ClientConn { peer, tls: true },
-                        shared,
-                    )
-                    .await
+                    let conn = ClientConn { peer, tls: true };
+                    serve_http(Io::ServerTls(Box::new(stream)), conn, shared, pending).await
                 }
                 Ok(Err(error)) => tracing::debug!(client = %peer, %error, "TLS handshake failed"),
                 Err(_) => {
@@ -344,9 +350,10 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     }
 }
 
-/// HTTP/1.1 up to the upgrade. The socket is an [`Io`] so that the relay can take it back
-/// from hyper by type after the 101 (`Io::from_upgraded`).
-async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>) {
+/// HTTP/1.1: requests until an upgrade, or until the client is done with a keep-alive
+/// connection. The socket is an [`Io`] so that the relay can take it back from hyper by type
+/// after the 101 (`Io::from_upgraded`).
+async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: OwnedSemaphorePermit) {
     let live = shared.live.load();
     let mut builder = http1::Builder::new();
     builder
@@ -355,8 +362,14 @@ async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>) {
         .max_buf_size(live.config.server.max_header_size);
     drop(live);
     let service_shared = shared.clone();
-    let service =
-        service_fn(move |request| handshake::handle(request, conn, service_shared.clone()));
+    // A client that has sent a whole request is no longer a pending handshake: its slot goes
+    // back (an admitted one holds a connection slot instead), so that keep-alive HTTP clients
+    // do not crowd out new ones.
+    let pending = Cell::new(Some(pending));
+    let service = service_fn(move |request| {
+        drop(pending.take());
+        dispatch::handle(request, conn, service_shared.clone())
+    });
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

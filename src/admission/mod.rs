@@ -1,11 +1,12 @@
 //! Admission: the ordered checks every request passes before anything is sent upstream, ending
-//! in [`Admitted`] — the route, who the client is, the limits it holds, what becomes of its
-//! session — or a [`Refusal`].
+//! in [`Admitted`] — the route, who the client is, the limits it holds, and for a WebSocket
+//! upgrade what becomes of its session — or a [`Refusal`].
 //!
-//! Order: per-IP rate (429) → route (404) → path (400) → WebSocket upgrade (426/400) → origin
-//! (403) → draining (503) → capacity (503) → token (401) → identity rules (403/400) → session
-//! plan (400) → per-user limit (429). The upstream (502/504/its status) comes after, in the
-//! handshake.
+//! Order: per-IP rate (429) → a well-formed request (400) → route (404) → path (400) →
+//! WebSocket upgrade, or plain HTTP on a route that proxies it (426/400) → origin (403) → a CORS
+//! preflight is answered here → draining (503) → capacity (503) → token (401) → identity rules
+//! (403/400) → session plan (400) → per-user limit (429, upgrades only). The upstream
+//! (502/504/its status) comes after, in the handshake or the HTTP pass-through.
 
 pub(crate) mod identity;
 pub(crate) mod refusal;
@@ -21,10 +22,13 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::Identity;
 use crate::auth::token_source::{self, FoundToken};
+use crate::config::settings::Affinity;
+use crate::cors;
 use crate::limits::UserSlot;
 use crate::route::Route;
 use crate::session::registry::{Reservation, SessionEntry};
 use crate::state::{Live, Shared};
+use crate::upstream::targets::user_key;
 use crate::ws::close::NotResumable;
 use refusal::Refusal;
 use session_plan::Planned;
@@ -44,9 +48,23 @@ pub(crate) struct Admitted<'a> {
     pub(crate) token: Option<FoundToken>,
     /// When the token expires; `None` for no token, or an `exp` too far out to be a deadline.
     pub(crate) token_expires_at: Option<SystemTime>,
-    /// The client's `Sec-WebSocket-Key`.
-    pub(crate) websocket_key: String,
-    pub(crate) session: SessionPlan<'a>,
+    /// The target the route's affinity places this client on, if it has one.
+    pub(crate) affinity: Option<u64>,
+    pub(crate) kind: Kind<'a>,
+}
+
+/// A WebSocket upgrade, or a plain HTTP request on a route that proxies them.
+pub(crate) enum Kind<'a> {
+    WebSocket {
+        /// The client's `Sec-WebSocket-Key`.
+        websocket_key: String,
+        session: SessionPlan<'a>,
+    },
+    /// The connection slot it holds until its response has ended.
+    Http { held: Held },
+    /// A CORS preflight from an allowed origin, answered by the edge without a token (a
+    /// browser sends none with it): the identity is empty.
+    Preflight,
 }
 
 /// What becomes of an admitted connection.
@@ -83,6 +101,8 @@ pub(crate) struct Rejected {
     pub(crate) refusal: Refusal,
     pub(crate) route: Option<Arc<str>>,
     pub(crate) identity: Option<Box<Identity>>,
+    /// A plain HTTP request on a route that proxies them (counted as such, not as a handshake).
+    pub(crate) http: bool,
 }
 
 /// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID.
@@ -95,6 +115,14 @@ pub(crate) fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// What the checks have learned so far, for the report of a refusal.
+#[derive(Default)]
+struct Known<'a> {
+    route: Option<&'a Route>,
+    identity: Option<Identity>,
+    http: bool,
+}
+
 /// Runs the checks in order.
 pub(crate) fn admit<'a, B>(
     request: &Request<B>,
@@ -102,12 +130,12 @@ pub(crate) fn admit<'a, B>(
     shared: &'a Shared,
     live: &'a Live,
 ) -> Result<Admitted<'a>, Rejected> {
-    let mut route = None;
-    let mut identity = None;
-    checks(request, conn, shared, live, &mut route, &mut identity).map_err(|refusal| Rejected {
+    let mut known = Known::default();
+    checks(request, conn, shared, live, &mut known).map_err(|refusal| Rejected {
         refusal,
-        route: route.map(|route: &Route| route.label.clone()),
-        identity: identity.map(Box::new),
+        route: known.route.map(|route| route.label.clone()),
+        identity: known.identity.map(Box::new),
+        http: known.http,
     })
 }
 
@@ -116,11 +144,9 @@ fn checks<'a, B>(
     conn: ClientConn,
     shared: &'a Shared,
     live: &'a Live,
-    found_route: &mut Option<&'a Route>,
-    found_identity: &mut Option<Identity>,
+    known: &mut Known<'a>,
 ) -> Result<Admitted<'a>, Refusal> {
     let headers = request.headers();
-    let host = request_host(request);
     let path = request.uri().path();
     let query = request.uri().query();
 
@@ -130,15 +156,31 @@ fn checks<'a, B>(
     {
         return Err(Refusal::RateLimited);
     }
+    let host = request_host(request)?;
     let route = live
         .router
         .find(host.as_deref(), path)
         .ok_or(Refusal::NoRoute)?;
-    *found_route = Some(route);
+    known.route = Some(route);
     check_path(path)?;
-    let websocket_key = check_upgrade(request.method(), headers)?;
+    let websocket_key = match websocket_key(request.method(), headers)? {
+        Some(key) => Some(key),
+        None if route.http.is_some() => None,
+        None => return Err(Refusal::UpgradeRequired),
+    };
+    known.http = websocket_key.is_none();
     if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
         return Err(Refusal::OriginNotAllowed);
+    }
+    if websocket_key.is_none() && route.allowed_origins.is_some() && cors::is_preflight(request) {
+        return Ok(Admitted {
+            route,
+            identity: Identity::default(),
+            token: None,
+            token_expires_at: None,
+            affinity: None,
+            kind: Kind::Preflight,
+        });
     }
     if shared.shutdown.is_cancelled() {
         return Err(Refusal::Draining);
@@ -157,7 +199,7 @@ fn checks<'a, B>(
         }
     };
     // Kept for the refusal's report and borrowed from there: no copy.
-    let identity = found_identity.insert(identity);
+    let identity = known.identity.insert(identity);
     let query_conversation = identity::query_conversation(query)?;
     // A conversation the edge made up cannot be asked for again: a resume takes the session's.
     let conversation_named = identity.conversation.is_some() || query_conversation.is_some();
@@ -169,6 +211,24 @@ fn checks<'a, B>(
         .filter(|&exp| exp < 32_503_680_000) // year 3000
         .map(|exp| UNIX_EPOCH + Duration::from_secs(exp));
 
+    let affinity = (route.affinity == Affinity::User)
+        .then(|| user_key(identity.tenant.as_deref(), &identity.user));
+    let Some(websocket_key) = websocket_key else {
+        // A plain HTTP request holds a connection slot while it is in flight, and no
+        // per-user slot: a user's sockets are what that limit counts.
+        let held = Held {
+            _connection: connection,
+            _user: None,
+        };
+        return Ok(Admitted {
+            route,
+            identity: known.identity.take().unwrap_or_default(),
+            token,
+            token_expires_at,
+            affinity,
+            kind: Kind::Http { held },
+        });
+    };
     let planned = match &route.resume {
         None => Planned::Plain,
         Some(settings) => session_plan::plan(
@@ -201,11 +261,14 @@ fn checks<'a, B>(
     };
     Ok(Admitted {
         route,
-        identity: found_identity.take().unwrap_or_default(),
+        identity: known.identity.take().unwrap_or_default(),
         token,
         token_expires_at,
-        websocket_key,
-        session,
+        affinity,
+        kind: Kind::WebSocket {
+            websocket_key,
+            session,
+        },
     })
 }
 
@@ -235,18 +298,28 @@ fn hold(
     })
 }
 
-/// The request's host, lowercase and without a port: from `Host`, or an absolute-form target.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    let raw = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request.uri().host())?;
+/// The request's host, lowercase and without a port. A request naming two hosts (a second
+/// `Host`, or an absolute-form target beside `Host`) is refused: what one hop reads as the host
+/// must be what the next one reads.
+fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
+    if request.uri().authority().is_some() {
+        return Err(Refusal::BadRequest(
+            "absolute-form targets are not accepted: send the path, and the host in Host",
+        ));
+    }
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let raw = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::BadRequest("Host may be given once"));
+    }
+    let Some(raw) = raw.and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
     let host = match raw.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.rsplit_once(':').map_or(raw, |(host, _port)| host),
     };
-    Some(host.to_ascii_lowercase())
+    Ok(Some(host.to_ascii_lowercase()))
 }
 
 /// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
@@ -268,12 +341,13 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     token_source::header_list(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// Checks that this is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the client's key.
-fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal> {
+/// The client's key when this is a WebSocket upgrade (RFC 6455 §4.2.1); `None` when it does
+/// not ask for one.
+fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Option<String>, Refusal> {
     let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
-        return Err(Refusal::UpgradeRequired);
+        return Ok(None);
     }
     if method != Method::GET {
         return Err(Refusal::BadHandshake("a WebSocket upgrade must be a GET"));
@@ -293,5 +367,5 @@ fn check_upgrade(method: &Method, headers: &HeaderMap) -> Result<String, Refusal
         .ok_or(Refusal::BadHandshake(
             "missing or malformed Sec-WebSocket-Key",
         ))?;
-    Ok(key.to_owned())
+    Ok(Some(key.to_owned()))
 }

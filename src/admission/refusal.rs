@@ -9,7 +9,7 @@ use http_body_util::Full;
 use crate::auth::error::AuthError;
 use crate::forward::ClaimNotAHeader;
 use crate::metrics::Limit;
-use crate::upstream::ConnectError;
+use crate::upstream::websocket::ConnectError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -18,8 +18,14 @@ pub(crate) enum Refusal {
     NoRoute,
     /// Not a WebSocket upgrade, or not version 13.
     UpgradeRequired,
-    /// A malformed upgrade or request; the message says what.
+    /// A malformed upgrade; the message says what.
     BadHandshake(&'static str),
+    /// A malformed request, upgrade or not; the message says what.
+    BadRequest(&'static str),
+    /// A request body past the route's `max_body_size`.
+    BodyTooLarge,
+    /// A client that stopped sending its request body for `http_timeout`.
+    RequestTimeout,
     OriginNotAllowed,
     Draining,
     /// `max_connections` reached.
@@ -38,6 +44,8 @@ pub(crate) enum Refusal {
     UpstreamUnreachable,
     UpstreamBadHandshake,
     UpstreamTimeout,
+    /// The upstream accepted a proxied request and then failed it (closed, answered garbage).
+    UpstreamFailed,
     /// The upstream answered the upgrade with its own status, which the client gets as is.
     UpstreamRefused(StatusCode),
 }
@@ -91,6 +99,23 @@ impl Refusal {
             Self::BadHandshake(message) => {
                 (S::BAD_REQUEST, "bad_handshake", message, None, Extra::None)
             }
+            Self::BadRequest(message) => {
+                (S::BAD_REQUEST, "bad_request", message, None, Extra::None)
+            }
+            Self::BodyTooLarge => (
+                S::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is larger than this route accepts",
+                None,
+                Extra::None,
+            ),
+            Self::RequestTimeout => (
+                S::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body stopped arriving",
+                None,
+                Extra::None,
+            ),
             Self::OriginNotAllowed => (
                 S::FORBIDDEN,
                 "origin_not_allowed",
@@ -188,6 +213,13 @@ impl Refusal {
                 S::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 "upstream did not complete the handshake in time",
+                None,
+                Extra::None,
+            ),
+            Self::UpstreamFailed => (
+                S::BAD_GATEWAY,
+                "upstream_failed",
+                "upstream failed to answer",
                 None,
                 Extra::None,
             ),

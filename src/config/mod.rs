@@ -104,7 +104,7 @@ fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use settings::{ConversationMode, PathMatch};
+    use settings::{Affinity, ConversationMode, HttpSettings, PathMatch};
     use std::time::Duration;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
@@ -288,7 +288,17 @@ auth = "main"
                 "`query-or-token`",
             ),
             ("http = \"tunnel\"", "proxy.toml:14:8:", "`refuse`"),
-            ("http = \"proxy\"", "proxy.toml:14:8:", "not supported"),
+            (
+                "http = \"proxy\"\nhttp_timeout = \"0s\"",
+                "proxy.toml:15:16:",
+                "http_timeout must be between 1s and 1h",
+            ),
+            (
+                "http = \"proxy\"\nmax_body_size = \"2GiB\"",
+                "proxy.toml:15:17:",
+                "max_body_size must be between",
+            ),
+            ("affinity = \"sticky\"", "proxy.toml:14:12:", "`user`"),
             ("token_expiry = \"later\"", "proxy.toml:14:16:", "`ignore`"),
             ("tenant = \"maybe\"", "proxy.toml:14:10:", "tenant must be"),
             (
@@ -324,6 +334,33 @@ auth = "main"
         let route = &config.routes[0];
         assert_eq!(route.path, PathMatch::Prefix("/ws/chat".into()));
         assert_eq!(route.conversation, ConversationMode::None);
+        assert_eq!(
+            route.http, None,
+            "plain HTTP is refused unless a route proxies it"
+        );
+        let config = load(&minimal("http = \"proxy\"\naffinity = \"user\"")).unwrap();
+        let route = &config.routes[0];
+        assert_eq!(
+            route.http,
+            Some(HttpSettings {
+                timeout: Duration::from_secs(120),
+                max_body_size: 1 << 20
+            })
+        );
+        assert_eq!(route.affinity, Affinity::User);
+        // Keys that only a proxying route reads are pointed out elsewhere.
+        let config = load(&minimal("max_body_size = \"1KiB\"")).unwrap();
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("proxy.toml:14:17: warning: max_body_size has no effect")),
+            "{:?}",
+            config.warnings
+        );
+        // Affinity by user needs users.
+        let open = minimal("affinity = \"user\"").replace("auth = \"main\"", "auth = \"none\"");
+        assert!(first_error(&open).starts_with("proxy.toml:14:12: affinity = \"user\" needs"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::settings::{ConversationMode, LogFormat};
+use super::settings::{Affinity, ConversationMode, LogFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -179,6 +179,9 @@ pub(super) struct RawRoute {
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) max_message_size: Option<Spanned<String>>,
     pub(super) http: Option<Spanned<HttpMode>>,
+    pub(super) http_timeout: Option<Spanned<String>>,
+    pub(super) max_body_size: Option<Spanned<String>>,
+    pub(super) affinity: Option<Spanned<Affinity>>,
     pub(super) ping_interval: Option<Spanned<String>>,
     pub(super) pong_timeout: Option<Spanned<String>>,
     pub(super) idle_timeout: Option<Spanned<String>>,

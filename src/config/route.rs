@@ -14,8 +14,8 @@ use super::raw::{
     HttpMode, MatchMode, RawResume, RawRoute, RawTenant, RawUpstreamTls, TokenExpiry,
 };
 use super::settings::{
-    ConversationMode, HostMatch, Lifecycle, PathMatch, ResumeSettings, RouteSettings,
-    TargetSettings, TenantRule, is_reserved_header,
+    Affinity, ConversationMode, HostMatch, HttpSettings, Lifecycle, PathMatch, ResumeSettings,
+    RouteSettings, TargetSettings, TenantRule, is_reserved_header,
 };
 use super::validate::Ctx;
 use crate::auth::AuthPolicy;
@@ -43,6 +43,11 @@ struct UpstreamTls {
     /// Overrides the name checked in the upstream's certificate (default: the URL's host).
     server_name: Option<ServerName<'static>>,
 }
+
+/// How long a proxied HTTP exchange may wait for the upstream's response head, or between two
+/// reads of a body: a long-poll holds a request for tens of seconds (Engine.IO's ping interval
+/// and timeout add up to 45 s), and a reverse proxy's usual 60 s is too close to that.
+const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a route injects when it names nothing.
 const DEFAULT_INJECT: [(&str, &str); 3] = [
@@ -106,16 +111,20 @@ impl Ctx<'_> {
             "max_message_size must be between 16B and 256MiB",
         );
         let connect_timeout = self.duration(&raw.connect_timeout, Duration::from_secs(10));
-        if let Some(http) = &raw.http
-            && *http.get_ref() == HttpMode::Proxy
-        {
-            self.error(
-                http.span(),
-                "http = \"proxy\" is not supported by this version yet; use \"refuse\"",
-            );
-        }
+        let http = self.http(&raw);
         let lifecycle = self.lifecycle(&raw, auth.is_some());
         let upstream_cooldown = self.duration(&raw.upstream_cooldown, Duration::from_secs(10));
+        let affinity = match &raw.affinity {
+            Some(affinity) if *affinity.get_ref() == Affinity::User && auth.is_none() => {
+                self.error(
+                    affinity.span(),
+                    "affinity = \"user\" needs a route with an auth policy: without one there is no user",
+                );
+                Affinity::None
+            }
+            Some(affinity) => *affinity.get_ref(),
+            None => Affinity::None,
+        };
         let resume = raw
             .resume
             .as_ref()
@@ -139,7 +148,47 @@ impl Ctx<'_> {
             max_message_size,
             lifecycle,
             upstream_cooldown,
+            affinity,
             resume,
+            http,
+        })
+    }
+
+    /// `http = "proxy"` with its `http_timeout` and `max_body_size`.
+    fn http(&mut self, raw: &RawRoute) -> Option<HttpSettings> {
+        let proxy = raw
+            .http
+            .as_ref()
+            .is_some_and(|http| *http.get_ref() == HttpMode::Proxy);
+        if !proxy {
+            for (key, value) in [
+                ("http_timeout", &raw.http_timeout),
+                ("max_body_size", &raw.max_body_size),
+            ] {
+                if let Some(value) = value {
+                    self.warn(
+                        value.span(),
+                        format!("{key} has no effect without http = \"proxy\""),
+                    );
+                }
+            }
+            return None;
+        }
+        let timeout = self.duration(&raw.http_timeout, DEFAULT_HTTP_TIMEOUT);
+        if let Some(value) = &raw.http_timeout
+            && !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout)
+        {
+            self.error(value.span(), "http_timeout must be between 1s and 1h");
+        }
+        let max_body_size = self.size_in(
+            &raw.max_body_size,
+            1 << 20,
+            0..=(1 << 30),
+            "max_body_size must be between 0B and 1GiB",
+        );
+        Some(HttpSettings {
+            timeout,
+            max_body_size: max_body_size as u64,
         })
     }
 

@@ -125,6 +125,23 @@ impl Default for Lifecycle {
     }
 }
 
+impl Lifecycle {
+    /// When a connection whose token expires at `expires_at` ends for it (`exp` + grace), if
+    /// the route ends connections then. An `exp` centuries away (some issuers mint "never
+    /// expires" tokens) is no deadline; it must neither overflow the clock arithmetic nor wrap
+    /// around to "now".
+    pub(crate) fn token_deadline(
+        &self,
+        expires_at: Option<std::time::SystemTime>,
+    ) -> Option<tokio::time::Instant> {
+        let exp = expires_at.filter(|_| self.close_on_token_expiry)?;
+        let remaining = exp
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::time::Instant::now().checked_add(remaining.checked_add(self.token_expiry_grace)?)
+    }
+}
+
 /// A route's `resume = { … }`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ResumeSettings {
@@ -210,7 +227,7 @@ pub(crate) enum TenantRule {
 }
 
 /// One upstream URL, parsed once.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct TargetSettings {
     /// Scheme, authority and path only: what logs and the audit log show. A query or user
     /// info in the configured URL may hold credentials.
@@ -222,6 +239,27 @@ pub(crate) struct TargetSettings {
     pub(crate) path: String,
     pub(crate) query: Option<String>,
     pub(crate) tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+/// How a route passes on requests that are not WebSocket upgrades (`http = "proxy"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HttpSettings {
+    /// The longest wait for the upstream's response head, and between two reads of a body
+    /// either way; never a bound on a whole exchange (an SSE stream runs for minutes).
+    pub(crate) timeout: Duration,
+    /// The largest request body passed on (413 past it).
+    pub(crate) max_body_size: u64,
+}
+
+/// Which of a route's targets a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Affinity {
+    /// Round robin over the healthy targets.
+    None,
+    /// One target per tenant and user while it is healthy: what a backend keeping per-client
+    /// state on one node (Engine.IO's `sid`) needs from its polling requests and its upgrade.
+    User,
 }
 
 /// One `[[route]]`.
@@ -241,8 +279,11 @@ pub(crate) struct RouteSettings {
     pub(crate) lifecycle: Lifecycle,
     /// How long a target that failed to connect is passed over.
     pub(crate) upstream_cooldown: Duration,
+    pub(crate) affinity: Affinity,
     /// Sessions survive a client's drop (`resume = { … }`).
     pub(crate) resume: Option<ResumeSettings>,
+    /// Requests that are not upgrades are proxied (`http = "proxy"`), or refused with 426.
+    pub(crate) http: Option<HttpSettings>,
 }
 
 impl RouteSettings {
@@ -311,7 +352,9 @@ impl RouteSettings {
             max_message_size: 1024,
             lifecycle: Lifecycle::default(),
             upstream_cooldown: Duration::from_secs(10),
+            affinity: Affinity::None,
             resume: None,
+            http: None,
         }
     }
 }

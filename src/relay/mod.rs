@@ -120,16 +120,6 @@ pub(crate) struct Relay {
     final_close: Option<Close>,
 }
 
-/// An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline; it must
-/// neither overflow the clock arithmetic nor wrap around to "now".
-fn token_deadline(lifecycle: &Lifecycle, expires_at: Option<SystemTime>) -> Option<Instant> {
-    let exp = expires_at.filter(|_| lifecycle.close_on_token_expiry)?;
-    let remaining = exp
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now().checked_add(remaining.checked_add(lifecycle.token_expiry_grace)?)
-}
-
 impl Relay {
     /// A relay over the client's and the upstream's legs. `client` is `None` when the client
     /// vanished between the 101 and the handover of its socket: a resumable session waits for
@@ -141,7 +131,7 @@ impl Relay {
             phase: Phase::Running,
             client,
             upstream: Some(upstream),
-            token_deadline: token_deadline(&lifecycle, params.token_expires_at),
+            token_deadline: lifecycle.token_deadline(params.token_expires_at),
             session_deadline: lifecycle.max_session.and_then(|max| now.checked_add(max)),
             next_ping: lifecycle.ping_interval.map(|interval| now + interval),
             bucket: lifecycle.message_rate.map(TokenBucket::new),
@@ -587,7 +577,7 @@ impl Relay {
             let mut attached = resume.attach(*attach, start, received, took_over);
             attached.leg.set_mid_frame(upstream_mid_frame);
             self.client = Some(attached.leg);
-            self.token_deadline = token_deadline(&self.lifecycle, attached.token_expires_at);
+            self.token_deadline = self.lifecycle.token_deadline(attached.token_expires_at);
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
             // The upstream ended while the client was away: the rest, then its close.
             self.final_close = resume.take_upstream_final();

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use wsedge::{Config, Edge, EdgeHandle};
 
 pub mod config;
+pub mod plain;
 pub mod process;
 
 pub use config::EdgeConfig;

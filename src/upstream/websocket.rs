@@ -1,6 +1,5 @@
-//! Reaching an upstream: the route's targets tried in round-robin order with passive health
-//! (a target that failed is passed over for a cool-down), and for each try TCP (+ TLS for
-//! `wss://`) and the client side of the WebSocket handshake.
+//! A WebSocket upstream: the route's targets tried in turn (`targets.rs`), and for each try TCP
+//! (+ TLS for `wss://`) and the client side of the WebSocket handshake.
 //!
 //! The handshake is written here rather than taken from tungstenite's client because the edge
 //! needs what that client hides or refuses: the upstream's refusal status (passed on to the
@@ -8,9 +7,7 @@
 //! bound on the response size.
 
 use std::io;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{HeaderValue, StatusCode};
@@ -20,60 +17,10 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::targets::Targets;
 use crate::config::settings::{RouteSettings, TargetSettings};
 use crate::forward::{ShapedRequest, UpstreamRequest};
 use crate::ws::io::Io;
-
-/// A route's targets as they fare: where the round robin stands, and which targets are being
-/// passed over after a failure.
-pub(crate) struct Targets {
-    next: AtomicUsize,
-    /// Per target: until when (ms on [`clock_ms`]) it is passed over.
-    down_until: Box<[AtomicU64]>,
-}
-
-/// Milliseconds since the first call: a cheap monotonic clock that fits in an atomic.
-fn clock_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-impl Targets {
-    pub(crate) fn new(count: usize) -> Self {
-        Self {
-            next: AtomicUsize::new(0),
-            down_until: (0..count).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Target indices in the order to try them: the healthy ones from the round-robin
-    /// position, then those cooling down — a last resort is better than refusing untried.
-    fn in_order(&self) -> Vec<usize> {
-        let count = self.down_until.len();
-        let start = if count > 1 {
-            self.next.fetch_add(1, Ordering::Relaxed) % count
-        } else {
-            0
-        };
-        let now = clock_ms();
-        let (mut order, cooling): (Vec<usize>, Vec<usize>) = (0..count)
-            .map(|i| (start + i) % count)
-            .partition(|&i| self.down_until[i].load(Ordering::Relaxed) <= now);
-        order.extend(cooling);
-        order
-    }
-
-    /// Passes target `i` over for `cooldown` after it failed.
-    fn mark_down(&self, i: usize, cooldown: Duration) {
-        self.down_until[i].store(clock_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn mark_up(&self, i: usize) {
-        if self.down_until[i].load(Ordering::Relaxed) != 0 {
-            self.down_until[i].store(0, Ordering::Relaxed);
-        }
-    }
-}
 
 pub(crate) struct UpstreamConnection {
     pub(crate) io: Io,
@@ -102,11 +49,12 @@ pub(crate) enum ConnectError {
 pub(crate) async fn connect_any(
     route: &RouteSettings,
     health: &Targets,
+    affinity: Option<u64>,
     request: &ShapedRequest,
     request_id: &str,
 ) -> Result<UpstreamConnection, ConnectError> {
     let mut last = None;
-    for i in health.in_order() {
+    for i in health.in_order(affinity) {
         let Some(target) = route.targets.get(i) else {
             continue;
         };
@@ -134,6 +82,22 @@ pub(crate) async fn connect_any(
     }))
 }
 
+/// TCP to a target, and TLS over it for `wss://` (and `https://`).
+pub(crate) async fn open(target: &TargetSettings) -> io::Result<Io> {
+    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+    // Chat traffic is many small messages; Nagle would hold each token back.
+    tcp.set_nodelay(true)?;
+    match &target.tls {
+        None => Ok(Io::Tcp(tcp)),
+        Some((config, server_name)) => {
+            let tls = TlsConnector::from(config.clone())
+                .connect(server_name.clone(), tcp)
+                .await?;
+            Ok(Io::ClientTls(Box::new(tls)))
+        }
+    }
+}
+
 /// The largest upgrade response the edge reads from an upstream.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
@@ -151,21 +115,7 @@ async fn connect_inner(
     target: &TargetSettings,
     request: &UpstreamRequest<'_>,
 ) -> Result<UpstreamConnection, ConnectError> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(ConnectError::Unreachable)?;
-    // Chat traffic is many small messages; Nagle would hold each token back.
-    tcp.set_nodelay(true).map_err(ConnectError::Unreachable)?;
-    let mut io = match &target.tls {
-        None => Io::Tcp(tcp),
-        Some((config, server_name)) => {
-            let tls = TlsConnector::from(config.clone())
-                .connect(server_name.clone(), tcp)
-                .await
-                .map_err(ConnectError::Unreachable)?;
-            Io::ClientTls(Box::new(tls))
-        }
-    };
+    let mut io = open(target).await.map_err(ConnectError::Unreachable)?;
 
     let key = generate_key();
     let head = request_head(target, request, &key);

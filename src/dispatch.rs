@@ -1,0 +1,143 @@
+//! Every request the listener reads: admitted or refused, then upgraded to a WebSocket, proxied
+//! as plain HTTP, or — a CORS preflight — answered by the edge itself.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::admission::{self, Admitted, ClientConn, Kind, Rejected};
+use crate::cors;
+use crate::forward::header_value;
+use crate::handshake::{self, WebSocket};
+use crate::passthrough::body::ResponseBody;
+use crate::passthrough::{self, Proxy};
+use crate::report;
+use crate::state::Shared;
+use crate::upstream::http::BoxError;
+
+/// The body of any response the edge sends: its own, whole, or an upstream's, streaming.
+pub(crate) enum EdgeBody {
+    Full(Full<Bytes>),
+    Proxied(ResponseBody),
+}
+
+impl Body for EdgeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            EdgeBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(|never| match never {}))),
+            EdgeBody::Proxied(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            EdgeBody::Full(full) => full.is_end_stream(),
+            EdgeBody::Proxied(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            EdgeBody::Full(full) => full.size_hint(),
+            EdgeBody::Proxied(body) => body.size_hint(),
+        }
+    }
+}
+
+pub(crate) async fn handle(
+    request: Request<Incoming>,
+    conn: ClientConn,
+    shared: Arc<Shared>,
+) -> Result<Response<EdgeBody>, Infallible> {
+    let started = Instant::now();
+    let request_id = admission::request_id(request.headers());
+    let live = shared.live.load_full();
+    let admitted = match admission::admit(&request, conn, &shared, &live) {
+        Ok(admitted) => admitted,
+        Err(rejected) => {
+            let response =
+                report::refused(&shared, &request_id, conn, request.uri(), started, rejected);
+            return Ok(response.map(EdgeBody::Full));
+        }
+    };
+    let Admitted {
+        route,
+        identity,
+        token,
+        token_expires_at,
+        affinity,
+        kind,
+    } = admitted;
+    let response = match kind {
+        Kind::Preflight => {
+            report::preflight(&shared, route, &request_id, conn);
+            let mut response = cors::preflight(&request);
+            response
+                .headers_mut()
+                .insert("x-request-id", header_value(&request_id));
+            response.map(EdgeBody::Full)
+        }
+        Kind::WebSocket {
+            websocket_key,
+            session,
+        } => {
+            let websocket = WebSocket {
+                conn,
+                route,
+                identity,
+                token,
+                token_expires_at,
+                affinity,
+                websocket_key,
+                session,
+                request_id: &request_id,
+                started,
+            };
+            handshake::upgrade(request, &shared, websocket)
+                .await
+                .map(EdgeBody::Full)
+        }
+        Kind::Http { held } => {
+            let uri = request.uri().clone();
+            let proxy = Proxy {
+                conn,
+                route,
+                identity: &identity,
+                token_expires_at,
+                affinity,
+                held,
+                request_id: &request_id,
+                started,
+            };
+            match passthrough::proxy(request, &shared, proxy).await {
+                Ok(response) => response.map(EdgeBody::Proxied),
+                Err(refusal) => {
+                    let rejected = Rejected {
+                        refusal,
+                        route: Some(route.label.clone()),
+                        identity: Some(Box::new(identity)),
+                        http: true,
+                    };
+                    report::refused(&shared, &request_id, conn, &uri, started, rejected)
+                        .map(EdgeBody::Full)
+                }
+            }
+        }
+    };
+    Ok(response)
+}

@@ -1,0 +1,252 @@
+//! Bodies passed through frame by frame, never held whole: the client's request body on its way
+//! upstream (bounded by `max_body_size`, timed out when it stalls), and the upstream's response
+//! body on its way to the client (timed out when it stalls, ended at the token's expiry, and
+//! reported when it is done).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::upstream::http::BoxError;
+
+/// What went wrong with a client's request body, if anything: the answer the client gets
+/// instead of the upstream's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFault {
+    /// Past `max_body_size`: 413.
+    TooLarge,
+    /// The client stopped sending for `http_timeout`: 408.
+    Stalled,
+    /// A framing error (a bad chunk) or a lost connection: 400.
+    Broken,
+}
+
+/// How far a request body got, for the handler: its bytes, and its fault when the upstream
+/// request failed because of it.
+#[derive(Clone, Default)]
+pub(crate) struct Progress(Arc<(AtomicU64, AtomicU8)>);
+
+impl Progress {
+    fn set(&self, fault: BodyFault) {
+        let code = match fault {
+            BodyFault::TooLarge => 1,
+            BodyFault::Stalled => 2,
+            BodyFault::Broken => 3,
+        };
+        let _ = self
+            .0
+            .1
+            .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fault(&self) -> Option<BodyFault> {
+        match self.0.1.load(Ordering::Relaxed) {
+            1 => Some(BodyFault::TooLarge),
+            2 => Some(BodyFault::Stalled),
+            3 => Some(BodyFault::Broken),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body: {0:?}")]
+struct FaultError(BodyFault);
+
+/// The client's request body as it goes upstream.
+pub(crate) struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+    timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    progress: Progress,
+}
+
+impl RequestBody {
+    pub(crate) fn new(inner: Incoming, limit: u64, timeout: Duration, progress: Progress) -> Self {
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            timeout,
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            progress,
+        }
+    }
+
+    fn fail(&mut self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.progress.set(fault);
+        Poll::Ready(Some(Err(Box::new(FaultError(fault)))))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return this.fail(BodyFault::TooLarge);
+                    }
+                    this.progress.0.0.store(this.seen, Ordering::Relaxed);
+                }
+                let deadline = Instant::now() + this.timeout;
+                this.idle.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => this.fail(BodyFault::Broken),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => this.fail(BodyFault::Stalled),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Told once when a response body is done: how many bytes went to the client, and whether
+/// the upstream's body ended as it should.
+pub(crate) trait Finished: Send + 'static {
+    fn finished(self: Box<Self>, bytes: u64, complete: bool);
+}
+
+/// Why the upstream's response body was cut.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    #[error("the upstream sent nothing within the timeout")]
+    Stalled,
+    #[error("the upstream's body failed: {0}")]
+    Failed(hyper::Error),
+}
+
+/// The upstream's response body as it goes to the client.
+pub(crate) struct ResponseBody {
+    inner: Incoming,
+    timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    /// When the client's token expires: the stream ends then.
+    expires: Option<Pin<Box<Sleep>>>,
+    bytes: u64,
+    done: bool,
+    finished: Option<Box<dyn Finished>>,
+}
+
+impl ResponseBody {
+    pub(crate) fn new(
+        inner: Incoming,
+        timeout: Duration,
+        expires_at: Option<Instant>,
+        finished: Box<dyn Finished>,
+    ) -> Self {
+        Self {
+            inner,
+            timeout,
+            idle: Box::pin(tokio::time::sleep(timeout)),
+            expires: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            bytes: 0,
+            done: false,
+            finished: Some(finished),
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        self.done = true;
+        if let Some(finished) = self.finished.take() {
+            finished.finished(self.bytes, complete);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                let deadline = Instant::now() + this.timeout;
+                this.idle.as_mut().reset(deadline);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(error))) => {
+                this.finish(false);
+                return Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))));
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        // The token expired: the stream ends, as a socket gets 4001.
+        if let Some(expires) = this.expires.as_mut()
+            && expires.as_mut().poll(cx).is_ready()
+        {
+            this.finish(true);
+            return Poll::Ready(None);
+        }
+        match this.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(Box::new(Cut::Stalled))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    /// Reported here when hyper stopped reading at the body's announced length (complete), or
+    /// when the client went away before the end (cut short).
+    fn drop(&mut self) {
+        if !self.done {
+            let complete = self.inner.is_end_stream();
+            self.finish(complete);
+        }
+    }
+}
