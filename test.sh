@@ -3,7 +3,8 @@
 # need when it is missing, then runs `cargo test` (arguments are passed on to it).
 #
 # Beyond Rust the tests need systemd-analyze (to verify the unit file), the Autobahn runner
-# kosoku (pinned), and for the browser test Chromium, node with playwright-core (pinned in
+# kosoku (pinned), python-socketio with aiohttp (pinned in tests/socketio/requirements.txt), and
+# for the browser test Chromium, node with playwright-core (pinned in
 # tests/browser/package-lock.json) and ss. Everything else they use (upstream chat cores,
 # clients, certificates, keys) is made inside the tests, on loopback.
 set -euo pipefail
@@ -48,6 +49,13 @@ export PATH="$HOME/.local/bin:$PATH"
 if [ "$(pip3 show kosoku 2>/dev/null | sed -n 's/^Version: //p')" != "$KOSOKU_VERSION" ]; then
     pip3 install --quiet "kosoku==$KOSOKU_VERSION" ||
         pip3 install --quiet --break-system-packages "kosoku==$KOSOKU_VERSION"
+fi
+
+# The Socket.IO peers, as pinned, unless every pin is installed already.
+requirements=tests/socketio/requirements.txt
+if grep -v '^#' "$requirements" | grep -vxFf <(pip3 freeze 2>/dev/null) | grep -q .; then
+    pip3 install --quiet -r "$requirements" ||
+        pip3 install --quiet --break-system-packages -r "$requirements"
 fi
 
 # Every test binary runs even when one fails, so that one failure does not hide the others.
