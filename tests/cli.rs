@@ -558,6 +558,21 @@ fn demo_once_runs_end_to_end_and_exits_0() {
         "stdout:\n{}",
         run.stdout
     );
+    // The HTTP half: a REST call carries the identity and no token, an SSE stream arrives whole.
+    assert!(
+        run.stdout.contains("GET /api/whoami -> 200")
+            && run
+                .stdout
+                .contains("the chat core saw user=alice tenant=acme, no token"),
+        "stdout:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("GET /api/stream -> 200")
+            && run.stdout.contains("every event once, in order"),
+        "stdout:\n{}",
+        run.stdout
+    );
 }
 
 #[test]

@@ -1,5 +1,9 @@
 //! `wsedge demo`: the edge in front of a small streaming chat core, plus a browser page, all
-//! on loopback, so that a newcomer sees identity injection and streaming with no other tool.
+//! on loopback, so that a newcomer sees identity injection and streaming — over a WebSocket,
+//! a REST call and Server-Sent Events — with no other tool.
+
+mod core;
+mod page;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,24 +14,17 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1 as client;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{
-    ErrorResponse, Request as WsRequest, Response as WsResponse,
-};
 
 use crate::config::Config;
 use crate::server::Edge;
 use crate::token::{self, TokenRequest};
-
-const REPLY: &str = "Hello {user}! This answer is streamed word by word by the chat core, \
-and every word crossed wsedge, which checked your token and told the core who you are.";
+use core::REPLY;
 
 /// Runs the demo; with `once`, exits after the self-check instead of serving on.
 pub async fn run(port: u16, page_port: u16, once: bool) -> anyhow::Result<()> {
@@ -36,7 +33,7 @@ pub async fn run(port: u16, page_port: u16, once: bool) -> anyhow::Result<()> {
         .context("cannot start the chat core")?;
     let core_addr = core_listener.local_addr()?;
     let core_connections = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(serve_chat_core(core_listener, core_connections.clone()));
+    tokio::spawn(core::serve(core_listener, core_connections.clone()));
 
     let secret = format!(
         "{}{}",
@@ -68,6 +65,14 @@ allowed_origins = ["http://{page_addr}", "http://localhost:{page_port}"]
 conversation = "query-or-token"
 upstream_query = {{ conversation_id = "{{conversation}}" }}
 resume = {{ window = "30s" }}
+
+[[route]]
+path = "/api"
+match = "prefix"
+upstream = "ws://{core_addr}/api"
+auth = "demo"
+http = "proxy"
+allowed_origins = ["http://{page_addr}", "http://localhost:{page_port}"]
 "#,
         page_port = page_addr.port()
     );
@@ -81,14 +86,16 @@ resume = {{ window = "30s" }}
     let server = tokio::spawn(edge.run());
 
     let url = format!("ws://{edge_addr}/ws/chat");
-    tokio::spawn(serve_page(page_listener, url.clone(), token.clone()));
+    tokio::spawn(page::serve(page_listener, url.clone(), token.clone()));
 
     println!("wsedge demo");
     println!("  edge       {url}   (checks a JWT, injects the identity)");
-    println!("  chat core  ws://{core_addr}/ws/chat   (trusts x-user-id, streams replies)");
+    println!("             http://{edge_addr}/api/   (the same, for REST and SSE)");
+    println!("  chat core  ws://{core_addr}/ws/chat, http://{core_addr}/api/   (trusts x-user-id)");
     println!("  page       http://{page_addr}/");
     println!();
     self_check(edge_addr, &token, &core_connections).await?;
+    http_check(edge_addr, &token).await?;
 
     if once {
         handle.shutdown();
@@ -99,6 +106,8 @@ resume = {{ window = "30s" }}
     println!("Try it yourself (token for user alice, tenant acme, valid 1h):");
     println!("  browser:  open http://{page_addr}/");
     println!("  CLI:      websocat '{url}?token={token}&conversation_id=c42'");
+    println!("  REST:     curl -H 'Authorization: Bearer {token}' http://{edge_addr}/api/whoami");
+    println!("  SSE:      curl -N 'http://{edge_addr}/api/stream?token={token}'");
     println!("  token:    {token}");
     println!();
     println!("Ctrl-C to stop.");
@@ -250,153 +259,98 @@ async fn demo_client(
     Ok(ws)
 }
 
-async fn serve_chat_core(listener: TcpListener, connections: Arc<AtomicUsize>) {
-    while let Ok((stream, _)) = listener.accept().await {
-        connections.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let _ = chat_session(stream).await;
-        });
+/// The HTTP half through the same edge: a REST call (with a forged `x-user-id` the edge
+/// replaces) and the reply as Server-Sent Events, printed event by event as they arrive.
+async fn http_check(edge: SocketAddr, token: &str) -> anyhow::Result<()> {
+    let authorization = format!("Bearer {token}");
+    let forged = [
+        ("authorization", authorization.as_str()),
+        ("x-user-id", "mallory"),
+    ];
+    let (status, mut body) = http_get(edge, "/api/whoami", &forged).await?;
+    let mut whole = Vec::new();
+    while let Some(chunk) = next_chunk(&mut body).await? {
+        whole.extend_from_slice(&chunk);
     }
-}
-
-/// One chat-core session: greets with the identity the edge injected, then answers each
-/// message with a reply streamed one word at a time.
-// The callback's error type is tungstenite's, not ours to shrink.
-#[allow(clippy::result_large_err)]
-async fn chat_session(stream: TcpStream) -> anyhow::Result<()> {
-    let mut identity = json!({});
-    let ws = tokio_tungstenite::accept_hdr_async(
-        stream,
-        |request: &WsRequest, response: WsResponse| -> Result<WsResponse, ErrorResponse> {
-            let header = |name: &str| {
-                request
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            identity = json!({
-                "user": header("x-user-id"),
-                "tenant": header("x-tenant-id"),
-                "conversation": header("x-conversation-id"),
-            });
-            Ok(response)
+    let seen: serde_json::Value = serde_json::from_slice(&whole)?;
+    println!(
+        "REST:             GET /api/whoami -> {status} (with a forged x-user-id: mallory); the chat core saw user={} tenant={}, {}",
+        seen["user"].as_str().unwrap_or("-"),
+        seen["tenant"].as_str().unwrap_or("-"),
+        if seen["token_seen"] == true {
+            "and the token"
+        } else {
+            "no token"
         },
-    )
-    .await?;
-    let (mut tx, mut rx) = ws.split();
-    tx.send(Message::text(
-        json!({ "type": "hello", "identity": identity }).to_string(),
-    ))
-    .await?;
-    let user = identity["user"].as_str().unwrap_or("stranger").to_owned();
-    while let Some(message) = rx.next().await {
-        match message? {
-            Message::Text(_) => {
-                for word in REPLY.replace("{user}", &user).split_inclusive(' ') {
-                    tx.send(Message::text(
-                        json!({ "type": "token", "text": word }).to_string(),
-                    ))
-                    .await?;
-                    tokio::time::sleep(Duration::from_millis(40)).await;
-                }
-                tx.send(Message::text(json!({ "type": "done" }).to_string()))
-                    .await?;
+    );
+
+    let (status, mut events) = http_get(edge, &format!("/api/stream?token={token}"), &[]).await?;
+    println!(
+        "SSE:              GET /api/stream -> {status} (the token in the query, as EventSource sends it)"
+    );
+    print!("< ");
+    let mut words = String::new();
+    let mut pending = String::new();
+    while let Some(chunk) = next_chunk(&mut events).await? {
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        // An event ends at a blank line; a chunk may hold part of one, or several.
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            if let Some(data) = event.lines().find_map(|line| line.strip_prefix("data: "))
+                && let Ok(data) = serde_json::from_str::<serde_json::Value>(data)
+                && let Some(word) = data["text"].as_str()
+            {
+                use std::io::Write;
+                print!("{word}");
+                let _ = std::io::stdout().flush();
+                words.push_str(word);
             }
-            Message::Close(_) => break,
-            _ => {}
         }
     }
+    println!();
+    let expected = REPLY.replace("{user}", "alice");
+    if words != expected {
+        bail!("the event stream arrived damaged:\n{words}\nexpected:\n{expected}");
+    }
+    println!("streamed:         every event once, in order");
     Ok(())
 }
 
-async fn serve_page(listener: TcpListener, url: String, token: String) {
-    let page = Bytes::from(PAGE.replace("{{URL}}", &url).replace("{{TOKEN}}", &token));
-    while let Ok((stream, _)) = listener.accept().await {
-        let page = page.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let page = page.clone();
-                async move {
-                    let mut response = Response::new(Full::new(Bytes::new()));
-                    if request.uri().path() == "/" {
-                        *response.body_mut() = Full::new(page);
-                        response.headers_mut().insert(
-                            "content-type",
-                            http::HeaderValue::from_static("text/html; charset=utf-8"),
-                        );
-                    } else {
-                        *response.status_mut() = StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+/// A GET through the edge: the status, and the body still to come.
+async fn http_get(
+    edge: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, hyper::body::Incoming)> {
+    let stream = TcpStream::connect(edge).await?;
+    let (mut sender, connection) = client::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut request = Request::get(path).header("host", edge.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(request.body(Empty::<Bytes>::new())?),
+    )
+    .await
+    .context("no response within 10s")??;
+    Ok((response.status().as_u16(), response.into_body()))
 }
 
-const PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<meta charset="utf-8">
-<title>wsedge demo</title>
-<style>
-  body { font: 16px/1.5 system-ui, sans-serif; max-width: 44rem; margin: 2rem auto; padding: 0 1rem; }
-  #log { border: 1px solid #ccc; border-radius: 6px; padding: .75rem; min-height: 12rem; white-space: pre-wrap; }
-  .who { color: #666; font-size: .9em; }
-  form { display: flex; gap: .5rem; margin-top: .75rem; }
-  input { flex: 1; padding: .4rem; }
-</style>
-<h1>wsedge demo</h1>
-<p class="who" id="status">connecting…</p>
-<div id="log"></div>
-<form id="form"><input id="text" value="hello" autocomplete="off"><button>Send</button></form>
-<script>
-  // A browser cannot set Authorization on a WebSocket: the token travels as a subprotocol
-  // entry, which wsedge takes out before the request reaches the chat core.
-  const token = "{{TOKEN}}";
-  // Resume: name the session, count what arrives, and come back for the rest after a drop.
-  const session = self.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
-  let seq = 0;
-  let ws;
-  const log = document.getElementById("log");
-  const status = document.getElementById("status");
-  function connect(resume) {
-    let url = "{{URL}}?conversation_id=browser-demo&session_id=" + session;
-    if (resume) url += "&last_seq=" + seq;
-    ws = new WebSocket(url, ["bearer." + token]);
-    ws.onopen = () => { status.textContent = resume ? "resumed: nothing missed" : "connected through wsedge"; };
-    ws.onclose = (e) => {
-      status.textContent = "closed: " + e.code + " " + e.reason;
-      // 1006: the connection dropped (network change, sleep). 4001: the token expired; a real
-      // page fetches a fresh one first. 4002 would mean the session is gone: start over.
-      if (e.code === 1006 || e.code === 4001) {
-        status.textContent += " - resuming…";
-        setTimeout(() => connect(true), 1000);
-      }
-    };
-    ws.onmessage = (e) => {
-      seq += 1;
-      const event = JSON.parse(e.data);
-      if (event.type === "hello") {
-        const id = event.identity;
-        status.textContent = "the chat core sees user " + id.user + ", tenant " + id.tenant + ", conversation " + id.conversation;
-      } else if (event.type === "token") {
-        log.textContent += event.text;
-      } else if (event.type === "done") {
-        log.textContent += "\n\n";
-      }
-    };
-  }
-  connect(false);
-  document.getElementById("form").onsubmit = (e) => {
-    e.preventDefault();
-    const text = document.getElementById("text").value;
-    log.textContent += "> " + text + "\n";
-    ws.send(text);
-  };
-</script>
-</html>
-"#;
+/// The next piece of a body, `None` at its end.
+async fn next_chunk(body: &mut hyper::body::Incoming) -> anyhow::Result<Option<Bytes>> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .context("the response stalled for 10s")?;
+        match frame {
+            None => return Ok(None),
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
