@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: direct / nginx / HAProxy / HAProxy+JWT / wsedge (with JWT) / wsedge with
 # session resume on, in front of the same upstream, driven by the same load tool, interleaved
-# A B C A B C, REPS repetitions.
+# A B C A B C, REPS repetitions. The HTTP row (proxied GETs and SSE events) runs through the
+# same proxies to the load tool's HTTP upstream (wsedge: a route with http = "proxy"; nginx and
+# HAProxy: keep-alive to the upstream, nginx unbuffered as SSE needs).
 # Prints one JSON line per run into $OUT/results.jsonl and a summary table (medians, min–max,
 # ratios to nginx) at the end. See BENCHMARKS.md for the method and the latest figures.
 #
 #   bench/compare.sh                       # full run (~14 minutes on 2 cores)
 #   REPS=1 STREAM_MESSAGES=20000 IDLE=1000 bench/compare.sh   # quick look
+#   MODES="http sse" bench/compare.sh                          # the HTTP row alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +24,13 @@ RTT_ROUND_TRIPS=${RTT_ROUND_TRIPS:-2000}
 HANDSHAKES=${HANDSHAKES:-5000}
 HANDSHAKE_CONCURRENCY=${HANDSHAKE_CONCURRENCY:-50}
 IDLE=${IDLE:-5000}
+HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
+HTTP_REQUESTS=${HTTP_REQUESTS:-1000}
+SSE_CONNECTIONS=${SSE_CONNECTIONS:-20}
+SSE_EVENTS=${SSE_EVENTS:-200000}
+SSE_SIZE=${SSE_SIZE:-32}
+# Which figures to measure, of: stream rtt handshake idle http sse.
+MODES=${MODES:-stream rtt handshake idle http sse}
 SECRET=bench-secret-0123456789abcdef0123456789
 OUT=${OUT:-$(mktemp -d /tmp/wsedge-bench.XXXXXX)}
 
@@ -48,8 +58,8 @@ wait_port() {
     exit 1
 }
 
-# --- the upstream, shared by all
-"$LOAD" upstream --listen 127.0.0.1:19001 2>"$OUT/upstream.log" &
+# --- the upstream, shared by all: WebSockets on 19001, HTTP on 19011
+"$LOAD" upstream --listen 127.0.0.1:19001 --http-listen 127.0.0.1:19011 2>"$OUT/upstream.log" &
 PIDS+=($!)
 
 # --- nginx: an opaque tunnel after the upgrade, one worker per core
@@ -63,8 +73,15 @@ events { worker_connections 20000; }
 http {
   access_log off;
   map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+  upstream api { server 127.0.0.1:19011; keepalive 64; }
   server {
     listen 127.0.0.1:19002;
+    location /api/ {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
     location / {
       proxy_pass http://127.0.0.1:19001;
       proxy_http_version 1.1;
@@ -92,9 +109,12 @@ defaults
 frontend fe
   bind 127.0.0.1:$1
 $2
+  use_backend api if { path_beg /api/ }
   default_backend be
 backend be
   server upstream 127.0.0.1:19001
+backend api
+  server api 127.0.0.1:19011
 EOF
 }
 haproxy_config 19003 "" >"$OUT/haproxy.cfg"
@@ -121,6 +141,12 @@ path = "/ws"
 upstream = "ws://127.0.0.1:19001/ws"
 auth = "main"
 message_rate = "off"
+[[route]]
+path = "/api"
+match = "prefix"
+upstream = "ws://127.0.0.1:19011/api"
+auth = "main"
+http = "proxy"
 EOF
 # The same edge with session resume on (defaults: 1000 messages / 4 MiB kept per client). Every
 # connection of the load tool is its own user, so one session_id names a session per connection.
@@ -149,6 +175,9 @@ stop_proxy() {
 
 declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET" [wsedge-resume]="--jwt-secret $SECRET")
 TARGETS=(direct nginx haproxy haproxy-jwt wsedge wsedge-resume)
+# Resume is a WebSocket matter: the HTTP row leaves that edge out.
+HTTP_TARGETS=(direct nginx haproxy haproxy-jwt wsedge)
+declare -A HTTP_PORT=([direct]=19011 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005)
 PROXIES=(nginx haproxy haproxy-jwt wsedge wsedge-resume)
 wait_port 19001
 for proxy in "${PROXIES[@]}"; do start_proxy "$proxy"; done
@@ -172,6 +201,15 @@ load() { # mode, target, rep, args…
         python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['rep']=$rep; print(json.dumps(r))" >>"$RESULTS"
     tail -1 "$RESULTS"
 }
+load_http() { # mode, target, rep, path, args…
+    local mode=$1 target=$2 rep=$3 path=$4
+    shift 4
+    # shellcheck disable=SC2086
+    "$LOAD" "$mode" --url "http://127.0.0.1:${HTTP_PORT[$target]}$path" --label "$target" ${AUTH[$target]} "$@" |
+        python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['rep']=$rep; print(json.dumps(r))" >>"$RESULTS"
+    tail -1 "$RESULTS"
+}
+measuring() { [[ " $MODES " == *" $1 "* ]]; }
 
 for rep in $(seq 1 "$REPS"); do
     # Each repetition starts one target later (A B C, B C A, C A B): no target always runs
@@ -179,15 +217,34 @@ for rep in $(seq 1 "$REPS"); do
     # thousands of TIME_WAIT sockets toward the shared upstream for a minute).
     shift_by=$(( (rep - 1) % ${#TARGETS[@]} ))
     ORDER=("${TARGETS[@]:shift_by}" "${TARGETS[@]:0:shift_by}")
-    for target in "${ORDER[@]}"; do
-        load stream "$target" "$rep" --connections "$STREAM_CONNECTIONS" --messages "$STREAM_MESSAGES" --size "$STREAM_SIZE"
-    done
-    for target in "${ORDER[@]}"; do
-        load rtt "$target" "$rep" --connections "$RTT_CONNECTIONS" --round-trips "$RTT_ROUND_TRIPS"
-    done
-    for target in "${ORDER[@]}"; do
-        load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
-    done
+    if measuring stream; then
+        for target in "${ORDER[@]}"; do
+            load stream "$target" "$rep" --connections "$STREAM_CONNECTIONS" --messages "$STREAM_MESSAGES" --size "$STREAM_SIZE"
+        done
+    fi
+    if measuring rtt; then
+        for target in "${ORDER[@]}"; do
+            load rtt "$target" "$rep" --connections "$RTT_CONNECTIONS" --round-trips "$RTT_ROUND_TRIPS"
+        done
+    fi
+    if measuring handshake; then
+        for target in "${ORDER[@]}"; do
+            load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
+        done
+    fi
+    shift_by=$(( (rep - 1) % ${#HTTP_TARGETS[@]} ))
+    HTTP_ORDER=("${HTTP_TARGETS[@]:shift_by}" "${HTTP_TARGETS[@]:0:shift_by}")
+    if measuring http; then
+        for target in "${HTTP_ORDER[@]}"; do
+            load_http http "$target" "$rep" /api/answer --connections "$HTTP_CONNECTIONS" --requests "$HTTP_REQUESTS"
+        done
+    fi
+    if measuring sse; then
+        for target in "${HTTP_ORDER[@]}"; do
+            load_http sse "$target" "$rep" /api/sse --connections "$SSE_CONNECTIONS" --events "$SSE_EVENTS" --size "$SSE_SIZE"
+        done
+    fi
+    measuring idle || continue
     for target in "${PROXIES[@]}"; do
         # A fresh process: memory an allocator kept from the streams above would hide the cost.
         stop_proxy "$target"

@@ -18,6 +18,10 @@ FIGURES = [
     ("handshakes/s", "handshake", lambda r: r["handshakes_per_second"], True, "{:,.0f}"),
     ("handshake p99 µs", "handshake", lambda r: r["latency_us"]["p99"], False, "{:,.0f}"),
     ("KiB per idle connection", "idle", lambda r: r["kib_per_connection"], False, "{:,.1f}"),
+    ("HTTP requests/s", "http", lambda r: r["requests_per_second"], True, "{:,.0f}"),
+    ("HTTP p50 µs", "http", lambda r: r["latency_us"]["p50"], False, "{:,.0f}"),
+    ("HTTP p99 µs", "http", lambda r: r["latency_us"]["p99"], False, "{:,.0f}"),
+    ("SSE events/s", "sse", lambda r: r["events_per_second"], True, "{:,.0f}"),
 ]
 # (goal, figure, peer, wsedge's median must be at least (True) or at most (False) the peer's)
 GOALS = [
@@ -26,6 +30,9 @@ GOALS = [
     ("echo p99 ≤ nginx", "echo p99 µs", "nginx", False),
     ("handshakes/s ≥ HAProxy + jwt_verify", "handshakes/s", "haproxy-jwt", True),
     ("KiB per idle connection ≤ HAProxy", "KiB per idle connection", "haproxy", False),
+    ("HTTP requests/s ≥ nginx", "HTTP requests/s", "nginx", True),
+    ("HTTP p99 ≤ nginx", "HTTP p99 µs", "nginx", False),
+    ("SSE events/s ≥ nginx", "SSE events/s", "nginx", True),
 ]
 
 

@@ -31,7 +31,13 @@ async fn run_load(args: &[&str]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_mode_runs_through_the_edge() {
     let mut upstream = Command::new(LOAD)
-        .args(["upstream", "--listen", "127.0.0.1:0"])
+        .args([
+            "upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -46,10 +52,23 @@ async fn every_mode_runs_through_the_edge() {
         .expect("a line from the load tool's upstream");
     let address = said
         .strip_prefix("upstream listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {said:?}"));
+        .unwrap_or_else(|| panic!("unexpected first line: {said:?}"))
+        .to_owned();
+    let said = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the load tool's HTTP upstream did not start in time")
+        .unwrap()
+        .expect("a second line from the load tool's upstream");
+    let http_address = said
+        .strip_prefix("http upstream listening on ")
+        .unwrap_or_else(|| panic!("unexpected second line: {said:?}"))
+        .to_owned();
     let config = EdgeConfig::new(&format!("ws://{address}/ws"))
         .server("max_connections_per_user = 0\nhandshake_rate_per_ip = \"off\"")
-        .route("message_rate = \"off\"");
+        .route("message_rate = \"off\"")
+        .section(&format!(
+            "[[route]]\npath = \"/api\"\nmatch = \"prefix\"\nupstream = \"ws://{http_address}/api\"\nauth = \"main\"\nhttp = \"proxy\""
+        ));
     let edge = TestEdge::start(&config.build()).await;
     let url = edge.url("/ws/chat");
     let common = ["--url", &url, "--jwt-secret", SECRET];
@@ -118,6 +137,44 @@ async fn every_mode_runs_through_the_edge() {
         (idle["opened"].as_u64(), idle["errors"].as_u64()),
         (Some(30), Some(0)),
         "{idle}"
+    );
+
+    let api = edge.url("/api/answer").replace("ws://", "http://");
+    let requests = run_load(&[
+        "http",
+        "--url",
+        &api,
+        "--jwt-secret",
+        SECRET,
+        "--connections",
+        "4",
+        "--requests",
+        "50",
+    ])
+    .await;
+    assert_eq!(
+        (requests["completed"].as_u64(), requests["errors"].as_u64()),
+        (Some(200), Some(0)),
+        "{requests}"
+    );
+
+    let sse = edge.url("/api/sse").replace("ws://", "http://");
+    let events = run_load(&[
+        "sse",
+        "--url",
+        &sse,
+        "--jwt-secret",
+        SECRET,
+        "--connections",
+        "3",
+        "--events",
+        "2000",
+    ])
+    .await;
+    assert_eq!(
+        (events["received"].as_u64(), events["errors"].as_u64()),
+        (Some(6000), Some(0)),
+        "{events}"
     );
 
     // Without a token the edge refuses, and the tool says so.

@@ -1,0 +1,244 @@
+//! `wsedge-load`: the load tool behind BENCHMARKS.md, and the upstream it drives.
+//!
+//! Modes (one JSON line of results each):
+//!   stream     C connections each receive N messages of S bytes pushed by the upstream
+//!   rtt        C connections each do R echo round trips; latency percentiles in µs
+//!   handshake  K upgrades at concurrency C; handshakes/s and latency percentiles
+//!   idle       hold C connections (source addresses spread over 127.0.0.x) for a while
+//!   http       C keep-alive connections each send R GETs; requests/s and latency percentiles
+//!   sse        C connections each read an event stream of N events; events/s
+//!   upstream   the matching upstream: echoes data, streams on `stream N SIZE`; with
+//!              `--http-listen`, answers GETs and streams SSE over HTTP
+//!
+//! Any proxy in front of the upstream can be measured the same way: direct, nginx, HAProxy,
+//! wsedge. With `--jwt-secret`, every connection carries a fresh HS256 token (its own `sub`
+//! and `jti`) in the query parameter `--token-param`.
+
+mod http;
+mod upstream;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "wsedge-load",
+    about = "Load tool and test upstream for WebSocket proxies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Connections each receive N messages of S bytes pushed by the upstream.
+    Stream {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+    },
+    /// Connections each do echo round trips of binary messages.
+    Rtt {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        round_trips: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Upgrades at a fixed concurrency, each closed right after the 101.
+    Handshake {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+    },
+    /// Holds connections open and idle; prints "ready" on stderr once all are open.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// How long to hold them once all are open, like "10s".
+        #[arg(long, default_value = "10s")]
+        hold: String,
+        /// Spread source addresses over 127.0.0.2 … 127.0.0.(1+N) so ephemeral ports last.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=250))]
+        sources: u8,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+    },
+    /// Keep-alive connections each send R GET requests, one after the other.
+    Http {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
+    /// Connections each read a Server-Sent Events stream of N events of S bytes of data.
+    Sse {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+    },
+    /// The upstream: echoes data messages; `stream N SIZE` pushes N texts of SIZE bytes. With
+    /// `--http-listen`, also an HTTP upstream answering GETs and streaming SSE on
+    /// `/…/sse?events=N&size=S`.
+    Upstream {
+        #[arg(long, default_value = "127.0.0.1:19001")]
+        listen: SocketAddr,
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Target {
+    /// ws://host:port/path?query (http:// for the HTTP modes)
+    #[arg(long)]
+    url: String,
+    /// Extra request headers, `Name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Mint a fresh HS256 token per connection with this secret.
+    #[arg(long)]
+    jwt_secret: Option<String>,
+    /// The query parameter that carries the token.
+    #[arg(long, default_value = "token")]
+    token_param: String,
+    /// A label for the result line (e.g. "nginx").
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let result = match cli.mode {
+            Mode::Upstream {
+                listen,
+                http_listen,
+            } => return upstream::run(listen, http_listen).await,
+            Mode::Stream {
+                target,
+                connections,
+                messages,
+                size,
+            } => websocket::stream(&target, connections, messages, size).await?,
+            Mode::Rtt {
+                target,
+                connections,
+                round_trips,
+                size,
+            } => websocket::rtt(&target, connections, round_trips, size).await?,
+            Mode::Handshake {
+                target,
+                count,
+                concurrency,
+            } => websocket::handshake(&target, count, concurrency).await?,
+            Mode::Idle {
+                target,
+                connections,
+                hold,
+                sources,
+                concurrency,
+            } => {
+                let hold = wsedge::parse_duration(&hold)?;
+                websocket::idle(&target, connections, hold, sources, concurrency).await?
+            }
+            Mode::Http {
+                target,
+                connections,
+                requests,
+            } => http::requests(&target, connections, requests).await?,
+            Mode::Sse {
+                target,
+                connections,
+                events,
+                size,
+            } => http::events(&target, connections, events, size).await?,
+        };
+        println!("{result}");
+        Ok(())
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Target {
+    /// The URL's authority and address; its scheme must be `scheme`.
+    fn authority(&self, scheme: &str) -> anyhow::Result<(String, SocketAddr)> {
+        let uri: ::http::Uri = self.url.parse().context("invalid --url")?;
+        if uri.scheme_str() != Some(scheme) {
+            bail!("--url must be {scheme}:// (put TLS in front of the tool, not inside it)");
+        }
+        let authority = uri.authority().context("--url has no host")?.to_string();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)?
+            .next()
+            .context("--url host does not resolve")?;
+        Ok((authority, addr))
+    }
+
+    /// The URL for connection `n`: with a fresh token when a secret is given.
+    fn url_for(&self, n: usize) -> anyhow::Result<String> {
+        let Some(secret) = &self.jwt_secret else {
+            return Ok(self.url.clone());
+        };
+        let claims = json!({
+            "sub": format!("user-{n}"),
+            "jti": uuid::Uuid::new_v4().simple().to_string(),
+            "iat": now_secs(),
+            "exp": now_secs() + 3600,
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )?;
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        Ok(format!(
+            "{}{separator}{}={token}",
+            self.url, self.token_param
+        ))
+    }
+}
+
+fn percentiles(mut samples: Vec<u64>) -> serde_json::Value {
+    if samples.is_empty() {
+        return json!(null);
+    }
+    samples.sort_unstable();
+    let at =
+        |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1];
+    json!({ "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": samples[samples.len() - 1] })
+}

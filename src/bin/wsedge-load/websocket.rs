@@ -1,0 +1,258 @@
+//! The WebSocket modes: streamed messages, echo round trips, handshakes, idle connections.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::{Target, percentiles};
+
+pub(crate) type Socket = WebSocketStream<TcpStream>;
+
+pub(crate) fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+impl Target {
+    pub(crate) async fn connect(&self, n: usize, source: Option<IpAddr>) -> anyhow::Result<Socket> {
+        let (authority, addr) = self.authority("ws")?;
+        let url = self.url_for(n)?;
+        let tcp = match source {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
+        tcp.set_nodelay(true)?;
+        let mut request = http::Request::builder()
+            .uri(&url)
+            .header("Host", &authority)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", generate_key());
+        for header in &self.headers {
+            let (name, value) = header
+                .split_once(':')
+                .context("--header wants `Name: value`")?;
+            request = request.header(name.trim(), value.trim());
+        }
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(request.body(())?, tcp, Some(ws_config()))
+                .await
+                .with_context(|| format!("handshake with {}", self.url))?;
+        Ok(ws)
+    }
+}
+
+pub(crate) async fn stream(
+    target: &Target,
+    connections: usize,
+    messages: u64,
+    size: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut sockets = Vec::with_capacity(connections);
+    for n in 0..connections {
+        sockets.push(target.connect(n, None).await?);
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut ws in sockets {
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            ws.send(Message::text(format!("stream {messages} {size}")))
+                .await?;
+            let mut count = 0u64;
+            while count < messages {
+                match ws.next().await {
+                    Some(Ok(Message::Text(text))) if text.len() == size => count += 1,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(other)) => bail!("unexpected message of {} bytes", other.len()),
+                    Some(Err(error)) => bail!("stream broke after {count} messages: {error}"),
+                    None => bail!("stream ended after {count} messages"),
+                }
+            }
+            received.fetch_add(count, Ordering::Relaxed);
+            let _ = ws.close(None).await;
+            anyhow::Ok(())
+        }));
+    }
+    let mut errors = 0;
+    for task in tasks {
+        if !matches!(task.await, Ok(Ok(()))) {
+            errors += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let total = received.load(Ordering::Relaxed);
+    Ok(json!({
+        "mode": "stream", "label": target.label, "connections": connections, "messages": messages,
+        "size": size, "received": total, "errors": errors, "seconds": elapsed,
+        "messages_per_second": total as f64 / elapsed,
+    }))
+}
+
+pub(crate) async fn rtt(
+    target: &Target,
+    connections: usize,
+    round_trips: usize,
+    size: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut sockets = Vec::with_capacity(connections);
+    for n in 0..connections {
+        sockets.push(target.connect(n, None).await?);
+    }
+    let payload = Bytes::from(vec![0x5a; size]);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut ws in sockets {
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(round_trips);
+            for _ in 0..round_trips {
+                let sent = Instant::now();
+                ws.send(Message::Binary(payload.clone())).await?;
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Binary(echo))) if echo.len() == payload.len() => break,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(other)) => bail!("unexpected message of {} bytes", other.len()),
+                        Some(Err(error)) => bail!("echo broke: {error}"),
+                        None => bail!("echo connection ended"),
+                    }
+                }
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            let _ = ws.close(None).await;
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::with_capacity(connections * round_trips);
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(latencies)) => all.extend(latencies),
+            _ => errors += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "mode": "rtt", "label": target.label, "connections": connections, "round_trips": round_trips,
+        "size": size, "completed": all.len(), "errors": errors, "seconds": elapsed,
+        "messages_per_second": all.len() as f64 / elapsed, "latency_us": percentiles(all),
+    }))
+}
+
+pub(crate) async fn handshake(
+    target: &Target,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for n in 0..count {
+        let permit = slots.clone().acquire_owned().await?;
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let began = Instant::now();
+            let mut ws = target.connect(n, None).await?;
+            let took = began.elapsed().as_micros() as u64;
+            let _ = ws.close(None).await;
+            // Let the close handshake finish so the proxy sees a clean end.
+            while let Some(Ok(_)) = ws.next().await {}
+            anyhow::Ok(took)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0;
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(took)) => latencies.push(took),
+            Ok(Err(error)) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{error:#}"));
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "mode": "handshake", "label": target.label, "count": count, "concurrency": concurrency,
+        "completed": latencies.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
+        "handshakes_per_second": latencies.len() as f64 / elapsed, "latency_us": percentiles(latencies),
+    }))
+}
+
+pub(crate) async fn idle(
+    target: &Target,
+    connections: usize,
+    hold: Duration,
+    sources: u8,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(connections);
+    for n in 0..connections {
+        let permit = slots.clone().acquire_owned().await?;
+        let target = target.clone();
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % sources as usize) as u8));
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            target.connect(n, Some(source)).await
+        }));
+    }
+    let mut sockets = Vec::with_capacity(connections);
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(ws)) => sockets.push(ws),
+            _ => errors += 1,
+        }
+    }
+    let open_seconds = started.elapsed().as_secs_f64();
+    eprintln!("ready: {} open", sockets.len());
+    // Idle sockets still answer pings (a proxy's heartbeat), as a real client would.
+    let holders: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(hold, async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                ws
+            })
+        })
+        .collect();
+    let mut still_open = 0;
+    for holder in holders {
+        if let Ok(mut ws) = holder.await {
+            still_open += 1;
+            let _ = ws.close(None).await;
+        }
+    }
+    Ok(json!({
+        "mode": "idle", "label": target.label, "connections": connections, "opened": still_open,
+        "errors": errors, "open_seconds": open_seconds, "hold_seconds": hold.as_secs_f64(),
+    }))
+}
