@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::ClientConn;
 use crate::audit::AuditLog;
+use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
 use crate::dispatch;
 use crate::limits::HandshakeRate;
@@ -366,9 +367,12 @@ async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: Owne
     // back (an admitted one holds a connection slot instead), so that keep-alive HTTP clients
     // do not crowd out new ones.
     let pending = Cell::new(Some(pending));
+    // The connection's last verified token: a keep-alive client sending it again is not
+    // verified again.
+    let memo = Arc::new(TokenMemo::default());
     let service = service_fn(move |request| {
         drop(pending.take());
-        dispatch::handle(request, conn, service_shared.clone())
+        dispatch::handle(request, conn, service_shared.clone(), memo.clone())
     });
     let connection = builder
         .serve_connection(TokioIo::new(io), service)

@@ -16,8 +16,14 @@ const ROUTE: &str = "route=\"/api*\"";
 
 /// An HTTP upstream and an edge proxying `/api/…` to it; `route` lines are added to the route.
 async fn proxied(route: &str) -> (HttpUpstream, TestEdge) {
+    proxied_with("", route).await
+}
+
+/// The same with `server` lines for `[server]`.
+async fn proxied_with(server: &str, route: &str) -> (HttpUpstream, TestEdge) {
     let upstream = HttpUpstream::start("a").await;
     let config = EdgeConfig::new(&upstream.url("/api"))
+        .server(server)
         .path("/api")
         .policy(r#"token_from = ["header", "query:token", "cookie:session"]"#)
         .route("match = \"prefix\"\nhttp = \"proxy\"")
@@ -25,6 +31,9 @@ async fn proxied(route: &str) -> (HttpUpstream, TestEdge) {
     let edge = TestEdge::start(&config.build()).await;
     (upstream, edge)
 }
+
+/// Upstream connections are pooled per event loop: with one, every client shares its pool.
+const ONE_EVENT_LOOP: &str = "workers = 1";
 
 fn alice() -> String {
     hs256(&claims(
@@ -469,7 +478,7 @@ async fn smuggling_and_header_games_are_refused() {
 
 #[tokio::test]
 async fn a_connection_is_never_reused_after_an_aborted_response() {
-    let (mut upstream, edge) = proxied("").await;
+    let (mut upstream, edge) = proxied_with(ONE_EVENT_LOOP, "").await;
     let authorization = bearer(&alice());
     let headers = [("authorization", authorization.as_str())];
     // The upstream promises 1,000 bytes and sends 500. Whether the edge had the head out before
@@ -523,7 +532,7 @@ async fn a_connection_is_never_reused_after_an_aborted_response() {
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_shared_between_clients() {
-    let (mut upstream, edge) = proxied("").await;
+    let (mut upstream, edge) = proxied_with(ONE_EVENT_LOOP, "").await;
     let authorization = bearer(&alice());
     for _ in 0..5 {
         let mut client = HttpClient::connect(edge.addr).await;

@@ -21,6 +21,7 @@ use http::{Method, Request};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::Identity;
+use crate::auth::memo::TokenMemo;
 use crate::auth::token_source::{self, FoundToken};
 use crate::config::settings::Affinity;
 use crate::cors;
@@ -129,9 +130,10 @@ pub(crate) fn admit<'a, B>(
     conn: ClientConn,
     shared: &'a Shared,
     live: &'a Live,
+    memo: &TokenMemo,
 ) -> Result<Admitted<'a>, Rejected> {
     let mut known = Known::default();
-    checks(request, conn, shared, live, &mut known).map_err(|refusal| Rejected {
+    checks(request, conn, shared, live, memo, &mut known).map_err(|refusal| Rejected {
         refusal,
         route: known.route.map(|route| route.label.clone()),
         identity: known.identity.map(Box::new),
@@ -144,6 +146,7 @@ fn checks<'a, B>(
     conn: ClientConn,
     shared: &'a Shared,
     live: &'a Live,
+    memo: &TokenMemo,
     known: &mut Known<'a>,
 ) -> Result<Admitted<'a>, Refusal> {
     let headers = request.headers();
@@ -194,7 +197,7 @@ fn checks<'a, B>(
     let (identity, token) = match &route.auth {
         None => (Identity::default(), None),
         Some(policy) => {
-            let (identity, token) = policy.authenticate(headers, query)?;
+            let (identity, token) = policy.authenticate(headers, query, memo)?;
             (identity, Some(token))
         }
     };

@@ -92,6 +92,10 @@ impl HmacVerifier {
         Ok(claims)
     }
 
+    pub(super) fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
     /// jsonwebtoken's checks, in its order: required claims, then `exp` and `nbf` with the
     /// leeway, then issuer and audience.
     fn validate(&self, claims: &Claims) -> Result<(), AuthError> {

@@ -97,6 +97,22 @@ impl JwtVerifier {
         Ok(Self::Library { key, validation })
     }
 
+    /// Checks again what time changes about a token that verified before: that it has not
+    /// expired since (with the policy's leeway, as at its verification).
+    pub(crate) fn check_time(&self, claims: &Claims) -> Result<(), AuthError> {
+        let leeway = match self {
+            Self::Hmac(verifier) => verifier.leeway(),
+            Self::Library { validation, .. } => validation.leeway,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        match claims.get("exp").and_then(super::claims::numeric_date) {
+            Some(exp) if exp < now.saturating_sub(leeway) => Err(AuthError::Expired),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let (key, validation) = match self {

@@ -6,7 +6,10 @@ pub(crate) mod claims;
 pub(crate) mod error;
 mod hmac_jwt;
 pub(crate) mod jwt;
+pub(crate) mod memo;
 pub(crate) mod token_source;
+
+use std::sync::Arc;
 
 use http::HeaderMap;
 use jsonwebtoken::Algorithm;
@@ -14,6 +17,7 @@ use jsonwebtoken::Algorithm;
 use claims::{Claims, claim_string, numeric_date};
 use error::AuthError;
 use jwt::JwtVerifier;
+use memo::TokenMemo;
 use token_source::{FoundToken, TokenSource};
 
 /// Which claim names carry the identity.
@@ -60,14 +64,20 @@ pub(crate) struct Identity {
 }
 
 impl AuthPolicy {
-    /// Finds the token, verifies it and reads the identity claims.
+    /// Finds the token, verifies it (unless `memo` holds it, verified before on the same
+    /// connection: then only its time claims are checked again) and reads the identity claims.
     pub(crate) fn authenticate(
-        &self,
+        self: &Arc<Self>,
         headers: &HeaderMap,
         query: Option<&str>,
+        memo: &TokenMemo,
     ) -> Result<(Identity, FoundToken), AuthError> {
         let found =
             token_source::find_token(&self.token_from, headers, query).ok_or(AuthError::Missing)?;
+        if let Some(identity) = memo.recall(self, &found.token) {
+            self.verifier.check_time(&identity.claims)?;
+            return Ok((identity, found));
+        }
         let claims = self.verifier.verify(&found.token)?;
         let user = claim_string(&claims, &self.claims.user)
             .ok_or(AuthError::Invalid("token has no user claim"))?;
@@ -80,6 +90,7 @@ impl AuthPolicy {
             expires_at: claims.get("exp").and_then(numeric_date),
             claims,
         };
+        memo.remember(self, &found.token, &identity);
         Ok((identity, found))
     }
 }

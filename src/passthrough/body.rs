@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::upstream::http::BoxError;
+use crate::upstream::pool::UpstreamConnection;
 
 /// What went wrong with a client's request body, if anything: the answer the client gets
 /// instead of the upstream's.
@@ -63,13 +64,56 @@ impl Progress {
 #[error("request body: {0:?}")]
 struct FaultError(BodyFault);
 
+/// Fires when a body has had nothing to give for `timeout`. Its timer is moved only when it
+/// fires (to `timeout` after the body last went quiet), not at every frame: a stream of many
+/// small frames does not pay a timer update for each.
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    quiet_since: Instant,
+    active: bool,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            quiet_since: Instant::now(),
+            active: false,
+        }
+    }
+
+    /// The body gave something.
+    fn activity(&mut self) {
+        self.active = true;
+    }
+
+    /// The body has nothing now: whether it has had nothing for `timeout`.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.active {
+            self.active = false;
+            self.quiet_since = Instant::now();
+        }
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let deadline = self.quiet_since + self.timeout;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// The client's request body as it goes upstream.
 pub(crate) struct RequestBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
-    timeout: Duration,
-    idle: Pin<Box<Sleep>>,
+    idle: IdleTimer,
     progress: Progress,
 }
 
@@ -79,8 +123,7 @@ impl RequestBody {
             inner,
             limit,
             seen: 0,
-            timeout,
-            idle: Box::pin(tokio::time::sleep(timeout)),
+            idle: IdleTimer::new(timeout),
             progress,
         }
     }
@@ -109,16 +152,13 @@ impl Body for RequestBody {
                     }
                     this.progress.0.0.store(this.seen, Ordering::Relaxed);
                 }
-                let deadline = Instant::now() + this.timeout;
-                this.idle.as_mut().reset(deadline);
+                this.idle.activity();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => this.fail(BodyFault::Broken),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => this.fail(BodyFault::Stalled),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending if this.idle.poll_expired(cx) => this.fail(BodyFault::Stalled),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -146,40 +186,109 @@ enum Cut {
     Failed(hyper::Error),
 }
 
+/// Frames below this size are gathered with those already read behind them.
+const GATHER_BELOW: usize = 8 * 1024;
+/// A gathered frame is passed on once it holds this much.
+const GATHER_UP_TO: usize = 64 * 1024;
+
 /// The upstream's response body as it goes to the client.
+///
+/// It drives the upstream connection the body comes on, so that what the connection has read
+/// is here without a hop between tasks, and small frames that were read together go out
+/// together: an upstream that writes an event stream one small chunk per event would otherwise
+/// cost a write to the client per event. Nothing waits for data that has not arrived: what was
+/// gathered goes out as soon as the connection has nothing more.
 pub(crate) struct ResponseBody {
     inner: Incoming,
-    timeout: Duration,
-    idle: Pin<Box<Sleep>>,
+    /// Back to its pool when the body ended as it should; closed when dropped otherwise.
+    connection: Option<UpstreamConnection>,
+    idle: IdleTimer,
     /// When the client's token expires: the stream ends then.
     expires: Option<Pin<Box<Sleep>>>,
+    gathered: BytesMut,
+    /// What the upstream's body ended with, held back until the gathered data is out.
+    end: Option<End>,
     bytes: u64,
     done: bool,
     finished: Option<Box<dyn Finished>>,
 }
 
+/// How the upstream's body ended.
+enum End {
+    Trailers(Frame<Bytes>),
+    Complete,
+    Failed(hyper::Error),
+}
+
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
 impl ResponseBody {
     pub(crate) fn new(
         inner: Incoming,
+        connection: UpstreamConnection,
         timeout: Duration,
         expires_at: Option<Instant>,
         finished: Box<dyn Finished>,
     ) -> Self {
         Self {
             inner,
-            timeout,
-            idle: Box::pin(tokio::time::sleep(timeout)),
+            connection: Some(connection),
+            idle: IdleTimer::new(timeout),
             expires: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            gathered: BytesMut::new(),
+            end: None,
             bytes: 0,
             done: false,
             finished: Some(finished),
         }
     }
 
+    /// Reports the exchange; a connection whose body ended as it should can serve another.
     fn finish(&mut self, complete: bool) {
         self.done = true;
+        if let Some(connection) = self.connection.take()
+            && complete
+        {
+            connection.release();
+        }
         if let Some(finished) = self.finished.take() {
             finished.finished(self.bytes, complete);
+        }
+    }
+
+    fn data(&mut self, data: Bytes) -> Polled {
+        self.bytes += data.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn flush_gathered(&mut self) -> Polled {
+        let data = self.gathered.split().freeze();
+        self.data(data)
+    }
+
+    fn ended(&mut self, end: End) -> Polled {
+        match end {
+            End::Trailers(trailers) => Poll::Ready(Some(Ok(trailers))),
+            End::Complete => {
+                self.finish(true);
+                Poll::Ready(None)
+            }
+            End::Failed(error) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))))
+            }
+        }
+    }
+
+    /// Lets the upstream connection read and hand over what it can; false when it had already
+    /// ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.connection {
+            Some(connection) => {
+                let _ = connection.poll_drive(cx);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -188,32 +297,50 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
+        if let Some(end) = this.end.take() {
+            return this.ended(end);
+        }
+        // Whether the connection was driven since the body last gave something: once it has
+        // been and the body still has nothing, nothing more is there now.
+        let mut drove = false;
+        loop {
+            let end = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    drove = false;
+                    this.idle.activity();
+                    match frame.into_data() {
+                        Ok(data) if this.gathered.is_empty() && data.len() >= GATHER_BELOW => {
+                            return this.data(data);
+                        }
+                        Ok(data) => {
+                            this.gathered.extend_from_slice(&data);
+                            if this.gathered.len() >= GATHER_UP_TO {
+                                return this.flush_gathered();
+                            }
+                            continue;
+                        }
+                        Err(trailers) => End::Trailers(trailers),
+                    }
                 }
-                let deadline = Instant::now() + this.timeout;
-                this.idle.as_mut().reset(deadline);
-                return Poll::Ready(Some(Ok(frame)));
+                Poll::Ready(Some(Err(error))) => End::Failed(error),
+                Poll::Ready(None) => End::Complete,
+                Poll::Pending if !drove && this.drive(cx) => {
+                    drove = true;
+                    continue;
+                }
+                Poll::Pending if this.gathered.is_empty() => break,
+                Poll::Pending => return this.flush_gathered(),
+            };
+            if this.gathered.is_empty() {
+                return this.ended(end);
             }
-            Poll::Ready(Some(Err(error))) => {
-                this.finish(false);
-                return Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))));
-            }
-            Poll::Ready(None) => {
-                this.finish(true);
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
+            this.end = Some(end);
+            return this.flush_gathered();
         }
         // The token expired: the stream ends, as a socket gets 4001.
         if let Some(expires) = this.expires.as_mut()
@@ -222,21 +349,26 @@ impl Body for ResponseBody {
             this.finish(true);
             return Poll::Ready(None);
         }
-        match this.idle.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                this.finish(false);
-                Poll::Ready(Some(Err(Box::new(Cut::Stalled))))
-            }
-            Poll::Pending => Poll::Pending,
+        if this.idle.poll_expired(cx) {
+            this.finish(false);
+            return Poll::Ready(Some(Err(Box::new(Cut::Stalled))));
         }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done || (self.gathered.is_empty() && self.end.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // Gathering changes how the body is cut into frames, not its length.
+        let mut hint = self.inner.size_hint();
+        let waiting = self.gathered.len() as u64;
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + waiting);
+        }
+        hint.set_lower(hint.lower() + waiting);
+        hint
     }
 }
 

@@ -104,7 +104,11 @@ pub(crate) async fn proxy(
         affinity,
         request_id,
     };
-    let Answered { response, url } = send(route, &route.targets, clients, outgoing)
+    let Answered {
+        response,
+        url,
+        connection,
+    } = send(route, &route.targets, clients, outgoing)
         .await
         .map_err(|error| refusal_for(&error, &progress, request_id))?;
 
@@ -133,7 +137,7 @@ pub(crate) async fn proxy(
     let finished = Box::new(Exchange { exchange, progress });
     // A streaming response ends when the token expires, as a socket gets 4001 then.
     let expires = route.lifecycle.token_deadline(token_expires_at);
-    let body = ResponseBody::new(body, settings.timeout, expires, finished);
+    let body = ResponseBody::new(body, connection, settings.timeout, expires, finished);
     Ok(Response::from_parts(head, body))
 }
 

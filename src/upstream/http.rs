@@ -1,128 +1,37 @@
 //! Plain HTTP to a route's targets: a pool of keep-alive HTTP/1.1 connections per target
-//! (hyper-util's client), opened like a WebSocket upstream's (TCP, and TLS for `wss://`
-//! targets), and the next target tried when a request can be sent again.
+//! ([`super::pool`]), and the next target tried when a request can be sent again.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
+use std::future::poll_fn;
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, Uri};
-use http_body_util::combinators::UnsyncBoxBody;
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::pool::{Pool, UpstreamBody, UpstreamConnection, sweep_while_alive};
 use super::targets::Targets;
-use super::websocket::open;
 use crate::config::settings::{RouteSettings, TargetSettings};
 use crate::forward::ShapedRequest;
-use crate::ws::io::Io;
 
 /// Errors a body passed through may end with.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request body on its way upstream.
-pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Idle upstream connections are closed after this: below the shortest keep-alive that common
-/// upstreams keep (Node's 5 s), so that the edge never sends on a connection the upstream is
-/// closing at that moment.
-const POOL_IDLE: Duration = Duration::from_secs(4);
-/// Idle connections kept per target.
-const POOL_MAX_IDLE: usize = 32;
 
 /// The pools of one route, one per target, in the order of its targets.
 pub(crate) struct HttpClients {
-    clients: Box<[Client<Connector, UpstreamBody>]>,
+    pools: Box<[Arc<Pool>]>,
 }
 
 impl HttpClients {
     pub(crate) fn new(route: &RouteSettings) -> Self {
-        let clients = route
+        let pools: Box<[Arc<Pool>]> = route
             .targets
             .iter()
-            .map(|target| {
-                let connector = Connector {
-                    target: Arc::new(target.clone()),
-                    timeout: route.connect_timeout,
-                };
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(POOL_IDLE)
-                    .pool_max_idle_per_host(POOL_MAX_IDLE)
-                    .build(connector)
-            })
+            .map(|target| Pool::new(target.clone(), route.connect_timeout))
             .collect();
-        Self { clients }
-    }
-}
-
-/// Opens a connection to one target, whatever URI the client asks for.
-#[derive(Clone)]
-struct Connector {
-    target: Arc<TargetSettings>,
-    timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let (target, timeout) = (self.target.clone(), self.timeout);
-        Box::pin(async move {
-            let io = tokio::time::timeout(timeout, open(&target))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            Ok(TokioIo::new(Stream(io)))
-        })
-    }
-}
-
-/// An upstream connection as hyper-util's client keeps it.
-struct Stream(Io);
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, data)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        sweep_while_alive(pools.iter().map(Arc::downgrade).collect());
+        Self { pools }
     }
 }
 
@@ -150,10 +59,12 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) request_id: &'a str,
 }
 
-/// The upstream's response, and which target sent it.
+/// The upstream's response, which target sent it, and the connection its body comes on (the
+/// body moves only while that connection is driven).
 pub(crate) struct Answered<'a> {
     pub(crate) response: Response<Incoming>,
     pub(crate) url: &'a str,
+    pub(crate) connection: UpstreamConnection,
 }
 
 /// Sends a request to the route's targets in turn until one answers.
@@ -171,38 +82,99 @@ pub(crate) async fn send<'a>(
         affinity,
         request_id,
     } = outgoing;
+    // A body-less request can go to every target; one with a body only until it is sent.
     let repeatable = body.is_none();
     let mut last = HttpError::Unreachable;
+    let deadline = tokio::time::Instant::now() + timeout;
     for i in targets.in_order(affinity) {
-        let (Some(target), Some(client)) = (route.targets.get(i), clients.clients.get(i)) else {
+        let (Some(target), Some(pool)) = (route.targets.get(i), clients.pools.get(i)) else {
             continue;
         };
-        let Some(body) = body.take().or_else(|| repeatable.then(empty_body)) else {
-            // The body went to a target that could not be reached: it cannot be sent again.
+        let Some(this_body) = body.take().or_else(|| repeatable.then(empty_body)) else {
+            // The body went to a target that failed it: it cannot be sent again.
             break;
         };
-        let request = match request_for(method, target, shaped, body) {
+        let mut request = match request_for(method, target, shaped, this_body) {
             Ok(request) => request,
             Err(error) => return Err(HttpError::Failed(error.into())),
         };
-        match tokio::time::timeout(timeout, client.request(request)).await {
-            Ok(Ok(response)) => {
-                targets.mark_up(i);
-                return Ok(Answered {
-                    response,
-                    url: &target.url,
-                });
+        // An idle connection the upstream closed as it was taken gives the request back
+        // unsent: it goes again on a new connection.
+        let mut fresh = false;
+        loop {
+            let connection = match pool.checkout() {
+                Some(connection) => connection,
+                None => {
+                    fresh = true;
+                    match tokio::time::timeout_at(deadline, pool.connect()).await {
+                        Ok(Ok(connection)) => connection,
+                        Ok(Err(error)) => {
+                            tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
+                            targets.mark_down(i, route.upstream_cooldown);
+                            last = HttpError::Unreachable;
+                            // The request (and its body) was not sent: the next target gets it.
+                            body = Some(request.into_body());
+                            break;
+                        }
+                        Err(_) => return Err(HttpError::Timeout),
+                    }
+                }
+            };
+            match tokio::time::timeout_at(deadline, exchange(connection, request)).await {
+                Ok(Ok((response, connection))) => {
+                    targets.mark_up(i);
+                    return Ok(Answered {
+                        response,
+                        url: &target.url,
+                        connection,
+                    });
+                }
+                Ok(Err(Unanswered::Unsent(unsent))) if !fresh => request = *unsent,
+                Ok(Err(Unanswered::Unsent(_))) => {
+                    return Err(HttpError::Failed(
+                        "a new connection refused the request".into(),
+                    ));
+                }
+                Ok(Err(Unanswered::Failed(error))) => return Err(HttpError::Failed(error)),
+                Err(_) => return Err(HttpError::Timeout),
             }
-            Ok(Err(error)) if error.is_connect() => {
-                tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
-                targets.mark_down(i, route.upstream_cooldown);
-                last = HttpError::Unreachable;
-            }
-            Ok(Err(error)) => return Err(HttpError::Failed(error.into())),
-            Err(_) => return Err(HttpError::Timeout),
         }
     }
     Err(last)
+}
+
+/// Why a request sent on one connection got no response.
+enum Unanswered {
+    /// The connection could not take it (the upstream had closed it): it was not sent.
+    Unsent(Box<Request<UpstreamBody>>),
+    Failed(BoxError),
+}
+
+/// Sends `request` on `connection`, driving the connection until the response head arrives.
+async fn exchange(
+    mut connection: UpstreamConnection,
+    request: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, UpstreamConnection), Unanswered> {
+    let mut response = pin!(connection.sender.try_send_request(request));
+    let answered = poll_fn(|cx| {
+        // The connection first: it writes the request and reads the head.
+        let ended = connection.poll_drive(cx).is_ready();
+        match response.as_mut().poll(cx) {
+            Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+            Poll::Ready(Err(mut failed)) => Poll::Ready(Err(match failed.take_message() {
+                Some(unsent) => Unanswered::Unsent(Box::new(unsent)),
+                None => Unanswered::Failed(failed.into_error().into()),
+            })),
+            // hyper answers every request a connection took before the connection ends; a
+            // connection that ended anyway is waited on no further.
+            Poll::Pending if ended => Poll::Ready(Err(Unanswered::Failed(
+                "the upstream closed the connection without answering".into(),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    answered.map(|response| (response, connection))
 }
 
 fn empty_body() -> UpstreamBody {
@@ -218,15 +190,12 @@ fn request_for(
     shaped: &ShapedRequest,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    let scheme = if target.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    // Origin form, with the target in Host (the client's Host named the edge).
     let path_and_query = shaped.for_target(target).path_and_query;
     let mut request = Request::builder()
         .method(method.clone())
-        .uri(format!("{scheme}://{}{path_and_query}", target.authority));
+        .uri(path_and_query)
+        .header(http::header::HOST, target.authority.as_str());
     if let Some(headers) = request.headers_mut() {
         headers.reserve(shaped.headers().len());
         for (name, value) in shaped.headers() {

@@ -19,6 +19,10 @@ struct Connection {
     sender: SendRequest<Empty<Bytes>>,
     authority: String,
     path: String,
+    addr: std::net::SocketAddr,
+    /// Connections the server closed (nginx does after `keepalive_requests`) and that were
+    /// opened again.
+    reopened: u64,
 }
 
 impl Target {
@@ -28,16 +32,22 @@ impl Target {
         let path = url
             .path_and_query()
             .map_or("/".to_owned(), |p| p.as_str().to_owned());
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(connection);
         Ok(Connection {
-            sender,
+            sender: handshake(addr).await?,
             authority,
             path,
+            addr,
+            reopened: 0,
         })
     }
+}
+
+async fn handshake(addr: std::net::SocketAddr) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 impl Connection {
@@ -45,7 +55,10 @@ impl Connection {
         let request = http::Request::get(&self.path)
             .header("host", &self.authority)
             .body(Empty::new())?;
-        self.sender.ready().await?;
+        if self.sender.ready().await.is_err() {
+            self.sender = handshake(self.addr).await?;
+            self.reopened += 1;
+        }
         let response = self.sender.send_request(request).await?;
         if response.status() != 200 {
             bail!("status {}", response.status());
@@ -74,15 +87,19 @@ pub(crate) async fn requests(
                 response.into_body().collect().await?;
                 latencies.push(sent.elapsed().as_micros() as u64);
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok((latencies, connection.reopened))
         }));
     }
     let mut all = Vec::with_capacity(connections * requests);
+    let mut reopened = 0;
     let mut errors = 0;
     let mut first_error = None;
     for task in tasks {
         match task.await {
-            Ok(Ok(latencies)) => all.extend(latencies),
+            Ok(Ok((latencies, again))) => {
+                all.extend(latencies);
+                reopened += again;
+            }
             Ok(Err(error)) => {
                 errors += 1;
                 first_error.get_or_insert_with(|| format!("{error:#}"));
@@ -93,8 +110,8 @@ pub(crate) async fn requests(
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "mode": "http", "label": target.label, "connections": connections, "requests": requests,
-        "completed": all.len(), "errors": errors, "first_error": first_error, "seconds": elapsed,
-        "requests_per_second": all.len() as f64 / elapsed, "latency_us": percentiles(all),
+        "completed": all.len(), "reopened": reopened, "errors": errors, "first_error": first_error,
+        "seconds": elapsed, "requests_per_second": all.len() as f64 / elapsed, "latency_us": percentiles(all),
     }))
 }
 
