@@ -21,7 +21,7 @@ use crate::passthrough::body::ResponseBody;
 use crate::passthrough::{self, Proxy};
 use crate::report;
 use crate::state::Shared;
-use crate::upstream::http::BoxError;
+use crate::upstream::h1::BoxError;
 
 /// The body of any response the edge sends: its own, whole, or an upstream's, streaming.
 // Moved once, into hyper: a few hundred bytes copied cost less than an allocation per response.

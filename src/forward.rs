@@ -115,10 +115,9 @@ pub(crate) fn shape<B>(
             out.push((name.clone(), value));
         }
     }
-    let client_ip = client.ip().to_string();
     out.push((
         HeaderName::from_static("x-forwarded-for"),
-        header_value(&client_ip),
+        address_value(client.ip()),
     ));
     out.push((
         HeaderName::from_static("x-forwarded-proto"),
@@ -145,6 +144,33 @@ pub(crate) fn shape<B>(
         headers: out,
         subprotocols,
     })
+}
+
+/// A client address as a header value (IPv4 without going through `fmt`: this is on every
+/// request's path).
+fn address_value(ip: std::net::IpAddr) -> HeaderValue {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return header_value(&ip.to_string());
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// A header value from text the edge made (ids, addresses); never fails.
@@ -207,6 +233,21 @@ fn upstream_query(
 /// `name[]` and `name[x]` into `name` (Rack, PHP, Express's `qs`), and PHP reads `.` and
 /// spaces in a key as `_`.
 fn may_read_as(key: &str, name: &str) -> bool {
+    // ASCII on both sides (nearly every key): the same folding without Unicode's tables.
+    if key.is_ascii() && name.is_ascii() {
+        let fold_byte = |b: u8| match b {
+            b'.' | b' ' => b'_',
+            other => other.to_ascii_lowercase(),
+        };
+        let key = key.split('[').next().unwrap_or(key).bytes().map(fold_byte);
+        let name = name
+            .split('[')
+            .next()
+            .unwrap_or(name)
+            .bytes()
+            .map(fold_byte);
+        return key.eq(name);
+    }
     fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
         let base = text.split('[').next().unwrap_or(text);
         base.chars()
@@ -227,11 +268,6 @@ pub(crate) struct ShapedRequest {
 }
 
 impl ShapedRequest {
-    /// The headers for the upstream (the same for every target).
-    pub(crate) fn headers(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.headers
-    }
-
     pub(crate) fn for_target(&self, target: &TargetSettings) -> UpstreamRequest<'_> {
         let mut path = target.path.clone();
         let remainder = self.remainder.as_str();
@@ -261,6 +297,60 @@ impl ShapedRequest {
             path_and_query,
             headers: &self.headers,
             subprotocols: self.subprotocols.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_an_upstream_may_read_as_the_name() {
+        for key in [
+            "token",
+            "TOKEN",
+            "Token[]",
+            "token[x]",
+            "conversation.id",
+            "conversation id",
+            "CONVERSATION_ID",
+            "conversatıon_id", // dotless ı: .NET and Java fold it to i
+        ] {
+            let name = if key.to_ascii_lowercase().starts_with("tok") {
+                "token"
+            } else {
+                "conversation_id"
+            };
+            assert!(may_read_as(key, name), "{key}");
+        }
+        for key in [
+            "tokens",
+            "toke",
+            "_token",
+            "conversation-id",
+            "token\u{200b}",
+        ] {
+            assert!(
+                !may_read_as(key, "token") && !may_read_as(key, "conversation_id"),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "10.20.30.40",
+            "255.255.255.255",
+            "192.168.100.9",
+            "::1",
+            "2001:db8::ff00:42:8329",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(address_value(ip), ip.to_string().as_str());
         }
     }
 }

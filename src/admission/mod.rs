@@ -328,16 +328,27 @@ fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
 /// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
 /// normalises them would route a request outside the path its route names.
 fn check_path(path: &str) -> Result<(), Refusal> {
-    let dot_segment = path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    });
-    if dot_segment {
+    if path.split('/').any(is_dot_segment) {
         return Err(Refusal::BadHandshake(
             "dot segments are not allowed in the path",
         ));
     }
     Ok(())
+}
+
+/// `.` or `..`, with any dot written as `%2e` or `%2E`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -371,4 +382,30 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Option<String>,
             "missing or malformed Sec-WebSocket-Key",
         ))?;
     Ok(Some(key.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dot_segment;
+
+    #[test]
+    fn dot_segments_in_any_spelling_and_nothing_else() {
+        for dot in [".", "..", "%2e", "%2E", ".%2e", "%2E%2e", "%2e."] {
+            assert!(is_dot_segment(dot), "{dot}");
+        }
+        for other in [
+            "",
+            "...",
+            ".a",
+            "a.",
+            "%2e%2e%2e",
+            "%2f",
+            "%2",
+            "%",
+            "x",
+            "..%2f",
+        ] {
+            assert!(!is_dot_segment(other), "{other}");
+        }
+    }
 }

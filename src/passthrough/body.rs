@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::upstream::http::BoxError;
-use crate::upstream::pool::UpstreamConnection;
+use crate::upstream::h1::BoxError;
+use crate::upstream::h1::H1Error;
+use crate::upstream::pool::Pooled;
 
 /// What went wrong with a client's request body, if anything: the answer the client gets
 /// instead of the upstream's.
@@ -183,60 +184,35 @@ enum Cut {
     #[error("the upstream sent nothing within the timeout")]
     Stalled,
     #[error("the upstream's body failed: {0}")]
-    Failed(hyper::Error),
+    Failed(H1Error),
 }
 
-/// Frames below this size are gathered with those already read behind them.
-const GATHER_BELOW: usize = 8 * 1024;
-/// A gathered frame is passed on once it holds this much.
-const GATHER_UP_TO: usize = 64 * 1024;
-
-/// The upstream's response body as it goes to the client.
-///
-/// It drives the upstream connection the body comes on, so that what the connection has read
-/// is here without a hop between tasks, and small frames that were read together go out
-/// together: an upstream that writes an event stream one small chunk per event would otherwise
-/// cost a write to the client per event. Nothing waits for data that has not arrived: what was
-/// gathered goes out as soon as the connection has nothing more.
+/// The upstream's response body as it goes to the client, read from the connection it comes on
+/// (which hands over, in one piece, what one read from the upstream brought).
 pub(crate) struct ResponseBody {
-    inner: Incoming,
     /// Back to its pool when the body ended as it should; closed when dropped otherwise.
-    connection: Option<UpstreamConnection>,
+    connection: Option<Pooled>,
     idle: IdleTimer,
     /// When the client's token expires: the stream ends then.
     expires: Option<Pin<Box<Sleep>>>,
-    gathered: BytesMut,
-    /// What the upstream's body ended with, held back until the gathered data is out.
-    end: Option<End>,
     bytes: u64,
     done: bool,
     finished: Option<Box<dyn Finished>>,
-}
-
-/// How the upstream's body ended.
-enum End {
-    Trailers(Frame<Bytes>),
-    Complete,
-    Failed(hyper::Error),
 }
 
 type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 impl ResponseBody {
     pub(crate) fn new(
-        inner: Incoming,
-        connection: UpstreamConnection,
+        connection: Pooled,
         timeout: Duration,
         expires_at: Option<Instant>,
         finished: Box<dyn Finished>,
     ) -> Self {
         Self {
-            inner,
             connection: Some(connection),
             idle: IdleTimer::new(timeout),
             expires: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
-            gathered: BytesMut::new(),
-            end: None,
             bytes: 0,
             done: false,
             finished: Some(finished),
@@ -255,42 +231,6 @@ impl ResponseBody {
             finished.finished(self.bytes, complete);
         }
     }
-
-    fn data(&mut self, data: Bytes) -> Polled {
-        self.bytes += data.len() as u64;
-        Poll::Ready(Some(Ok(Frame::data(data))))
-    }
-
-    fn flush_gathered(&mut self) -> Polled {
-        let data = self.gathered.split().freeze();
-        self.data(data)
-    }
-
-    fn ended(&mut self, end: End) -> Polled {
-        match end {
-            End::Trailers(trailers) => Poll::Ready(Some(Ok(trailers))),
-            End::Complete => {
-                self.finish(true);
-                Poll::Ready(None)
-            }
-            End::Failed(error) => {
-                self.finish(false);
-                Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))))
-            }
-        }
-    }
-
-    /// Lets the upstream connection read and hand over what it can; false when it had already
-    /// ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        match &mut self.connection {
-            Some(connection) => {
-                let _ = connection.poll_drive(cx);
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 impl Body for ResponseBody {
@@ -299,48 +239,24 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
-        if this.done {
+        let Some(connection) = this.connection.as_mut().filter(|_| !this.done) else {
             return Poll::Ready(None);
-        }
-        if let Some(end) = this.end.take() {
-            return this.ended(end);
-        }
-        // Whether the connection was driven since the body last gave something: once it has
-        // been and the body still has nothing, nothing more is there now.
-        let mut drove = false;
-        loop {
-            let end = match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    drove = false;
-                    this.idle.activity();
-                    match frame.into_data() {
-                        Ok(data) if this.gathered.is_empty() && data.len() >= GATHER_BELOW => {
-                            return this.data(data);
-                        }
-                        Ok(data) => {
-                            this.gathered.extend_from_slice(&data);
-                            if this.gathered.len() >= GATHER_UP_TO {
-                                return this.flush_gathered();
-                            }
-                            continue;
-                        }
-                        Err(trailers) => End::Trailers(trailers),
-                    }
-                }
-                Poll::Ready(Some(Err(error))) => End::Failed(error),
-                Poll::Ready(None) => End::Complete,
-                Poll::Pending if !drove && this.drive(cx) => {
-                    drove = true;
-                    continue;
-                }
-                Poll::Pending if this.gathered.is_empty() => break,
-                Poll::Pending => return this.flush_gathered(),
-            };
-            if this.gathered.is_empty() {
-                return this.ended(end);
+        };
+        match connection.connection.poll_body(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                this.idle.activity();
+                this.bytes += data.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
-            this.end = Some(end);
-            return this.flush_gathered();
+            Poll::Ready(Some(Err(error))) => {
+                this.finish(false);
+                return Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))));
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
         }
         // The token expired: the stream ends, as a socket gets 4001.
         if let Some(expires) = this.expires.as_mut()
@@ -357,18 +273,23 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.gathered.is_empty() && self.end.is_none() && self.inner.is_end_stream())
+        self.done
+            || self
+                .connection
+                .as_ref()
+                .is_none_or(|pooled| pooled.connection.body_done())
     }
 
     fn size_hint(&self) -> SizeHint {
-        // Gathering changes how the body is cut into frames, not its length.
-        let mut hint = self.inner.size_hint();
-        let waiting = self.gathered.len() as u64;
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + waiting);
+        match self
+            .connection
+            .as_ref()
+            .and_then(|c| c.connection.body_left())
+        {
+            Some(left) if !self.done => SizeHint::with_exact(left),
+            Some(_) => SizeHint::with_exact(0),
+            None => SizeHint::default(),
         }
-        hint.set_lower(hint.lower() + waiting);
-        hint
     }
 }
 
@@ -377,7 +298,10 @@ impl Drop for ResponseBody {
     /// when the client went away before the end (cut short).
     fn drop(&mut self) {
         if !self.done {
-            let complete = self.inner.is_end_stream();
+            let complete = self
+                .connection
+                .as_ref()
+                .is_some_and(|pooled| pooled.connection.body_done());
             self.finish(complete);
         }
     }

@@ -88,13 +88,14 @@ pub(crate) async fn proxy(
     let (parts, incoming) = request.into_parts();
     let progress = Progress::default();
     let body = (!incoming.is_end_stream()).then(|| {
-        RequestBody::new(
+        let length = incoming.size_hint().exact();
+        let body = RequestBody::new(
             incoming,
             settings.max_body_size,
             settings.timeout,
             progress.clone(),
-        )
-        .boxed_unsync()
+        );
+        (body.boxed_unsync(), length)
     });
     let outgoing = Outgoing {
         method: &parts.method,
@@ -105,14 +106,17 @@ pub(crate) async fn proxy(
         request_id,
     };
     let Answered {
-        response,
+        head,
         url,
         connection,
     } = send(route, &route.targets, clients, outgoing)
         .await
         .map_err(|error| refusal_for(&error, &progress, request_id))?;
 
-    let (mut head, body) = response.into_parts();
+    let mut response = Response::new(());
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    let (mut head, ()) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     if let Some(origin) = &origin {
         cors::allow(&mut head.headers, origin);
@@ -137,7 +141,7 @@ pub(crate) async fn proxy(
     let finished = Box::new(Exchange { exchange, progress });
     // A streaming response ends when the token expires, as a socket gets 4001 then.
     let expires = route.lifecycle.token_deadline(token_expires_at);
-    let body = ResponseBody::new(body, connection, settings.timeout, expires, finished);
+    let body = ResponseBody::new(connection, settings.timeout, expires, finished);
     Ok(Response::from_parts(head, body))
 }
 

@@ -1,32 +1,18 @@
-//! Keep-alive HTTP/1.1 connections to one target, driven by the task that uses them.
+//! Keep-alive HTTP/1.1 connections to one target ([`HttpConnection`]), reused by requests.
 //!
-//! A connection in use is not a task of its own: the request's task polls it while it waits
-//! for the response head and while the response body is read. Each piece of a body then
-//! reaches the client without a hop between tasks (or threads), and the pieces the upstream
-//! wrote together go to the client together. Between requests a connection waits in its
-//! target's pool, in the lane of the thread that opened it: its socket is registered with that
-//! thread's event loop, which is the one to use it again. One that has been idle for
-//! [`IDLE_FOR`], or that the upstream closed, is let go at the next checkout or sweep.
+//! Between requests a connection waits in its target's pool, in the lane of the thread that
+//! opened it: its socket is registered with that thread's event loop, which is the one to use
+//! it again (taking it from another thread would cost a cross-thread wake per read). One that
+//! has been idle for [`IDLE_FOR`], or that the upstream closed, is let go at the next checkout
+//! or sweep.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
-
+use super::h1::HttpConnection;
 use super::websocket::open;
 use crate::config::settings::TargetSettings;
-use crate::ws::io::Io;
-
-/// A request body on its way upstream.
-pub(crate) type UpstreamBody =
-    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, super::http::BoxError>;
-
-type Driver = Connection<TokioIo<Io>, UpstreamBody>;
 
 /// Idle connections are closed after this: below the shortest keep-alive that common
 /// upstreams keep (Node's 5 s), so that the edge never sends on a connection the upstream is
@@ -49,8 +35,19 @@ struct Lane {
 }
 
 struct Idle {
-    connection: UpstreamConnection,
+    connection: Pooled,
     since: Instant,
+}
+
+/// A connection of a pool, on loan to a request.
+pub(crate) struct Pooled {
+    pub(crate) connection: HttpConnection,
+    /// Whether a request went out on it before the one now in flight: such a connection may
+    /// have been closed by the upstream as it was taken.
+    pub(crate) used: bool,
+    /// The thread whose event loop the socket is registered with.
+    thread: ThreadId,
+    pool: Weak<Pool>,
 }
 
 impl Pool {
@@ -63,7 +60,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection of this thread that is still open.
-    pub(crate) fn checkout(self: &Arc<Self>) -> Option<UpstreamConnection> {
+    pub(crate) fn checkout(&self) -> Option<Pooled> {
         let thread = std::thread::current().id();
         let mut lanes = self
             .lanes
@@ -75,7 +72,7 @@ impl Pool {
             since,
         }) = idle.pop()
         {
-            if since.elapsed() < IDLE_FOR && connection.still_open() {
+            if since.elapsed() < IDLE_FOR && connection.connection.still_open() {
                 return Some(connection);
             }
         }
@@ -83,25 +80,22 @@ impl Pool {
     }
 
     /// A new connection (TCP, and TLS for `wss://` targets), within the connect timeout.
-    pub(crate) async fn connect(self: &Arc<Self>) -> Result<UpstreamConnection, ConnectError> {
+    pub(crate) async fn connect(self: &Arc<Self>) -> std::io::Result<Pooled> {
         let io = tokio::time::timeout(self.connect_timeout, open(&self.target))
             .await
-            .map_err(|_| ConnectError::TimedOut)?
-            .map_err(ConnectError::Io)?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        Ok(UpstreamConnection {
-            sender,
-            driver: Box::new(driver),
-            closed: false,
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        Ok(Pooled {
+            connection: HttpConnection::new(io),
+            used: false,
             thread: std::thread::current().id(),
             pool: Arc::downgrade(self),
         })
     }
 
-    fn put_back(&self, connection: UpstreamConnection) {
+    fn put_back(&self, mut connection: Pooled) {
+        connection.used = true;
         let mut lanes = self
             .lanes
             .lock()
@@ -136,8 +130,21 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         for lane in lanes.iter_mut() {
-            lane.idle
-                .retain_mut(|idle| idle.since.elapsed() < IDLE_FOR && idle.connection.still_open());
+            lane.idle.retain_mut(|idle| {
+                idle.since.elapsed() < IDLE_FOR && idle.connection.connection.still_open()
+            });
+        }
+    }
+}
+
+impl Pooled {
+    /// After an exchange: back to its pool if it can take another request; closed otherwise.
+    pub(crate) fn release(self) {
+        if !self.connection.reusable() {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put_back(self);
         }
     }
 }
@@ -162,63 +169,4 @@ pub(crate) fn sweep_while_alive(pools: Vec<Weak<Pool>>) {
             }
         }
     });
-}
-
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnectError {
-    #[error("connect timed out")]
-    TimedOut,
-    #[error("{0}")]
-    Io(std::io::Error),
-    #[error("HTTP/1.1 handshake failed: {0}")]
-    Handshake(hyper::Error),
-}
-
-/// One HTTP/1.1 connection to a target, and the pool it goes back to.
-pub(crate) struct UpstreamConnection {
-    pub(crate) sender: SendRequest<UpstreamBody>,
-    /// Boxed: the connection's state is large, and the connection moves from the pool to a
-    /// request and its response body and back.
-    driver: Box<Driver>,
-    closed: bool,
-    /// The thread whose event loop the connection's socket is registered with.
-    thread: ThreadId,
-    pool: Weak<Pool>,
-}
-
-impl UpstreamConnection {
-    /// Reads and writes what the connection can now; whether it has ended.
-    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.closed {
-            return Poll::Ready(());
-        }
-        match Pin::new(&mut *self.driver).poll(cx) {
-            Poll::Ready(result) => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "upstream connection ended");
-                }
-                self.closed = true;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    /// Whether an idle connection can take a request: the upstream has not closed it.
-    fn still_open(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        self.poll_drive(&mut cx).is_pending() && self.sender.is_ready()
-    }
-
-    /// After an exchange that ended as it should: back to the pool if the connection can take
-    /// another request (the upstream did not ask to close it, no request body is still on its
-    /// way); closed otherwise.
-    pub(crate) fn release(mut self) {
-        if !self.still_open() {
-            return;
-        }
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put_back(self);
-        }
-    }
 }

@@ -1,0 +1,751 @@
+//! One HTTP/1.1 connection to an upstream target, spoken by the edge itself.
+//!
+//! The request goes out as the edge shaped it (its head written straight from the shaped
+//! headers, its body streamed with the framing the edge chose); the response head is parsed
+//! with httparse; the response body is framed by the edge (RFC 9112 §6.3) and handed over in
+//! as few pieces as it arrived in: whatever one read brought — a run of small SSE chunks, a
+//! slice of a download — is one piece. The connection is driven by the request's own task,
+//! with no task or channel between the socket and the client.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use hyper::body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::chunked::{ChunkError, Chunked};
+use crate::ws::io::Io;
+
+/// Errors a body passed through may end with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body on its way upstream.
+pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The largest response head read from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers in a response head.
+const MAX_HEADERS: usize = 128;
+/// What one read asks for.
+const READ_SIZE: usize = 16 * 1024;
+/// The most a piece of response body gathers before it is handed over.
+const PIECE_UP_TO: usize = 64 * 1024;
+
+/// Why an exchange or its response body failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before answering")]
+    ClosedBeforeAnswer,
+    #[error("the upstream closed the connection in the middle of the response body")]
+    ClosedInBody,
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    #[error(transparent)]
+    Chunked(#[from] ChunkError),
+    #[error("the request body failed: {0}")]
+    RequestBody(BoxError),
+}
+
+/// How a request body goes out.
+enum Outbound {
+    Length(UpstreamBody),
+    Chunked(UpstreamBody),
+    Done,
+}
+
+/// How the response body is read.
+enum Inbound {
+    Head,
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+/// One connection to a target.
+pub(crate) struct HttpConnection {
+    io: Io,
+    /// Read and not yet used.
+    input: BytesMut,
+    /// To be written.
+    output: BytesMut,
+    outbound: Outbound,
+    inbound: Inbound,
+    /// The request was a HEAD: its response has no body whatever its headers say.
+    head_request: bool,
+    /// Set when the connection cannot serve another request (the upstream asked to close it,
+    /// the response is delimited by the close, something went wrong).
+    closing: bool,
+    /// Whether any byte of the current response has arrived.
+    answered: bool,
+    /// The request head is queued and nothing of it written yet: it waits for the first piece
+    /// of its body, so that a body that fails at once (a client's malformed chunk) sends
+    /// nothing upstream.
+    head_queued: bool,
+}
+
+/// The response head, ready for the client: the upstream's framing headers removed (the edge
+/// frames the body it passes on), but for a HEAD's, which describe a body not sent.
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+}
+
+impl HttpConnection {
+    pub(super) fn new(io: Io) -> Self {
+        Self {
+            io,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            outbound: Outbound::Done,
+            inbound: Inbound::Done,
+            head_request: false,
+            closing: false,
+            answered: false,
+            head_queued: false,
+        }
+    }
+
+    /// Queues a request: its head, written from `headers` (Host first), and its body (`None`
+    /// for none; `length` when its size is known).
+    pub(crate) fn start(
+        &mut self,
+        method: &Method,
+        path_and_query: &str,
+        host: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Option<(UpstreamBody, Option<u64>)>,
+    ) {
+        let out = &mut self.output;
+        out.reserve(256 + path_and_query.len() + headers.len() * 48);
+        let mut line = |parts: &[&[u8]]| {
+            for part in parts {
+                out.put_slice(part);
+            }
+            out.put_slice(b"\r\n");
+        };
+        line(&[
+            method.as_str().as_bytes(),
+            b" ",
+            path_and_query.as_bytes(),
+            b" HTTP/1.1",
+        ]);
+        line(&[b"host: ", host.as_bytes()]);
+        for (name, value) in headers {
+            line(&[name.as_str().as_bytes(), b": ", value.as_bytes()]);
+        }
+        self.outbound = match body {
+            Some((body, Some(length))) => {
+                line(&[b"content-length: ", length.to_string().as_bytes()]);
+                Outbound::Length(body)
+            }
+            Some((body, None)) => {
+                line(&[b"transfer-encoding: chunked"]);
+                Outbound::Chunked(body)
+            }
+            None => {
+                // A method that carries a body says it has none, as clients do.
+                if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                    line(&[b"content-length: 0"]);
+                }
+                Outbound::Done
+            }
+        };
+        line(&[]);
+        self.inbound = Inbound::Head;
+        self.head_request = *method == Method::HEAD;
+        self.answered = false;
+        self.head_queued = true;
+    }
+
+    /// Sends what there is to send and reads until the response head has arrived.
+    pub(crate) fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<ResponseHead, H1Error>> {
+        loop {
+            if let Err(error) = self.poll_send(cx) {
+                self.closing = true;
+                return Poll::Ready(Err(error));
+            }
+            if !self.input.is_empty() {
+                match self.parse_head() {
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.closing = true;
+                        return Poll::Ready(Err(error));
+                    }
+                }
+                if self.input.len() >= MAX_HEAD {
+                    self.closing = true;
+                    return Poll::Ready(Err(H1Error::Malformed("response head too large")));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    self.closing = true;
+                    return Poll::Ready(Err(if self.answered {
+                        H1Error::Malformed("the response head was cut off")
+                    } else {
+                        H1Error::ClosedBeforeAnswer
+                    }));
+                }
+                Ok(_) => self.answered = true,
+                Err(error) => {
+                    self.closing = true;
+                    return Poll::Ready(Err(error.into()));
+                }
+            }
+        }
+    }
+
+    /// The next piece of the response body: everything that has arrived, up to 64 KiB; `None`
+    /// at its end. Sends the rest of the request body meanwhile.
+    pub(crate) fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, H1Error>>> {
+        // An upstream may answer before it has read the whole request; the rest still goes
+        // (a failure there only keeps the connection from being reused).
+        if self.poll_send(cx).is_err() {
+            self.closing = true;
+            self.outbound = Outbound::Done;
+        }
+        loop {
+            match &mut self.inbound {
+                Inbound::Head | Inbound::Done => return Poll::Ready(None),
+                Inbound::Length(left) if !self.input.is_empty() => {
+                    let take = (*left).min(self.input.len() as u64) as usize;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.inbound = Inbound::Done;
+                    }
+                    return Poll::Ready(Some(Ok(self.input.split_to(take).freeze())));
+                }
+                Inbound::Chunked(chunked) if !self.input.is_empty() => {
+                    let mut piece = BytesMut::with_capacity(self.input.len().min(PIECE_UP_TO));
+                    if let Err(error) = chunked.decode(&mut self.input, &mut piece, PIECE_UP_TO) {
+                        self.closing = true;
+                        self.inbound = Inbound::Done;
+                        return Poll::Ready(Some(Err(error.into())));
+                    }
+                    if chunked.is_done() {
+                        self.inbound = Inbound::Done;
+                    }
+                    if !piece.is_empty() {
+                        return Poll::Ready(Some(Ok(piece.freeze())));
+                    }
+                    continue;
+                }
+                Inbound::UntilClose if !self.input.is_empty() => {
+                    return Poll::Ready(Some(Ok(self.input.split().freeze())));
+                }
+                Inbound::Length(_) | Inbound::Chunked(_) | Inbound::UntilClose => {}
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    let complete = matches!(self.inbound, Inbound::UntilClose);
+                    self.closing = true;
+                    self.inbound = Inbound::Done;
+                    return Poll::Ready(if complete {
+                        None
+                    } else {
+                        Some(Err(H1Error::ClosedInBody))
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.closing = true;
+                    self.inbound = Inbound::Done;
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+            }
+        }
+    }
+
+    /// How much body is left, when the framing says.
+    pub(crate) fn body_left(&self) -> Option<u64> {
+        match self.inbound {
+            Inbound::Length(left) => Some(left),
+            Inbound::Done => Some(0),
+            Inbound::Head | Inbound::Chunked(_) | Inbound::UntilClose => None,
+        }
+    }
+
+    pub(crate) fn body_done(&self) -> bool {
+        matches!(self.inbound, Inbound::Done)
+    }
+
+    /// Whether the connection can take another request now: the exchange ended cleanly, the
+    /// upstream did not ask to close, and nothing arrived that no request asked for.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.closing
+            && matches!(self.inbound, Inbound::Done)
+            && matches!(self.outbound, Outbound::Done)
+            && self.output.is_empty()
+            && self.input.is_empty()
+    }
+
+    /// For a connection waiting in the pool: whether the upstream has not closed it (or sent
+    /// something unasked).
+    pub(super) fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
+    /// Writes what is queued, pulling the request body as the socket takes it.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        if std::mem::take(&mut self.head_queued) {
+            // The head goes out with what the body has ready (or alone, if it has nothing yet).
+            self.pull_body(cx)?;
+        }
+        loop {
+            while !self.output.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.output) {
+                    Poll::Ready(Ok(0)) => {
+                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                    }
+                    Poll::Ready(Ok(written)) => self.output.advance(written),
+                    Poll::Ready(Err(error)) => return Err(error.into()),
+                    Poll::Pending => return Ok(()),
+                }
+            }
+            // TLS holds written bytes until flushed.
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Err(error)) => return Err(error.into()),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+            if matches!(self.outbound, Outbound::Done) || !self.pull_body(cx)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Queues the next piece of the request body (or its end); false when it has none ready.
+    fn pull_body(&mut self, cx: &mut Context<'_>) -> Result<bool, H1Error> {
+        let (body, chunked) = match &mut self.outbound {
+            Outbound::Done => return Ok(false),
+            Outbound::Length(body) => (body, false),
+            Outbound::Chunked(body) => (body, true),
+        };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Pending => Ok(false),
+            Poll::Ready(None) => {
+                if chunked {
+                    self.output.put_slice(b"0\r\n\r\n");
+                }
+                self.outbound = Outbound::Done;
+                Ok(true)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.outbound = Outbound::Done;
+                self.output.clear();
+                Err(H1Error::RequestBody(error))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers of a request body are not passed on.
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    if chunked {
+                        let size = format!("{:x}\r\n", data.len());
+                        self.output.put_slice(size.as_bytes());
+                        self.output.put_slice(&data);
+                        self.output.put_slice(b"\r\n");
+                    } else {
+                        self.output.put_slice(&data);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Reads once into `input`.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.input.capacity() - self.input.len() < READ_SIZE / 4 {
+            self.input.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input)
+    }
+
+    /// Parses the response head if it has all arrived; skips informational (1xx) responses.
+    fn parse_head(&mut self) -> Result<Option<ResponseHead>, H1Error> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            let length = match response.parse(&self.input) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(_) => return Err(H1Error::Malformed("unparsable response head")),
+            };
+            let code = response.code.ok_or(H1Error::Malformed("no status"))?;
+            let status =
+                StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status"))?;
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(H1Error::Malformed("a 101 to a request that asked for none"));
+                }
+                self.input.advance(length);
+                continue;
+            }
+            let version = if response.version == Some(1) {
+                Version::HTTP_11
+            } else {
+                Version::HTTP_10
+            };
+            let mut map = HeaderMap::with_capacity(response.headers.len());
+            let mut lengths = None::<u64>;
+            let mut chunked = None::<bool>;
+            let mut close = version == Version::HTTP_10;
+            for header in response.headers.iter() {
+                let name = HeaderName::from_bytes(header.name.as_bytes())
+                    .map_err(|_| H1Error::Malformed("invalid header name"))?;
+                let value = HeaderValue::from_bytes(header.value)
+                    .map_err(|_| H1Error::Malformed("invalid header value"))?;
+                if name == header::CONTENT_LENGTH {
+                    let length = parse_length(header.value)
+                        .ok_or(H1Error::Malformed("invalid Content-Length"))?;
+                    if lengths.is_some_and(|seen| seen != length) {
+                        return Err(H1Error::Malformed("conflicting Content-Length"));
+                    }
+                    lengths = Some(length);
+                } else if name == header::TRANSFER_ENCODING {
+                    // The last coding decides: chunked, or the body runs until the close.
+                    let last = header.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+                    chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                } else if name == header::CONNECTION {
+                    close |= header
+                        .value
+                        .split(|&b| b == b',')
+                        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+                }
+                map.append(name, value);
+            }
+            self.input.advance(length);
+            let no_body = self.head_request
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED;
+            self.inbound = if no_body {
+                Inbound::Done
+            } else {
+                match (chunked, lengths) {
+                    (Some(true), _) => Inbound::Chunked(Chunked::default()),
+                    (Some(false), _) | (None, None) => {
+                        close = true;
+                        Inbound::UntilClose
+                    }
+                    (None, Some(0)) => Inbound::Done,
+                    (None, Some(length)) => Inbound::Length(length),
+                }
+            };
+            // Both a length and a coding: the coding frames the body, and a connection whose
+            // framing was ambiguous is not used again.
+            if chunked.is_some() && lengths.is_some() {
+                close = true;
+            }
+            self.closing |= close;
+            if !no_body {
+                map.remove(header::CONTENT_LENGTH);
+            }
+            map.remove(header::TRANSFER_ENCODING);
+            return Ok(Some(ResponseHead {
+                status,
+                headers: map,
+            }));
+        }
+    }
+}
+
+/// A Content-Length value: digits only (a list of equal values, as some servers send, too).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut length = None;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let parsed = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
+        if length.is_some_and(|seen| seen != parsed) {
+            return None;
+        }
+        length = Some(parsed);
+    }
+    length
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    fn connection() -> (HttpConnection, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let connection = HttpConnection::new(Io::Memory(ours));
+        (connection, theirs)
+    }
+
+    fn host_headers() -> Vec<(HeaderName, HeaderValue)> {
+        vec![(
+            HeaderName::from_static("x-user-id"),
+            HeaderValue::from_static("alice"),
+        )]
+    }
+
+    /// Sends a GET (or `method`) and answers it with `response`; the head, and the body as read.
+    async fn exchange(
+        method: Method,
+        response: &[u8],
+        close_after: bool,
+    ) -> (
+        HttpConnection,
+        Result<ResponseHead, H1Error>,
+        Vec<u8>,
+        Option<H1Error>,
+    ) {
+        let (mut connection, mut upstream) = connection();
+        connection.start(&method, "/api/x?a=1", "core:80", &host_headers(), None);
+        let mut request = vec![0u8; 4096];
+        let head = {
+            let answer = async {
+                let n = upstream.read(&mut request).await.unwrap();
+                upstream.write_all(response).await.unwrap();
+                if close_after {
+                    upstream.shutdown().await.unwrap();
+                }
+                n
+            };
+            let (head, _) = tokio::join!(poll_fn(|cx| connection.poll_head(cx)), answer);
+            head
+        };
+        let mut body = Vec::new();
+        let mut failed = None;
+        if head.is_ok() {
+            loop {
+                match poll_fn(|cx| connection.poll_body(cx)).await {
+                    Some(Ok(piece)) => body.extend_from_slice(&piece),
+                    Some(Err(error)) => {
+                        failed = Some(error);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+        drop(upstream);
+        (connection, head, body, failed)
+    }
+
+    #[tokio::test]
+    async fn the_request_head_is_written_from_the_shaped_headers() {
+        let (mut connection, mut upstream) = connection();
+        let body = Full::new(Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        connection.start(
+            &Method::POST,
+            "/api/echo",
+            "core:80",
+            &host_headers(),
+            Some((body, Some(5))),
+        );
+        let answer = async {
+            let mut seen = vec![0u8; 4096];
+            let n = upstream.read(&mut seen).await.unwrap();
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&seen[..n]).into_owned()
+        };
+        let (head, seen) = tokio::join!(poll_fn(|cx| connection.poll_head(cx)), answer);
+        assert_eq!(head.unwrap().status, 200);
+        assert_eq!(
+            seen,
+            "POST /api/echo HTTP/1.1\r\nhost: core:80\r\nx-user-id: alice\r\ncontent-length: 5\r\n\r\nhello"
+        );
+        assert!(connection.reusable());
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_chunked() {
+        let (mut connection, mut upstream) = connection();
+        let pieces = futures_util::stream::iter([
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"abc"))),
+            Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"0123456789abcdef",
+            ))),
+        ]);
+        let body = StreamBody::new(pieces).boxed_unsync();
+        connection.start(&Method::PUT, "/u", "core", &[], Some((body, None)));
+        let answer = async {
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !seen.ends_with(b"0\r\n\r\n") {
+                let n = upstream.read(&mut buffer).await.unwrap();
+                seen.extend_from_slice(&buffer[..n]);
+            }
+            upstream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&seen).into_owned()
+        };
+        let (head, seen) = tokio::join!(poll_fn(|cx| connection.poll_head(cx)), answer);
+        assert_eq!(head.unwrap().status, 204);
+        assert!(
+            seen.ends_with(
+                "transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            ),
+            "{seen}"
+        );
+        assert!(connection.body_done() && connection.reusable());
+    }
+
+    #[tokio::test]
+    async fn response_bodies_are_framed_as_the_rfc_says() {
+        // Chunked, with trailers: whole, and the connection can be used again.
+        let (connection, head, body, failed) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+            false,
+        )
+        .await;
+        let head = head.unwrap();
+        assert_eq!(
+            (body.as_slice(), failed.is_none()),
+            (&b"hello world"[..], true)
+        );
+        assert!(head.headers.get("transfer-encoding").is_none());
+        assert!(connection.reusable());
+
+        // A length: the length's bytes; what comes after them makes the connection unusable.
+        let (connection, _, body, _) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcEXTRA",
+            false,
+        )
+        .await;
+        assert_eq!(body, b"abc");
+        assert!(!connection.reusable());
+
+        // A HEAD's response has no body, and keeps its length.
+        let (connection, head, body, _) = exchange(
+            Method::HEAD,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(head.unwrap().headers["content-length"], "1000");
+        assert!(body.is_empty() && connection.reusable());
+
+        // Informational responses are skipped; 304 has no body.
+        let (_, head, body, _) = exchange(
+            Method::GET,
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(head.unwrap().status, 304);
+        assert!(body.is_empty());
+
+        // No length and no coding: the body runs until the close, and ends as it should.
+        let (connection, _, body, failed) =
+            exchange(Method::GET, b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+        assert_eq!(
+            (body.as_slice(), failed.is_none()),
+            (&b"until the end"[..], true)
+        );
+        assert!(!connection.reusable());
+
+        // Connection: close is honoured.
+        let (connection, _, _, _) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .await;
+        assert!(!connection.reusable());
+
+        // A length and a coding: the coding frames the body; the connection is not reused.
+        let (connection, _, body, _) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(body, b"ok");
+        assert!(!connection.reusable());
+    }
+
+    #[tokio::test]
+    async fn cut_and_malformed_responses_fail() {
+        let (_, head, _, _) = exchange(Method::GET, b"", true).await;
+        assert!(matches!(head, Err(H1Error::ClosedBeforeAnswer)));
+        let (_, _, body, failed) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+            true,
+        )
+        .await;
+        assert_eq!(body, b"abc");
+        assert!(matches!(failed, Some(H1Error::ClosedInBody)));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            let (_, head, _, _) = exchange(Method::GET, bad, true).await;
+            assert!(
+                matches!(head, Err(H1Error::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let (_, _, _, failed) = exchange(
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            true,
+        )
+        .await;
+        assert!(matches!(failed, Some(H1Error::Chunked(_))));
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(parse_length(b"42"), Some(42));
+        assert_eq!(parse_length(b"42, 42"), Some(42));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"4 2",
+            b"0x10",
+            b"42, 43",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
