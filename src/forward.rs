@@ -235,18 +235,14 @@ fn upstream_query(
 fn may_read_as(key: &str, name: &str) -> bool {
     // ASCII on both sides (nearly every key): the same folding without Unicode's tables.
     if key.is_ascii() && name.is_ascii() {
-        let fold_byte = |b: u8| match b {
+        let base =
+            |text: &str| -> usize { memchr::memchr(b'[', text.as_bytes()).unwrap_or(text.len()) };
+        let (key, name) = (&key.as_bytes()[..base(key)], &name.as_bytes()[..base(name)]);
+        let fold = |b: u8| match b {
             b'.' | b' ' => b'_',
             other => other.to_ascii_lowercase(),
         };
-        let key = key.split('[').next().unwrap_or(key).bytes().map(fold_byte);
-        let name = name
-            .split('[')
-            .next()
-            .unwrap_or(name)
-            .bytes()
-            .map(fold_byte);
-        return key.eq(name);
+        return key.len() == name.len() && key.iter().zip(name).all(|(&k, &n)| fold(k) == fold(n));
     }
     fn fold(text: &str) -> impl Iterator<Item = char> + '_ {
         let base = text.split('[').next().unwrap_or(text);

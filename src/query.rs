@@ -34,7 +34,7 @@ pub(crate) fn pairs(query: &str) -> impl Iterator<Item = Pair<'_>> {
 }
 
 fn decode(raw: &str) -> Cow<'_, str> {
-    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
+    if memchr::memchr2(b'%', b'+', raw.as_bytes()).is_none() {
         return Cow::Borrowed(raw);
     }
     let spaced: Vec<u8> = raw

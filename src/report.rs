@@ -313,18 +313,23 @@ struct HttpDetails<'a> {
 /// ended; until then it holds its connection slot.
 pub(crate) struct HttpExchange {
     shared: Arc<Shared>,
-    request_id: Box<str>,
     route: Arc<str>,
     method: Method,
-    /// The path only: a query carries tokens.
-    path: Box<str>,
     status: u16,
-    upstream: Box<str>,
     started: Instant,
     seconds: Option<Histogram>,
-    /// Who sent it, when an audit log is being written.
-    who: Option<Box<Who>>,
+    /// What the log line and the audit line say, kept only when one of them is written.
+    noted: Option<Box<Noted>>,
     _held: Held,
+}
+
+struct Noted {
+    request_id: Box<str>,
+    /// The path only: a query carries tokens.
+    path: Box<str>,
+    upstream: Box<str>,
+    /// Who sent it, when an audit log is being written.
+    who: Option<Who>,
 }
 
 /// A proxied request that got its response head.
@@ -357,21 +362,23 @@ impl HttpExchange {
             held,
         } = proxied;
         shared.metrics.http_request(&route.label, status.as_u16());
-        let who = shared
-            .audit
-            .enabled()
-            .then(|| Box::new(who(request_id, &route.label, conn, Some(identity), None)));
+        let audited = shared.audit.enabled();
+        let noted = (audited || tracing::enabled!(tracing::Level::INFO)).then(|| {
+            Box::new(Noted {
+                request_id: request_id.into(),
+                path: path.into(),
+                upstream: upstream.into(),
+                who: audited.then(|| who(request_id, &route.label, conn, Some(identity), None)),
+            })
+        });
         Self {
             shared: shared.clone(),
-            request_id: request_id.into(),
             route: route.label.clone(),
             method,
-            path: path.into(),
             status: status.as_u16(),
-            upstream: upstream.into(),
             started,
             seconds: route.metrics(&shared.metrics).http_seconds.clone(),
-            who,
+            noted,
             _held: held,
         }
     }
@@ -383,11 +390,12 @@ impl HttpExchange {
         if let Some(seconds) = &self.seconds {
             seconds.observe(lasted.as_secs_f64());
         }
+        let Some(noted) = &self.noted else { return };
         tracing::info!(
-            request_id = %self.request_id,
+            request_id = %noted.request_id,
             route = %self.route,
             method = %self.method,
-            path = %self.path,
+            path = %noted.path,
             status = self.status,
             complete,
             bytes_up,
@@ -395,12 +403,12 @@ impl HttpExchange {
             duration_ms = lasted.as_millis() as u64,
             "proxied"
         );
-        let Some(who) = &self.who else { return };
+        let Some(who) = &noted.who else { return };
         let details = HttpDetails {
             method: self.method.as_str(),
-            path: &self.path,
+            path: &noted.path,
             status: self.status,
-            upstream: &self.upstream,
+            upstream: &noted.upstream,
             complete,
             duration_ms: lasted.as_millis() as u64,
             bytes_up,
@@ -408,6 +416,6 @@ impl HttpExchange {
         };
         self.shared
             .audit
-            .record("http", &self.request_id, who, details);
+            .record("http", &noted.request_id, who, details);
     }
 }

@@ -110,7 +110,7 @@ mod tests {
             tenant: Some("acme".into()),
             ..Default::default()
         };
-        identity.claims.insert("role".into(), "admin".into());
+        std::sync::Arc::make_mut(&mut identity.claims).insert("role".into(), "admin".into());
         let t = Template::parse("{tenant}/{user} {{x}} {claim.role}").unwrap();
         assert_eq!(t.render(&identity).as_deref(), Some("acme/u1 {x} admin"));
         let missing = Template::parse("{conversation}").unwrap();

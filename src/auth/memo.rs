@@ -126,9 +126,7 @@ mod tests {
         let token = token(SECRET, "alice", now() + 600);
         // As if the token had been verified and its exp had passed since.
         let mut identity = policy.authenticate(&bearer(&token), None, &memo).unwrap().0;
-        identity
-            .claims
-            .insert("exp".into(), json!(now().saturating_sub(5)));
+        Arc::make_mut(&mut identity.claims).insert("exp".into(), json!(now().saturating_sub(5)));
         memo.remember(&policy, &token, &identity);
         assert!(matches!(
             policy.authenticate(&bearer(&token), None, &memo),

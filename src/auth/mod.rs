@@ -58,7 +58,8 @@ pub(crate) struct Identity {
     pub(crate) user: String,
     pub(crate) tenant: Option<String>,
     pub(crate) conversation: Option<String>,
-    pub(crate) claims: Claims,
+    /// Shared: an identity is copied for each request of a keep-alive connection.
+    pub(crate) claims: Arc<Claims>,
     /// The token's `exp`, in seconds since the epoch.
     pub(crate) expires_at: Option<u64>,
 }
@@ -88,7 +89,7 @@ impl AuthPolicy {
             // A fractional `exp` (Python's `time.time()`) passed verification: it must end
             // the session too.
             expires_at: claims.get("exp").and_then(numeric_date),
-            claims,
+            claims: Arc::new(claims),
         };
         memo.remember(self, &found.token, &identity);
         Ok((identity, found))

@@ -165,6 +165,13 @@ fn refusal_for(error: &HttpError, progress: &Progress, request_id: &str) -> Refu
 
 /// Removes the headers of the upstream's hop, and those its `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let hop_by_hop = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+    };
+    // Most responses carry none: one look at the names instead of a lookup for each.
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let nominated: Vec<HeaderName> = token_source::header_list(headers, header::CONNECTION)
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();

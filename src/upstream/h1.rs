@@ -409,10 +409,14 @@ impl HttpConnection {
             let mut lengths = None::<u64>;
             let mut chunked = None::<bool>;
             let mut close = version == Version::HTTP_10;
+            // One copy of the head, which every header value is a slice of.
+            let raw = Bytes::copy_from_slice(&self.input[..length]);
+            let start = self.input.as_ptr() as usize;
             for header in response.headers.iter() {
                 let name = HeaderName::from_bytes(header.name.as_bytes())
                     .map_err(|_| H1Error::Malformed("invalid header name"))?;
-                let value = HeaderValue::from_bytes(header.value)
+                let at = header.value.as_ptr() as usize - start;
+                let value = HeaderValue::from_maybe_shared(raw.slice(at..at + header.value.len()))
                     .map_err(|_| H1Error::Malformed("invalid header value"))?;
                 if name == header::CONTENT_LENGTH {
                     let length = parse_length(header.value)
