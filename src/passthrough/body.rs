@@ -68,9 +68,11 @@ struct FaultError(BodyFault);
 /// Fires when a body has had nothing to give for `timeout`. Its timer is moved only when it
 /// fires (to `timeout` after the body last went quiet), not at every frame: a stream of many
 /// small frames does not pay a timer update for each.
+/// The timer itself is made the first time the body has nothing to give: a short response
+/// that arrives whole never needs one.
 struct IdleTimer {
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    sleep: Option<Pin<Box<Sleep>>>,
     quiet_since: Instant,
     active: bool,
 }
@@ -79,7 +81,7 @@ impl IdleTimer {
     fn new(timeout: Duration) -> Self {
         Self {
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             quiet_since: Instant::now(),
             active: false,
         }
@@ -96,15 +98,19 @@ impl IdleTimer {
             self.active = false;
             self.quiet_since = Instant::now();
         }
+        let deadline = self.quiet_since + self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
             let deadline = self.quiet_since + self.timeout;
             if deadline <= Instant::now() {
                 return true;
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }
@@ -193,7 +199,9 @@ pub(crate) struct ResponseBody {
     /// Back to its pool when the body ended as it should; closed when dropped otherwise.
     connection: Option<Pooled>,
     idle: IdleTimer,
-    /// When the client's token expires: the stream ends then.
+    /// When the client's token expires: the stream ends then (its timer made when the body
+    /// first has to wait).
+    expires_at: Option<Instant>,
     expires: Option<Pin<Box<Sleep>>>,
     bytes: u64,
     done: bool,
@@ -212,7 +220,8 @@ impl ResponseBody {
         Self {
             connection: Some(connection),
             idle: IdleTimer::new(timeout),
-            expires: expires_at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            expires_at,
+            expires: None,
             bytes: 0,
             done: false,
             finished: Some(finished),
@@ -259,8 +268,13 @@ impl Body for ResponseBody {
             Poll::Pending => {}
         }
         // The token expired: the stream ends, as a socket gets 4001.
-        if let Some(expires) = this.expires.as_mut()
-            && expires.as_mut().poll(cx).is_ready()
+        if let Some(at) = this.expires_at
+            && this
+                .expires
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+                .as_mut()
+                .poll(cx)
+                .is_ready()
         {
             this.finish(true);
             return Poll::Ready(None);

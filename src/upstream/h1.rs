@@ -33,6 +33,9 @@ const MAX_HEADERS: usize = 128;
 const READ_SIZE: usize = 16 * 1024;
 /// The most a piece of response body gathers before it is handed over.
 const PIECE_UP_TO: usize = 64 * 1024;
+/// Pieces up to this size are copied out of the read buffer rather than split off it: the
+/// buffer is then free to take the next read, instead of a new one being allocated for it.
+const COPY_UP_TO: usize = 4 * 1024;
 
 /// Why an exchange or its response body failed.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +229,7 @@ impl HttpConnection {
                     if *left == 0 {
                         self.inbound = Inbound::Done;
                     }
-                    return Poll::Ready(Some(Ok(self.input.split_to(take).freeze())));
+                    return Poll::Ready(Some(Ok(self.take_input(take))));
                 }
                 Inbound::Chunked(chunked) if !self.input.is_empty() => {
                     let mut piece = BytesMut::with_capacity(self.input.len().min(PIECE_UP_TO));
@@ -244,7 +247,7 @@ impl HttpConnection {
                     continue;
                 }
                 Inbound::UntilClose if !self.input.is_empty() => {
-                    return Poll::Ready(Some(Ok(self.input.split().freeze())));
+                    return Poll::Ready(Some(Ok(self.take_input(self.input.len()))));
                 }
                 Inbound::Length(_) | Inbound::Chunked(_) | Inbound::UntilClose => {}
             }
@@ -266,6 +269,17 @@ impl HttpConnection {
                     return Poll::Ready(Some(Err(error.into())));
                 }
             }
+        }
+    }
+
+    /// The first `length` bytes read.
+    fn take_input(&mut self, length: usize) -> Bytes {
+        if length <= COPY_UP_TO {
+            let piece = Bytes::copy_from_slice(&self.input[..length]);
+            self.input.advance(length);
+            piece
+        } else {
+            self.input.split_to(length).freeze()
         }
     }
 

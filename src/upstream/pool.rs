@@ -18,8 +18,10 @@ use crate::config::settings::TargetSettings;
 /// upstreams keep (Node's 5 s), so that the edge never sends on a connection the upstream is
 /// closing at that moment.
 pub(crate) const IDLE_FOR: Duration = Duration::from_secs(4);
-/// Idle connections kept per target and thread.
-const MAX_IDLE: usize = 32;
+/// Idle connections kept per target and thread: as many as requests were in flight at once,
+/// within reason (a lower cap closes, after every burst, the connections the next burst opens
+/// again); `IDLE_FOR` bounds how long they stay.
+const MAX_IDLE: usize = 1024;
 
 /// The idle connections to one target.
 pub(crate) struct Pool {
