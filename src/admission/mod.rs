@@ -203,7 +203,8 @@ fn checks<'a, B>(
     let (identity, token) = match &route.auth {
         None => (Identity::default(), None),
         Some(policy) => {
-            let (identity, token) = policy.authenticate(headers, query, memo)?;
+            let (identity, token) =
+                policy.authenticate(headers, query, websocket_key.is_none().then_some(memo))?;
             (identity, Some(token))
         }
     };

@@ -104,7 +104,9 @@ mod tests {
         let policy = policy(SECRET);
         let memo = TokenMemo::default();
         let alice = token(SECRET, "alice", now() + 600);
-        let (identity, _) = policy.authenticate(&bearer(&alice), None, &memo).unwrap();
+        let (identity, _) = policy
+            .authenticate(&bearer(&alice), None, Some(&memo))
+            .unwrap();
         assert_eq!(identity.user, "alice");
         assert_eq!(
             memo.recall(&policy, &alice).map(|identity| identity.user),
@@ -112,9 +114,15 @@ mod tests {
         );
         // Another token on the same connection is verified, and remembered instead.
         let forged = format!("{}x", token(SECRET, "bob", now() + 600));
-        assert!(policy.authenticate(&bearer(&forged), None, &memo).is_err());
+        assert!(
+            policy
+                .authenticate(&bearer(&forged), None, Some(&memo))
+                .is_err()
+        );
         let bob = token(SECRET, "bob", now() + 600);
-        let (identity, _) = policy.authenticate(&bearer(&bob), None, &memo).unwrap();
+        let (identity, _) = policy
+            .authenticate(&bearer(&bob), None, Some(&memo))
+            .unwrap();
         assert_eq!(identity.user, "bob");
         assert!(memo.recall(&policy, &alice).is_none());
     }
@@ -125,11 +133,14 @@ mod tests {
         let memo = TokenMemo::default();
         let token = token(SECRET, "alice", now() + 600);
         // As if the token had been verified and its exp had passed since.
-        let mut identity = policy.authenticate(&bearer(&token), None, &memo).unwrap().0;
+        let mut identity = policy
+            .authenticate(&bearer(&token), None, Some(&memo))
+            .unwrap()
+            .0;
         Arc::make_mut(&mut identity.claims).insert("exp".into(), json!(now().saturating_sub(5)));
         memo.remember(&policy, &token, &identity);
         assert!(matches!(
-            policy.authenticate(&bearer(&token), None, &memo),
+            policy.authenticate(&bearer(&token), None, Some(&memo)),
             Err(AuthError::Expired)
         ));
     }
@@ -139,9 +150,13 @@ mod tests {
         let old = policy(SECRET);
         let memo = TokenMemo::default();
         let token = token(SECRET, "alice", now() + 600);
-        old.authenticate(&bearer(&token), None, &memo).unwrap();
+        old.authenticate(&bearer(&token), None, Some(&memo))
+            .unwrap();
         // The new policy has another secret: the remembered result is not its to reuse.
         let new = policy(b"another-secret-0123456789abcdef0123456789");
-        assert!(new.authenticate(&bearer(&token), None, &memo).is_err());
+        assert!(
+            new.authenticate(&bearer(&token), None, Some(&memo))
+                .is_err()
+        );
     }
 }

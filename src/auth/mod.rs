@@ -67,15 +67,16 @@ pub(crate) struct Identity {
 impl AuthPolicy {
     /// Finds the token, verifies it (unless `memo` holds it, verified before on the same
     /// connection: then only its time claims are checked again) and reads the identity claims.
+    /// `memo` is for connections that may send another request (not an upgrade's).
     pub(crate) fn authenticate(
         self: &Arc<Self>,
         headers: &HeaderMap,
         query: Option<&str>,
-        memo: &TokenMemo,
+        memo: Option<&TokenMemo>,
     ) -> Result<(Identity, FoundToken), AuthError> {
         let found =
             token_source::find_token(&self.token_from, headers, query).ok_or(AuthError::Missing)?;
-        if let Some(identity) = memo.recall(self, &found.token) {
+        if let Some(identity) = memo.and_then(|memo| memo.recall(self, &found.token)) {
             self.verifier.check_time(&identity.claims)?;
             return Ok((identity, found));
         }
@@ -91,7 +92,9 @@ impl AuthPolicy {
             expires_at: claims.get("exp").and_then(numeric_date),
             claims: Arc::new(claims),
         };
-        memo.remember(self, &found.token, &identity);
+        if let Some(memo) = memo {
+            memo.remember(self, &found.token, &identity);
+        }
         Ok((identity, found))
     }
 }
