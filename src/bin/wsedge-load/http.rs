@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use crate::{Target, percentiles};
+use crate::{Gathered, Target, gather, percentiles};
 
 /// One keep-alive connection, with the path and query its requests carry (its own token).
 struct Connection {
@@ -90,23 +90,16 @@ pub(crate) async fn requests(
             anyhow::Ok((latencies, connection.reopened))
         }));
     }
-    let mut all = Vec::with_capacity(connections * requests);
-    let mut reopened = 0;
-    let mut errors = 0;
-    let mut first_error = None;
-    for task in tasks {
-        match task.await {
-            Ok(Ok((latencies, again))) => {
-                all.extend(latencies);
-                reopened += again;
-            }
-            Ok(Err(error)) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| format!("{error:#}"));
-            }
-            Err(_) => errors += 1,
-        }
-    }
+    let Gathered {
+        results,
+        errors,
+        first_error,
+    } = gather(tasks).await;
+    let reopened: u64 = results.iter().map(|(_, again)| again).sum();
+    let all: Vec<u64> = results
+        .into_iter()
+        .flat_map(|(latencies, _)| latencies)
+        .collect();
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "mode": "http", "label": target.label, "connections": connections, "requests": requests,
@@ -150,18 +143,11 @@ pub(crate) async fn events(
             anyhow::Ok(())
         }));
     }
-    let mut errors = 0;
-    let mut first_error = None;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| format!("{error:#}"));
-            }
-            Err(_) => errors += 1,
-        }
-    }
+    let Gathered {
+        errors,
+        first_error,
+        ..
+    } = gather(tasks).await;
     let elapsed = started.elapsed().as_secs_f64();
     let total = received.load(Ordering::Relaxed);
     Ok(json!({

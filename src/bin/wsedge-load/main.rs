@@ -233,6 +233,40 @@ impl Target {
     }
 }
 
+/// What the tasks of a run came to: the results of those that succeeded, how many failed, and
+/// the first failure's message.
+struct Gathered<T> {
+    results: Vec<T>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+async fn gather<T>(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<T>>>) -> Gathered<T> {
+    let mut gathered = Gathered {
+        results: Vec::with_capacity(tasks.len()),
+        errors: 0,
+        first_error: None,
+    };
+    for task in tasks {
+        match task.await {
+            Ok(Ok(result)) => gathered.results.push(result),
+            Ok(Err(error)) => {
+                gathered.errors += 1;
+                gathered
+                    .first_error
+                    .get_or_insert_with(|| format!("{error:#}"));
+            }
+            Err(error) => {
+                gathered.errors += 1;
+                gathered
+                    .first_error
+                    .get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+    gathered
+}
+
 fn percentiles(mut samples: Vec<u64>) -> serde_json::Value {
     if samples.is_empty() {
         return json!(null);

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::{Target, percentiles};
+use crate::{Gathered, Target, gather, percentiles};
 
 pub(crate) type Socket = WebSocketStream<TcpStream>;
 
@@ -93,17 +93,17 @@ pub(crate) async fn stream(
             anyhow::Ok(())
         }));
     }
-    let mut errors = 0;
-    for task in tasks {
-        if !matches!(task.await, Ok(Ok(()))) {
-            errors += 1;
-        }
-    }
+    let Gathered {
+        errors,
+        first_error,
+        ..
+    } = gather(tasks).await;
     let elapsed = started.elapsed().as_secs_f64();
     let total = received.load(Ordering::Relaxed);
     Ok(json!({
         "mode": "stream", "label": target.label, "connections": connections, "messages": messages,
-        "size": size, "received": total, "errors": errors, "seconds": elapsed,
+        "size": size, "received": total, "errors": errors, "first_error": first_error,
+        "seconds": elapsed,
         "messages_per_second": total as f64 / elapsed,
     }))
 }
@@ -143,18 +143,17 @@ pub(crate) async fn rtt(
             anyhow::Ok(latencies)
         }));
     }
-    let mut all = Vec::with_capacity(connections * round_trips);
-    let mut errors = 0;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(latencies)) => all.extend(latencies),
-            _ => errors += 1,
-        }
-    }
+    let Gathered {
+        results,
+        errors,
+        first_error,
+    } = gather(tasks).await;
+    let all: Vec<u64> = results.into_iter().flatten().collect();
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "mode": "rtt", "label": target.label, "connections": connections, "round_trips": round_trips,
-        "size": size, "completed": all.len(), "errors": errors, "seconds": elapsed,
+        "size": size, "completed": all.len(), "errors": errors, "first_error": first_error,
+        "seconds": elapsed,
         "messages_per_second": all.len() as f64 / elapsed, "latency_us": percentiles(all),
     }))
 }
@@ -181,19 +180,11 @@ pub(crate) async fn handshake(
             anyhow::Ok(took)
         }));
     }
-    let mut latencies = Vec::with_capacity(count);
-    let mut errors = 0;
-    let mut first_error = None;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(took)) => latencies.push(took),
-            Ok(Err(error)) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| format!("{error:#}"));
-            }
-            Err(_) => errors += 1,
-        }
-    }
+    let Gathered {
+        results: latencies,
+        errors,
+        first_error,
+    } = gather(tasks).await;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "mode": "handshake", "label": target.label, "count": count, "concurrency": concurrency,
@@ -221,14 +212,11 @@ pub(crate) async fn idle(
             target.connect(n, Some(source)).await
         }));
     }
-    let mut sockets = Vec::with_capacity(connections);
-    let mut errors = 0;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(ws)) => sockets.push(ws),
-            _ => errors += 1,
-        }
-    }
+    let Gathered {
+        results: sockets,
+        errors,
+        first_error,
+    } = gather(tasks).await;
     let open_seconds = started.elapsed().as_secs_f64();
     eprintln!("ready: {} open", sockets.len());
     // Idle sockets still answer pings (a proxy's heartbeat), as a real client would.
@@ -253,6 +241,7 @@ pub(crate) async fn idle(
     }
     Ok(json!({
         "mode": "idle", "label": target.label, "connections": connections, "opened": still_open,
-        "errors": errors, "open_seconds": open_seconds, "hold_seconds": hold.as_secs_f64(),
+        "errors": errors, "first_error": first_error, "open_seconds": open_seconds,
+        "hold_seconds": hold.as_secs_f64(),
     }))
 }
