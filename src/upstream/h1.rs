@@ -330,6 +330,16 @@ impl HttpConnection {
             && self.input.is_empty()
     }
 
+    /// Lets go of buffers a large exchange grew (a waiting connection keeps one read's worth).
+    pub(super) fn trim(&mut self) {
+        if self.input.capacity() > 2 * READ_SIZE {
+            self.input = BytesMut::new();
+        }
+        if self.output.capacity() > READ_SIZE {
+            self.output = BytesMut::new();
+        }
+    }
+
     /// For a connection waiting in the pool: whether the upstream has not closed it (or sent
     /// something unasked).
     pub(super) fn still_open(&mut self) -> bool {

@@ -98,6 +98,7 @@ impl Pool {
 
     fn put_back(&self, mut connection: Pooled) {
         connection.used = true;
+        connection.connection.trim();
         let mut lanes = self
             .lanes
             .lock()
