@@ -184,3 +184,49 @@ async fn a_client_that_pings_and_reads_nothing_is_stopped_too() {
     pinger.abort();
     drop(client);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
+    let upstream = common::plain::HttpUpstream::start("a").await;
+    let text = EdgeConfig::new(&upstream.url("/api"))
+        .path("/api")
+        .route("match = \"prefix\"\nhttp = \"proxy\"")
+        .build();
+    let edge = EdgeProcess::start(&text, &[]).await;
+    let baseline = edge.memory_kib("VmRSS");
+    let total = (MESSAGES * SIZE) as u64;
+    let authorization = format!("Bearer {}", token_for("alice"));
+    let mut client = common::plain::HttpClient::connect(edge.addr).await;
+    let response = client
+        .send(common::plain::get(
+            &format!("/api/big?bytes={total}"),
+            &[("authorization", &authorization)],
+        ))
+        .await;
+    assert_eq!(response.status(), 200);
+    // The client takes nothing of the body: the upstream's writes must stall.
+    let last = stalled(&upstream.streamed, "the HTTP upstream").await;
+    assert!(
+        last < total / 2,
+        "backpressure did not stop the upstream: {last} of {total} bytes"
+    );
+    let growth = edge.memory_kib("VmHWM").saturating_sub(baseline);
+    println!(
+        "HTTP upstream stalled after {} KiB of {} KiB; edge grew by {growth} KiB",
+        last / 1024,
+        total / 1024
+    );
+    assert!(growth < BOUND_KIB, "the edge grew by {growth} KiB");
+    // Then the whole body arrives, intact and in order.
+    let mut body = response.into_body();
+    let mut received = 0usize;
+    while let Some(chunk) = common::plain::next_chunk(&mut body).await {
+        let expected = (received..received + chunk.len()).map(|i| (i % 251) as u8);
+        assert!(
+            chunk.iter().copied().eq(expected),
+            "the body was altered near byte {received}"
+        );
+        received += chunk.len();
+    }
+    assert_eq!(received as u64, total);
+}

@@ -4,7 +4,7 @@
 //! The upstream's paths: `/api/echo` answers with the request's body; `/api/sse?n=N` streams N
 //! events, the first at once and the rest once the test calls [`HttpUpstream::release`] (or
 //! forever, one every 50 ms, without `n`); `/api/poll?ms=M` answers after M ms; `/api/big?bytes=N`
-//! sends N pattern bytes in 16 KiB pieces; `/api/abort` promises 1,000 bytes, sends 500 and
+//! sends N pattern bytes in 16 KiB pieces (counted in [`HttpUpstream::streamed`]); `/api/abort` promises 1,000 bytes, sends 500 and
 //! drops the connection; `/api/status/CODE` answers with that status; anything else 200 "ok".
 //! Every response carries `x-upstream: NAME`, `Access-Control-Allow-Origin: *`, and a
 //! `Connection: x-hop` naming an `x-hop` header, which the edge must drop.
@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
-use super::{SeenRequest, WAIT, pattern};
+use super::{SeenRequest, WAIT};
 
 type UpstreamBody = http_body_util::Either<Full<Bytes>, Channel<Bytes>>;
 
@@ -44,6 +44,8 @@ pub struct HttpUpstream {
     seen: mpsc::Receiver<SeenHttp>,
     /// TCP connections accepted.
     pub accepted: Arc<AtomicUsize>,
+    /// Bytes of `/api/big` bodies handed to their connections so far.
+    pub streamed: Arc<AtomicU64>,
     release: Arc<Notify>,
 }
 
@@ -54,15 +56,24 @@ impl HttpUpstream {
         let (seen_tx, seen) = mpsc::channel(1024);
         let accepted = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
-        let (accepted_in_task, release_in_task) = (accepted.clone(), release.clone());
+        let streamed = Arc::new(AtomicU64::new(0));
+        let (accepted_in_task, release_in_task, streamed_in_task) =
+            (accepted.clone(), release.clone(), streamed.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted_in_task.fetch_add(1, Ordering::SeqCst);
                 let seen_tx = seen_tx.clone();
                 let release = release_in_task.clone();
+                let streamed = streamed_in_task.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        answer(request, name, seen_tx.clone(), release.clone())
+                        answer(
+                            request,
+                            name,
+                            seen_tx.clone(),
+                            release.clone(),
+                            streamed.clone(),
+                        )
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -75,6 +86,7 @@ impl HttpUpstream {
             name,
             seen,
             accepted,
+            streamed,
             release,
         }
     }
@@ -119,6 +131,7 @@ async fn answer(
     name: &'static str,
     seen: mpsc::Sender<SeenHttp>,
     release: Arc<Notify>,
+    streamed: Arc<AtomicU64>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
@@ -155,7 +168,7 @@ async fn answer(
             tokio::time::sleep(Duration::from_millis(number("ms").unwrap_or(0))).await;
             full(StatusCode::OK, b"done".to_vec())
         }
-        "/api/big" => big(number("bytes").unwrap_or(0) as usize),
+        "/api/big" => big(number("bytes").unwrap_or(0) as usize, streamed),
         "/api/abort" => abort(),
         _ => match path.strip_prefix("/api/status/") {
             Some(code) => full(
@@ -229,18 +242,19 @@ fn sse(count: Option<u64>, release: Arc<Notify>) -> Response<UpstreamBody> {
     response
 }
 
-fn big(bytes: usize) -> Response<UpstreamBody> {
+fn big(bytes: usize, counter: Arc<AtomicU64>) -> Response<UpstreamBody> {
     let (mut sender, response) = streamed("application/octet-stream");
     tokio::spawn(async move {
-        let all = pattern(bytes);
-        for piece in all.chunks(16 * 1024) {
-            if sender
-                .send_data(Bytes::copy_from_slice(piece))
-                .await
-                .is_err()
-            {
+        // `pattern(bytes)`, made a piece at a time.
+        for start in (0..bytes).step_by(16 * 1024) {
+            let piece: Vec<u8> = (start..bytes.min(start + 16 * 1024))
+                .map(|i| (i % 251) as u8)
+                .collect();
+            let length = piece.len() as u64;
+            if sender.send_data(Bytes::from(piece)).await.is_err() {
                 return;
             }
+            counter.fetch_add(length, Ordering::SeqCst);
         }
     });
     response
