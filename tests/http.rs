@@ -686,3 +686,36 @@ async fn streams_in_flight_hold_connection_slots() {
     .await;
     drop((two, second));
 }
+
+#[tokio::test]
+async fn the_per_address_rate_counts_tokens_to_verify_not_keep_alive_requests() {
+    let (mut upstream, edge) = proxied_with(
+        "handshake_rate_per_ip = { per_second = 0.2, burst = 3 }",
+        "",
+    )
+    .await;
+    // One client sending its token with each of ten requests verifies it once.
+    let authorization = bearer(&alice());
+    let mut client = HttpClient::connect(edge.addr).await;
+    for i in 0..10 {
+        let response = client
+            .fetch(get("/api/echo", &[("authorization", &authorization)]))
+            .await;
+        assert_eq!(response.status, 200, "request {i}: {:?}", response.json());
+    }
+    assert_eq!(upstream.requests_so_far(), 10);
+    // Each new token costs a verification: past the burst, the address is refused.
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for user in ["bob", "carol", "dave"] {
+            let authorization = bearer(&token_for(user));
+            let response = client
+                .fetch(get("/api/echo", &[("authorization", &authorization)]))
+                .await;
+            statuses.push(response.status);
+        }
+        statuses
+    };
+    assert_eq!(statuses[..2], [200, 200], "{statuses:?}");
+    assert_eq!(statuses[2], 429, "{statuses:?}");
+}

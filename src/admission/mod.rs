@@ -20,9 +20,9 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::Identity;
 use crate::auth::memo::TokenMemo;
 use crate::auth::token_source::{self, FoundToken};
+use crate::auth::{Identity, Presented};
 use crate::config::settings::Affinity;
 use crate::cors;
 use crate::limits::UserSlot;
@@ -160,9 +160,17 @@ fn checks<'a, B>(
     let query = request.uri().query();
 
     // First, before any work: a flood from one address must not cost a JWT verification each.
-    if let Some(rate) = &shared.handshake_rate
-        && !rate.allow(conn.peer.ip())
-    {
+    // A plain HTTP request is counted only when its token needs verifying (below): a
+    // keep-alive client sends the same token with every request, and verifies it once.
+    let rate_allows = || {
+        shared
+            .handshake_rate
+            .as_ref()
+            .is_none_or(|rate| rate.allow(conn.peer.ip()))
+    };
+    let asks_upgrade = has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
+    if asks_upgrade && !rate_allows() {
         return Err(Refusal::RateLimited);
     }
     let host = request_host(request)?;
@@ -203,8 +211,14 @@ fn checks<'a, B>(
     let (identity, token) = match &route.auth {
         None => (Identity::default(), None),
         Some(policy) => {
-            let (identity, token) =
-                policy.authenticate(headers, query, websocket_key.is_none().then_some(memo))?;
+            let memo = websocket_key.is_none().then_some(memo);
+            let (identity, token) = match policy.present(headers, query, memo)? {
+                Presented::Remembered(identity, token) => (identity, token),
+                Presented::Fresh(_) if !asks_upgrade && !rate_allows() => {
+                    return Err(Refusal::RateLimited);
+                }
+                Presented::Fresh(found) => policy.verify(found, memo)?,
+            };
             (identity, Some(token))
         }
     };

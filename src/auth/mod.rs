@@ -64,22 +64,55 @@ pub(crate) struct Identity {
     pub(crate) expires_at: Option<u64>,
 }
 
+/// A request's token, as far as the policy has looked at it.
+pub(crate) enum Presented {
+    /// The connection's remembered token, still valid: no verification needed.
+    Remembered(Identity, FoundToken),
+    /// A token to verify.
+    Fresh(FoundToken),
+}
+
 impl AuthPolicy {
-    /// Finds the token, verifies it (unless `memo` holds it, verified before on the same
-    /// connection: then only its time claims are checked again) and reads the identity claims.
-    /// `memo` is for connections that may send another request (not an upgrade's).
+    /// Finds the token, and what `memo` remembers of it (a token verified before on the same
+    /// connection has only its expiry checked again). `memo` is for connections that may send
+    /// another request (not an upgrade's).
+    pub(crate) fn present(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        memo: Option<&TokenMemo>,
+    ) -> Result<Presented, AuthError> {
+        let found =
+            token_source::find_token(&self.token_from, headers, query).ok_or(AuthError::Missing)?;
+        match memo.and_then(|memo| memo.recall(self, &found.token)) {
+            Some(identity) => {
+                self.verifier.check_time(&identity.claims)?;
+                Ok(Presented::Remembered(identity, found))
+            }
+            None => Ok(Presented::Fresh(found)),
+        }
+    }
+
+    /// Finds the token, verifies it unless `memo` holds it, and reads the identity claims.
+    #[cfg(test)]
     pub(crate) fn authenticate(
         self: &Arc<Self>,
         headers: &HeaderMap,
         query: Option<&str>,
         memo: Option<&TokenMemo>,
     ) -> Result<(Identity, FoundToken), AuthError> {
-        let found =
-            token_source::find_token(&self.token_from, headers, query).ok_or(AuthError::Missing)?;
-        if let Some(identity) = memo.and_then(|memo| memo.recall(self, &found.token)) {
-            self.verifier.check_time(&identity.claims)?;
-            return Ok((identity, found));
+        match self.present(headers, query, memo)? {
+            Presented::Remembered(identity, found) => Ok((identity, found)),
+            Presented::Fresh(found) => self.verify(found, memo),
         }
+    }
+
+    /// Verifies a fresh token and reads the identity claims; `memo` remembers them.
+    pub(crate) fn verify(
+        self: &Arc<Self>,
+        found: FoundToken,
+        memo: Option<&TokenMemo>,
+    ) -> Result<(Identity, FoundToken), AuthError> {
         let claims = self.verifier.verify(&found.token)?;
         let user = claim_string(&claims, &self.claims.user)
             .ok_or(AuthError::Invalid("token has no user claim"))?;
