@@ -23,7 +23,11 @@ enum State {
         size: u64,
         digits: u8,
     },
-    /// After the size: an extension to skip, up to the CR.
+    /// Whitespace after the size: an extension may follow, or the CR.
+    SizeWhitespace {
+        size: u64,
+    },
+    /// An extension to skip, up to the CR.
     Extension {
         size: u64,
         skipped: usize,
@@ -116,8 +120,15 @@ impl Chunked {
                 }
                 _ if digits == 0 => return Err(ChunkError("chunk size is not hex")),
                 b'\r' => State::SizeLf { size },
-                b';' | b' ' | b'\t' => State::Extension { size, skipped: 0 },
+                b';' => State::Extension { size, skipped: 0 },
+                b' ' | b'\t' => State::SizeWhitespace { size },
                 _ => return Err(ChunkError("chunk size is not hex")),
+            },
+            State::SizeWhitespace { size } => match byte {
+                b' ' | b'\t' => State::SizeWhitespace { size },
+                b';' => State::Extension { size, skipped: 0 },
+                b'\r' => State::SizeLf { size },
+                _ => return Err(ChunkError("junk after a chunk size")),
             },
             State::Extension { size, skipped } => match byte {
                 b'\r' => State::SizeLf { size },
@@ -145,6 +156,7 @@ impl Chunked {
             },
             State::TrailerStart => match byte {
                 b'\r' => State::TrailerLf { empty: true },
+                b'\n' => return Err(ChunkError("bare LF in a trailer")),
                 _ => State::Trailer { skipped: 1 },
             },
             State::Trailer { skipped } => match byte {
@@ -184,7 +196,7 @@ mod tests {
     #[test]
     fn bodies_decode_whole_however_they_are_cut() {
         let body =
-            b"5\r\nhello\r\n1;name=value\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+            b"5\r\nhello\r\n1;name=value\r\n \r\nA \t;x\r\n0123456789\r\n0 \r\nx-trailer: 1\r\n\r\nNEXT";
         for piece in [1, 2, 3, 7, body.len()] {
             let (data, rest, done) = decode(body, piece).unwrap();
             assert_eq!(data, b"hello 0123456789", "pieces of {piece}");
@@ -216,6 +228,8 @@ mod tests {
             b"\r\n",
             b"5;ext\nhello",
             b"0\r\nbad\ntrailer\r\n\r\n",
+            b"0\r\n\n",
+            b"5 junk\r\nhello\r\n0\r\n\r\n",
         ] {
             assert!(
                 decode(body, body.len()).is_err(),

@@ -10,6 +10,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -86,6 +87,18 @@ pub(crate) struct HttpConnection {
     closing: bool,
     /// Whether any byte of the current response has arrived.
     answered: bool,
+    /// Writing the request failed (the upstream closed or reset the connection): nothing more
+    /// is sent, but what the upstream answered before it closed is still read.
+    send_failed: Option<io::Error>,
+    /// A read failed after a piece of body had been taken from what arrived before it: the
+    /// error is told after that piece.
+    read_failed: Option<io::Error>,
+    /// Bytes written since the connection opened: the request is making progress while this
+    /// grows.
+    written: u64,
+    /// How long the upstream said it keeps the connection open between requests
+    /// (`Keep-Alive: timeout=N`), when it said.
+    keep_alive: Option<Duration>,
     /// The request head is queued and nothing of it written yet: it waits for the first piece
     /// of its body, so that a body that fails at once (a client's malformed chunk) sends
     /// nothing upstream.
@@ -110,6 +123,10 @@ impl HttpConnection {
             head_request: false,
             closing: false,
             answered: false,
+            send_failed: None,
+            read_failed: None,
+            written: 0,
+            keep_alive: None,
             head_queued: false,
         }
     }
@@ -163,18 +180,34 @@ impl HttpConnection {
         self.inbound = Inbound::Head;
         self.head_request = *method == Method::HEAD;
         self.answered = false;
+        self.send_failed = None;
+        self.read_failed = None;
         self.head_queued = true;
     }
 
     /// Sends what there is to send and reads until the response head has arrived.
+    ///
+    /// An upstream may answer and close before it has read the whole request (a 413 to a
+    /// large upload): a failed write stops the sending, and the answer is still read.
     pub(crate) fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<ResponseHead, H1Error>> {
         loop {
-            if let Err(error) = self.poll_send(cx) {
-                self.closing = true;
-                return Poll::Ready(Err(error));
+            if self.send_failed.is_none() {
+                match self.poll_send(cx) {
+                    Ok(()) => {}
+                    Err(H1Error::Io(error)) => {
+                        self.closing = true;
+                        self.outbound = Outbound::Done;
+                        self.output.clear();
+                        self.send_failed = Some(error);
+                    }
+                    Err(error) => {
+                        self.closing = true;
+                        return Poll::Ready(Err(error));
+                    }
+                }
             }
             if !self.input.is_empty() {
                 match self.parse_head() {
@@ -191,20 +224,43 @@ impl HttpConnection {
                 }
             }
             match ready!(self.poll_fill(cx)) {
+                Ok(0) if self.answered => {
+                    self.closing = true;
+                    return Poll::Ready(Err(H1Error::Malformed("the response head was cut off")));
+                }
                 Ok(0) => {
                     self.closing = true;
-                    return Poll::Ready(Err(if self.answered {
-                        H1Error::Malformed("the response head was cut off")
-                    } else {
-                        H1Error::ClosedBeforeAnswer
-                    }));
+                    return Poll::Ready(Err(self.unanswered(None)));
                 }
                 Ok(_) => self.answered = true,
-                Err(error) => {
+                Err(error) if self.answered => {
                     self.closing = true;
                     return Poll::Ready(Err(error.into()));
                 }
+                Err(error) => {
+                    self.closing = true;
+                    return Poll::Ready(Err(self.unanswered(Some(error))));
+                }
             }
+        }
+    }
+
+    /// Why the upstream gave no answer at all, the connection having ended (`read`: with an
+    /// error). A close or reset is [`H1Error::ClosedBeforeAnswer`], whichever side saw it
+    /// first: a kept-alive connection the upstream let go as the request went out ends so.
+    fn unanswered(&mut self, read: Option<io::Error>) -> H1Error {
+        let closed = |error: &io::Error| {
+            matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            )
+        };
+        match (read, self.send_failed.take()) {
+            (Some(error), _) | (None, Some(error)) if !closed(&error) => error.into(),
+            _ => H1Error::ClosedBeforeAnswer,
         }
     }
 
@@ -244,6 +300,11 @@ impl HttpConnection {
                     return Poll::Ready(Some(Ok(self.take_input(self.input.len()))));
                 }
                 Inbound::Length(_) | Inbound::Chunked(_) | Inbound::UntilClose => {}
+            }
+            if let Some(error) = self.read_failed.take() {
+                self.closing = true;
+                self.inbound = Inbound::Done;
+                return Poll::Ready(Some(Err(error.into())));
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
@@ -285,8 +346,13 @@ impl HttpConnection {
             }
             match self.poll_fill(cx) {
                 Poll::Ready(Ok(read)) if read > 0 => continue,
-                // Nothing more now, the end of the stream or an error: the next poll sees it.
-                _ => break Ok(()),
+                // The end of the stream: the next read sees it again.
+                Poll::Ready(Ok(_)) | Poll::Pending => break Ok(()),
+                // An error is told once: after the piece read before it.
+                Poll::Ready(Err(error)) => {
+                    self.read_failed = Some(error);
+                    break Ok(());
+                }
             }
         };
         if !chunked.is_done() {
@@ -314,6 +380,16 @@ impl HttpConnection {
             Inbound::Done => Some(0),
             Inbound::Head | Inbound::Chunked(_) | Inbound::UntilClose => None,
         }
+    }
+
+    /// How long the upstream keeps the connection open between requests, when it said.
+    pub(super) fn keep_alive(&self) -> Option<Duration> {
+        self.keep_alive
+    }
+
+    /// Bytes written to the upstream so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     pub(crate) fn body_done(&self) -> bool {
@@ -364,7 +440,10 @@ impl HttpConnection {
                     Poll::Ready(Ok(0)) => {
                         return Err(io::Error::from(io::ErrorKind::WriteZero).into());
                     }
-                    Poll::Ready(Ok(written)) => self.output.advance(written),
+                    Poll::Ready(Ok(written)) => {
+                        self.output.advance(written);
+                        self.written += written as u64;
+                    }
                     Poll::Ready(Err(error)) => return Err(error.into()),
                     Poll::Pending => return Ok(()),
                 }
@@ -455,7 +534,9 @@ impl HttpConnection {
             };
             let mut map = HeaderMap::with_capacity(response.headers.len());
             let mut lengths = None::<u64>;
-            let mut chunked = None::<bool>;
+            // Whether a Transfer-Encoding was sent: only `chunked`, once, is passed on (another
+            // coding would reach the client undeclared once the edge has removed the header).
+            let mut chunked = false;
             let mut close = version == Version::HTTP_10;
             // One copy of the head, which every header value is a slice of.
             let raw = Bytes::copy_from_slice(&self.input[..length]);
@@ -474,9 +555,21 @@ impl HttpConnection {
                     }
                     lengths = Some(length);
                 } else if name == header::TRANSFER_ENCODING {
-                    // The last coding decides: chunked, or the body runs until the close.
-                    let last = header.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-                    chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    let mut codings = header
+                        .value
+                        .split(|&b| b == b',')
+                        .map(<[u8]>::trim_ascii)
+                        .filter(|coding| !coding.is_empty());
+                    let only_chunked = codings
+                        .next()
+                        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+                        && codings.next().is_none();
+                    if chunked || !only_chunked {
+                        return Err(H1Error::Malformed("a Transfer-Encoding other than chunked"));
+                    }
+                    chunked = true;
+                } else if name == "keep-alive" {
+                    self.keep_alive = keep_alive_timeout(header.value).or(self.keep_alive);
                 } else if name == header::CONNECTION {
                     close |= header
                         .value
@@ -493,18 +586,18 @@ impl HttpConnection {
                 Inbound::Done
             } else {
                 match (chunked, lengths) {
-                    (Some(true), _) => Inbound::Chunked(Chunked::default()),
-                    (Some(false), _) | (None, None) => {
+                    (true, _) => Inbound::Chunked(Chunked::default()),
+                    (false, None) => {
                         close = true;
                         Inbound::UntilClose
                     }
-                    (None, Some(0)) => Inbound::Done,
-                    (None, Some(length)) => Inbound::Length(length),
+                    (false, Some(0)) => Inbound::Done,
+                    (false, Some(length)) => Inbound::Length(length),
                 }
             };
             // Both a length and a coding: the coding frames the body, and a connection whose
             // framing was ambiguous is not used again.
-            if chunked.is_some() && lengths.is_some() {
+            if chunked && lengths.is_some() {
                 close = true;
             }
             self.closing |= close;
@@ -518,6 +611,17 @@ impl HttpConnection {
             }));
         }
     }
+}
+
+/// The `timeout=N` (seconds) of a Keep-Alive header.
+fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
+    value.split(|&b| b == b',').find_map(|parameter| {
+        let (name, seconds) = std::str::from_utf8(parameter).ok()?.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        seconds.trim().parse().ok().map(Duration::from_secs)
+    })
 }
 
 /// A Content-Length value: digits only (a list of equal values, as some servers send, too).
@@ -762,6 +866,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            // A coding the edge would pass on undeclared, or chunked twice over.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
         ] {
             let (_, head, _, _) = exchange(Method::GET, bad, true).await;
             assert!(
@@ -777,6 +886,51 @@ mod tests {
         )
         .await;
         assert!(matches!(failed, Some(H1Error::Chunked(_))));
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_the_upstream_closes_on_an_upload_is_read() {
+        let (ours, mut upstream) = tokio::io::duplex(4 * 1024);
+        let mut connection = HttpConnection::new(Io::Memory(ours));
+        let body = Full::new(Bytes::from(vec![b'x'; 1024 * 1024]))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        connection.start(
+            &Method::POST,
+            "/upload",
+            "core",
+            &[],
+            Some((body, Some(1024 * 1024))),
+        );
+        let answer = async {
+            let mut seen = [0u8; 1024];
+            upstream.read_exact(&mut seen).await.unwrap();
+            upstream
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+                .await
+                .unwrap();
+            // Gone without reading the rest: the edge's next write fails.
+            drop(upstream);
+        };
+        let (head, ()) = tokio::join!(poll_fn(|cx| connection.poll_head(cx)), answer);
+        assert_eq!(head.unwrap().status, 413);
+        let piece = poll_fn(|cx| connection.poll_body(cx)).await;
+        assert_eq!(piece.unwrap().unwrap(), &b"big!"[..]);
+        assert!(!connection.reusable());
+    }
+
+    #[test]
+    fn keep_alive_timeouts_are_read() {
+        assert_eq!(
+            keep_alive_timeout(b"timeout=5, max=1000"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            keep_alive_timeout(b"max=10, Timeout = 2"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(keep_alive_timeout(b"max=10"), None);
+        assert_eq!(keep_alive_timeout(b"timeout=soon"), None);
     }
 
     #[test]

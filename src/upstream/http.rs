@@ -3,12 +3,14 @@
 //! sent again.
 
 use std::future::poll_fn;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::Method;
 
-use super::h1::{BoxError, H1Error, ResponseHead, UpstreamBody};
+use super::h1::{BoxError, H1Error, HttpConnection, ResponseHead, UpstreamBody};
 use super::pool::{Pool, Pooled, sweep_while_alive};
 use super::targets::Targets;
 use crate::config::settings::RouteSettings;
@@ -49,7 +51,8 @@ pub(crate) struct Outgoing<'a> {
     /// `None` for a request without a body: it can be sent to another target when the first
     /// one cannot be reached. With its length when the client said it.
     pub(crate) body: Option<(UpstreamBody, Option<u64>)>,
-    /// How long to wait for the response head.
+    /// How long the request may go without progress: its body not taken, or, once it is
+    /// sent, its response head not come.
     pub(crate) timeout: Duration,
     pub(crate) affinity: Option<u64>,
     pub(crate) request_id: &'a str,
@@ -77,27 +80,27 @@ pub(crate) async fn send<'a>(
         affinity,
         request_id,
     } = outgoing;
-    let deadline = tokio::time::Instant::now() + timeout;
     for i in targets.in_order(affinity) {
         let (Some(target), Some(pool)) = (route.targets.get(i), clients.pools.get(i)) else {
             continue;
         };
         let request = shaped.for_target(target);
         // A connection that served requests before may have been closed by the upstream as it
-        // was taken; a request without a body that got no answer on it goes again on a new one.
+        // was taken; a request that can be sent again (idempotent, without a body) that got no
+        // answer on it goes again on a new one, as nginx does.
         let mut connection = pool.checkout();
         loop {
             let mut fresh = match connection.take() {
                 Some(reused) => reused,
-                None => match tokio::time::timeout_at(deadline, pool.connect()).await {
-                    Ok(Ok(fresh)) => fresh,
-                    Ok(Err(error)) => {
+                // Within the route's connect timeout.
+                None => match pool.connect().await {
+                    Ok(fresh) => fresh,
+                    Err(error) => {
                         tracing::warn!(request_id = %request_id, upstream = %target.url, %error, "upstream connect failed");
                         targets.mark_down(i, route.upstream_cooldown);
                         // Nothing was sent: the next target gets the request, body and all.
                         break;
                     }
-                    Err(_) => return Err(HttpError::Timeout),
                 },
             };
             let reused = fresh.used;
@@ -110,11 +113,8 @@ pub(crate) async fn send<'a>(
                 request.headers,
                 sent_body,
             );
-            let answered =
-                tokio::time::timeout_at(deadline, poll_fn(|cx| fresh.connection.poll_head(cx)))
-                    .await;
-            match answered {
-                Ok(Ok(head)) => {
+            match response_head(&mut fresh.connection, timeout).await {
+                Some(Ok(head)) => {
                     targets.mark_up(i);
                     return Ok(Answered {
                         head,
@@ -122,11 +122,39 @@ pub(crate) async fn send<'a>(
                         connection: fresh,
                     });
                 }
-                Ok(Err(H1Error::ClosedBeforeAnswer)) if reused && !had_body => continue,
-                Ok(Err(error)) => return Err(HttpError::Failed(Box::new(error))),
-                Err(_) => return Err(HttpError::Timeout),
+                Some(Err(H1Error::ClosedBeforeAnswer))
+                    if reused && !had_body && method.is_idempotent() =>
+                {
+                    continue;
+                }
+                Some(Err(error)) => return Err(HttpError::Failed(Box::new(error))),
+                None => return Err(HttpError::Timeout),
             }
         }
     }
     Err(HttpError::Unreachable)
+}
+
+/// Sends the request queued on `connection` and waits for its response head; `None` when the
+/// exchange made no progress for `timeout`. An upload is timed by its progress, not as a whole:
+/// the timer starts again whenever the upstream took some of the request.
+async fn response_head(
+    connection: &mut HttpConnection,
+    timeout: Duration,
+) -> Option<Result<ResponseHead, H1Error>> {
+    // Registered with the timer wheel only if the head is not there at the first poll.
+    let mut timer = pin!(tokio::time::sleep(timeout));
+    let mut written = None;
+    poll_fn(|cx| {
+        if let Poll::Ready(answer) = connection.poll_head(cx) {
+            return Poll::Ready(Some(answer));
+        }
+        let now_written = connection.written();
+        if written.is_some_and(|before| before != now_written) {
+            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        written = Some(now_written);
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }

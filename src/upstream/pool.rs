@@ -3,8 +3,8 @@
 //! Between requests a connection waits in its target's pool, in the lane of the thread that
 //! opened it: its socket is registered with that thread's event loop, which is the one to use
 //! it again (taking it from another thread would cost a cross-thread wake per read). One that
-//! has been idle for [`IDLE_FOR`], or that the upstream closed, is let go at the next checkout
-//! or sweep.
+//! has been idle for [`IDLE_FOR`] (or less, when the upstream's `Keep-Alive: timeout` is
+//! shorter), or that the upstream closed, is let go at the next checkout or sweep.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
@@ -38,7 +38,15 @@ struct Lane {
 
 struct Idle {
     connection: Pooled,
-    since: Instant,
+    /// When it stops being offered.
+    until: Instant,
+}
+
+impl Idle {
+    /// Whether it can still be used: not idle too long, not closed by the upstream.
+    fn usable(&mut self, now: Instant) -> bool {
+        now < self.until && self.connection.connection.still_open()
+    }
 }
 
 /// A connection of a pool, on loan to a request.
@@ -69,13 +77,10 @@ impl Pool {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         let idle = &mut lanes.iter_mut().find(|lane| lane.thread == thread)?.idle;
-        while let Some(Idle {
-            mut connection,
-            since,
-        }) = idle.pop()
-        {
-            if since.elapsed() < IDLE_FOR && connection.connection.still_open() {
-                return Some(connection);
+        let now = Instant::now();
+        while let Some(mut waiting) = idle.pop() {
+            if waiting.usable(now) {
+                return Some(waiting.connection);
             }
         }
         None
@@ -99,6 +104,20 @@ impl Pool {
     fn put_back(&self, mut connection: Pooled) {
         connection.used = true;
         connection.connection.trim();
+        // A second short of what the upstream keeps, so that it is never used as the upstream
+        // closes it.
+        let idle_for = connection
+            .connection
+            .keep_alive()
+            .map_or(IDLE_FOR, |upstream| {
+                upstream
+                    .saturating_sub(Duration::from_secs(1))
+                    .min(IDLE_FOR)
+            });
+        if idle_for.is_zero() {
+            return;
+        }
+        let until = Instant::now() + idle_for;
         let mut lanes = self
             .lanes
             .lock()
@@ -120,22 +139,37 @@ impl Pool {
         if lane.idle.len() >= MAX_IDLE {
             lane.idle.remove(0);
         }
-        lane.idle.push(Idle {
-            connection,
-            since: Instant::now(),
-        });
+        lane.idle.push(Idle { connection, until });
     }
 
-    /// Lets go of connections idle too long or closed by the upstream.
+    /// Lets go of connections idle too long or closed by the upstream. Each lane is looked at
+    /// outside the lock (a probe is a system call per connection): requests meanwhile open
+    /// connections or put them back as usual.
     pub(crate) fn sweep(&self) {
-        let mut lanes = self
-            .lanes
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        for lane in lanes.iter_mut() {
-            lane.idle.retain_mut(|idle| {
-                idle.since.elapsed() < IDLE_FOR && idle.connection.connection.still_open()
-            });
+        let lock = || {
+            self.lanes
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+        };
+        let threads: Vec<ThreadId> = lock().iter().map(|lane| lane.thread).collect();
+        for thread in threads {
+            let taken = lock()
+                .iter_mut()
+                .find(|lane| lane.thread == thread)
+                .map(|lane| std::mem::take(&mut lane.idle));
+            let Some(mut kept) = taken.filter(|idle| !idle.is_empty()) else {
+                continue;
+            };
+            let now = Instant::now();
+            kept.retain_mut(|idle| idle.usable(now));
+            let mut lanes = lock();
+            if let Some(lane) = lanes.iter_mut().find(|lane| lane.thread == thread) {
+                // Those put back meanwhile were used more recently: they stay last.
+                kept.append(&mut lane.idle);
+                let over = kept.len().saturating_sub(MAX_IDLE);
+                kept.drain(..over);
+                lane.idle = kept;
+            }
         }
     }
 }
