@@ -90,7 +90,8 @@ pub(crate) async fn handle(
     let response = match kind {
         Kind::Preflight => {
             report::preflight(&shared, route, &request_id, conn);
-            let mut response = cors::preflight(&request);
+            let allowed = route.allowed_origins.as_deref().unwrap_or_default();
+            let mut response = cors::preflight(&request, allowed);
             response
                 .headers_mut()
                 .insert("x-request-id", header_value(&request_id));

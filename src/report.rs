@@ -304,9 +304,31 @@ struct HttpDetails<'a> {
     status: u16,
     upstream: &'a str,
     complete: bool,
+    ended: &'static str,
     duration_ms: u64,
     bytes_up: u64,
     bytes_down: u64,
+}
+
+/// How a proxied response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// As the upstream meant it to.
+    Complete,
+    /// Short of its end: the upstream failed or stalled, or the client went away.
+    Cut,
+    /// At the token's expiry (an event stream ends cleanly then; another body is cut).
+    TokenExpired,
+}
+
+impl Ending {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Ending::Complete => "complete",
+            Ending::Cut => "cut",
+            Ending::TokenExpired => "token_expired",
+        }
+    }
 }
 
 /// A proxied HTTP request whose response is on its way: reported when the response has
@@ -383,9 +405,11 @@ impl HttpExchange {
         }
     }
 
-    /// The response has ended (`complete`: as the upstream meant it to) with `bytes_down`
-    /// sent, after `bytes_up` of request body.
-    pub(crate) fn finished(self, bytes_up: u64, bytes_down: u64, complete: bool) {
+    /// The response has ended as `ending` says, with `bytes_down` sent, after `bytes_up` of
+    /// request body.
+    pub(crate) fn finished(self, bytes_up: u64, bytes_down: u64, ending: Ending) {
+        let complete = ending == Ending::Complete;
+        let ended = ending.as_str();
         let lasted = self.started.elapsed();
         if let Some(seconds) = &self.seconds {
             seconds.observe(lasted.as_secs_f64());
@@ -398,6 +422,7 @@ impl HttpExchange {
             path = %noted.path,
             status = self.status,
             complete,
+            ended,
             bytes_up,
             bytes_down,
             duration_ms = lasted.as_millis() as u64,
@@ -410,6 +435,7 @@ impl HttpExchange {
             status: self.status,
             upstream: &noted.upstream,
             complete,
+            ended,
             duration_ms: lasted.as_millis() as u64,
             bytes_up,
             bytes_down,

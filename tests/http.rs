@@ -234,6 +234,34 @@ async fn a_body_past_max_body_size_gets_413() {
 }
 
 #[tokio::test]
+async fn a_slow_upload_that_keeps_moving_is_not_timed_out() {
+    // Each piece comes within `http_timeout`, the whole takes longer: the upload is timed by
+    // its progress, and its response by the wait after it.
+    let (mut upstream, edge) = proxied("http_timeout = \"1s\"").await;
+    let authorization = bearer(&alice());
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let head = format!(
+        "POST /api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    for piece in ["01", "23", "45", "67", "89"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(piece.as_bytes()).await.unwrap();
+    }
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(started.elapsed() > Duration::from_secs(1));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("0123456789"), "{response}");
+    assert_eq!(upstream.next_request().await.body, b"0123456789");
+}
+
+#[tokio::test]
 async fn an_sse_stream_flows_event_by_event_and_arrives_whole_and_in_order() {
     let (upstream, edge) = proxied("").await;
     let authorization = bearer(&alice());
@@ -291,6 +319,27 @@ async fn an_sse_stream_ends_when_the_token_expires() {
         expires as f64 - ended_at
     );
     assert!(events >= 5, "only {events} events before the end");
+
+    // Any other endless body is cut at the expiry, never ended as if it were whole.
+    let expires = now() + 2;
+    let token = hs256(&claims("alice", json!({ "exp": expires })));
+    let response = client
+        .send(get("/api/ndjson", &[("authorization", &bearer(&token))]))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = 0;
+    let ending = loop {
+        match tokio::time::timeout(WAIT, http_body_util::BodyExt::frame(&mut body)).await {
+            Ok(Some(Ok(frame))) => received += frame.data_ref().map_or(0, |data| data.len()),
+            // Cut: the chunked body never got its last chunk.
+            Ok(Some(Err(error))) => break Ok(error.to_string()),
+            Ok(None) => break Err("the body ended as if it were complete"),
+            Err(_) => break Err("the body went on past the token's expiry"),
+        }
+    };
+    ending.unwrap();
+    assert!(received > 0);
 }
 
 #[tokio::test]
@@ -413,6 +462,52 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin(
         ))
         .await;
     assert_eq!(elsewhere.status, 403);
+
+    // Without an Origin (not a browser's cross-origin request) nothing is granted, and the
+    // response still varies by Origin, so that no cache hands it to a page.
+    let mut client = HttpClient::connect(edge.addr).await;
+    let direct = client
+        .fetch(get("/api/echo", &[("authorization", &authorization)]))
+        .await;
+    assert_eq!(direct.status, 200);
+    assert_eq!(direct.header("access-control-allow-origin"), None);
+    assert!(direct.headers.get_all("vary").iter().any(|v| v == "Origin"));
+
+    // "*" lets any page read, but never with the user's cookies: only a named origin gets
+    // credentials.
+    let (_upstream, edge) = proxied(r#"allowed_origins = ["https://chat.example.com", "*"]"#).await;
+    let mut client = HttpClient::connect(edge.addr).await;
+    let cookie = format!("session={}", alice());
+    for (origin, allow_origin, credentials) in [
+        ("https://evil.example.com", "*", None),
+        (
+            "https://chat.example.com",
+            "https://chat.example.com",
+            Some("true"),
+        ),
+    ] {
+        let preflight = client
+            .fetch(request(
+                "OPTIONS",
+                "/api/echo",
+                &[("origin", origin), ("access-control-request-method", "GET")],
+                Vec::new(),
+            ))
+            .await;
+        let response = client
+            .fetch(get("/api/echo", &[("origin", origin), ("cookie", &cookie)]))
+            .await;
+        for answer in [&preflight, &response] {
+            assert_eq!(
+                answer.header("access-control-allow-origin"),
+                Some(allow_origin)
+            );
+            assert_eq!(
+                answer.header("access-control-allow-credentials"),
+                credentials
+            );
+        }
+    }
 }
 
 #[tokio::test]

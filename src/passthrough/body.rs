@@ -13,6 +13,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::report::Ending;
 use crate::upstream::h1::BoxError;
 use crate::upstream::h1::H1Error;
 use crate::upstream::pool::Pooled;
@@ -178,10 +179,10 @@ impl Body for RequestBody {
     }
 }
 
-/// Told once when a response body is done: how many bytes went to the client, and whether
-/// the upstream's body ended as it should.
+/// Told once when a response body is done: how many bytes went to the client, and how the
+/// body ended.
 pub(crate) trait Finished: Send + 'static {
-    fn finished(self: Box<Self>, bytes: u64, complete: bool);
+    fn finished(self: Box<Self>, bytes: u64, ending: Ending);
 }
 
 /// Why the upstream's response body was cut.
@@ -191,6 +192,8 @@ enum Cut {
     Stalled,
     #[error("the upstream's body failed: {0}")]
     Failed(H1Error),
+    #[error("the client's token expired")]
+    TokenExpired,
 }
 
 /// The upstream's response body as it goes to the client, read from the connection it comes on
@@ -203,6 +206,10 @@ pub(crate) struct ResponseBody {
     /// first has to wait).
     expires_at: Option<Instant>,
     expires: Option<Pin<Box<Sleep>>>,
+    /// An event stream (`text/event-stream`): it ends cleanly at the token's expiry, as a
+    /// stream of events may (its client reconnects, with a fresh token). Any other body is cut
+    /// then, so that its client cannot take what it got for the whole.
+    event_stream: bool,
     bytes: u64,
     done: bool,
     finished: Option<Box<dyn Finished>>,
@@ -215,6 +222,7 @@ impl ResponseBody {
         connection: Pooled,
         timeout: Duration,
         expires_at: Option<Instant>,
+        event_stream: bool,
         finished: Box<dyn Finished>,
     ) -> Self {
         Self {
@@ -222,6 +230,7 @@ impl ResponseBody {
             idle: IdleTimer::new(timeout),
             expires_at,
             expires: None,
+            event_stream,
             bytes: 0,
             done: false,
             finished: Some(finished),
@@ -229,15 +238,15 @@ impl ResponseBody {
     }
 
     /// Reports the exchange; a connection whose body ended as it should can serve another.
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, ending: Ending) {
         self.done = true;
         if let Some(connection) = self.connection.take()
-            && complete
+            && ending == Ending::Complete
         {
             connection.release();
         }
         if let Some(finished) = self.finished.take() {
-            finished.finished(self.bytes, complete);
+            finished.finished(self.bytes, ending);
         }
     }
 }
@@ -258,16 +267,17 @@ impl Body for ResponseBody {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             Poll::Ready(Some(Err(error))) => {
-                this.finish(false);
+                this.finish(Ending::Cut);
                 return Poll::Ready(Some(Err(Box::new(Cut::Failed(error)))));
             }
             Poll::Ready(None) => {
-                this.finish(true);
+                this.finish(Ending::Complete);
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
         }
-        // The token expired: the stream ends, as a socket gets 4001.
+        // The token expired: the stream ends, as a socket gets 4001. The upstream's connection
+        // is closed (the rest of its body is not read).
         if let Some(at) = this.expires_at
             && this
                 .expires
@@ -276,11 +286,15 @@ impl Body for ResponseBody {
                 .poll(cx)
                 .is_ready()
         {
-            this.finish(true);
-            return Poll::Ready(None);
+            this.finish(Ending::TokenExpired);
+            return Poll::Ready(if this.event_stream {
+                None
+            } else {
+                Some(Err(Box::new(Cut::TokenExpired)))
+            });
         }
         if this.idle.poll_expired(cx) {
-            this.finish(false);
+            this.finish(Ending::Cut);
             return Poll::Ready(Some(Err(Box::new(Cut::Stalled))));
         }
         Poll::Pending
@@ -316,7 +330,11 @@ impl Drop for ResponseBody {
                 .connection
                 .as_ref()
                 .is_some_and(|pooled| pooled.connection.body_done());
-            self.finish(complete);
+            self.finish(if complete {
+                Ending::Complete
+            } else {
+                Ending::Cut
+            });
         }
     }
 }

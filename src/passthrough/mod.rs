@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::auth::token_source;
 use crate::cors;
 use crate::forward::{self, header_value};
-use crate::report::{HttpExchange, Proxied};
+use crate::report::{Ending, HttpExchange, Proxied};
 use crate::route::Route;
 use crate::state::Shared;
 use crate::upstream::http::{Answered, HttpError, Outgoing, send};
@@ -83,8 +83,9 @@ pub(crate) async fn proxy(
     // CORS: a response to an origin the route allows says so (others were refused).
     let origin = route
         .allowed_origins
-        .as_ref()
-        .and(request.headers().get(header::ORIGIN).cloned());
+        .is_some()
+        .then(|| request.headers().get(header::ORIGIN).cloned())
+        .flatten();
     let (parts, incoming) = request.into_parts();
     let progress = Progress::default();
     let body = (!incoming.is_end_stream()).then(|| {
@@ -118,8 +119,8 @@ pub(crate) async fn proxy(
     *response.headers_mut() = head.headers;
     let (mut head, ()) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    if let Some(origin) = &origin {
-        cors::allow(&mut head.headers, origin);
+    if let Some(allowed) = &route.allowed_origins {
+        cors::allow(&mut head.headers, allowed, origin.as_ref());
     }
     head.headers
         .insert("x-request-id", header_value(request_id));
@@ -141,7 +142,14 @@ pub(crate) async fn proxy(
     let finished = Box::new(Exchange { exchange, progress });
     // A streaming response ends when the token expires, as a socket gets 4001 then.
     let expires = route.lifecycle.token_deadline(token_expires_at);
-    let body = ResponseBody::new(connection, settings.timeout, expires, finished);
+    let event_stream = is_event_stream(&head.headers);
+    let body = ResponseBody::new(
+        connection,
+        settings.timeout,
+        expires,
+        event_stream,
+        finished,
+    );
     Ok(Response::from_parts(head, body))
 }
 
@@ -161,6 +169,18 @@ fn refusal_for(error: &HttpError, progress: &Progress, request_id: &str) -> Refu
         HttpError::Timeout => Refusal::UpstreamTimeout,
         HttpError::Failed(_) => Refusal::UpstreamFailed,
     }
+}
+
+/// Whether a response is a stream of Server-Sent Events.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.as_bytes().split(|&b| b == b';').next())
+        .is_some_and(|media| {
+            media
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"text/event-stream")
+        })
 }
 
 /// Removes the headers of the upstream's hop, and those its `Connection` names.
@@ -190,8 +210,8 @@ struct Exchange {
 }
 
 impl Finished for Exchange {
-    fn finished(self: Box<Self>, bytes: u64, complete: bool) {
+    fn finished(self: Box<Self>, bytes: u64, ending: Ending) {
         let Exchange { exchange, progress } = *self;
-        exchange.finished(progress.bytes(), bytes, complete);
+        exchange.finished(progress.bytes(), bytes, ending);
     }
 }

@@ -163,7 +163,8 @@ async fn answer(
         .await;
     let mut response = match path.as_str() {
         "/api/echo" => full(StatusCode::OK, body),
-        "/api/sse" => sse(number("n"), release),
+        "/api/sse" => sse("text/event-stream", number("n"), release),
+        "/api/ndjson" => sse("application/x-ndjson", None, release),
         "/api/poll" => {
             tokio::time::sleep(Duration::from_millis(number("ms").unwrap_or(0))).await;
             full(StatusCode::OK, b"done".to_vec())
@@ -210,8 +211,12 @@ fn streamed(
 }
 
 /// `data: i` events: the first at once, the rest once released; or one every 50 ms forever.
-fn sse(count: Option<u64>, release: Arc<Notify>) -> Response<UpstreamBody> {
-    let (mut sender, response) = streamed("text/event-stream");
+fn sse(
+    content_type: &'static str,
+    count: Option<u64>,
+    release: Arc<Notify>,
+) -> Response<UpstreamBody> {
+    let (mut sender, response) = streamed(content_type);
     tokio::spawn(async move {
         let event = |i: u64| Bytes::from(format!("id: {i}\ndata: {i}\n\n"));
         let released = release.notified();
