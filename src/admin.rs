@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
 //! `/readyz` (accepting new connections; fails from the moment a drain begins, so that a load
-//! balancer stops sending before clients are closed).
+//! balancer stops sending before clients are closed, and while a policy's key set at an
+//! identity provider has not loaded yet).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -58,7 +59,20 @@ async fn answer(
             "text/plain",
             "draining\n".to_owned(),
         ),
-        (&Method::GET, "/readyz") => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        (&Method::GET, "/readyz") => {
+            let live = shared.live.load();
+            let unloaded = crate::jwks_refresh::unloaded(&live.config);
+            if unloaded.is_empty() {
+                (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            } else {
+                // Its handshakes would get 503 auth_unavailable: better none come here.
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("key sets not loaded yet: {}\n", unloaded.join(", ")),
+                )
+            }
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

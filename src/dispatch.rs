@@ -12,7 +12,8 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::admission::{self, Admitted, ClientConn, Kind, Rejected};
+use crate::admission::{self, Admitted, ClientConn, Kind, Pass, Rejected};
+use crate::auth::jwks::UNKNOWN_KID_WAIT;
 use crate::auth::memo::TokenMemo;
 use crate::cors;
 use crate::forward::header_value;
@@ -71,7 +72,17 @@ pub(crate) async fn handle(
     let started = Instant::now();
     let request_id = admission::request_id(request.headers());
     let live = shared.live.load_full();
-    let admitted = match admission::admit(&request, conn, &shared, &live, &memo) {
+    let mut admitted = admission::admit(&request, conn, &shared, &live, &memo, Pass::First);
+    // A token signed with a key the set lacks: the identity provider may have rotated its
+    // keys. The set is fetched again (or a fetch under way joined), and the token judged once
+    // more; when no fetch is allowed now, the refusal stands.
+    if let Err(rejected) = &mut admitted
+        && let Some(keys) = rejected.refetch.take()
+        && keys.refetch_for_unknown_kid(UNKNOWN_KID_WAIT).await
+    {
+        admitted = admission::admit(&request, conn, &shared, &live, &memo, Pass::Again);
+    }
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(rejected) => {
             let response =
@@ -137,6 +148,7 @@ pub(crate) async fn handle(
                         route: Some(route.label.clone()),
                         identity: Some(Box::new(identity)),
                         http: true,
+                        refetch: None,
                     };
                     report::refused(&shared, &request_id, conn, &uri, started, rejected)
                         .map(EdgeBody::Full)

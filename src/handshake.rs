@@ -101,6 +101,7 @@ pub(crate) async fn upgrade(
                         route: Some(route.label.clone()),
                         identity: Some(Box::new(identity)),
                         http: false,
+                        refetch: None,
                     };
                     report::refused(shared, request_id, conn, request.uri(), started, rejected)
                 }

@@ -4,11 +4,12 @@
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 //!
 //! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
-//! HTTP) → `admin` → `dispatch` (every request: admitted, then upgraded or proxied) →
-//! `handshake` (the upgrade) → `passthrough` (plain HTTP passed through) → `report` (log, audit
-//! and metrics of a request) → `admission` (the ordered checks: `Admitted` or a `Refusal`) →
-//! `state` (what a running edge shares) → `route` (routes at run time) → `upstream` (targets,
-//! affinity, failover, the upstream's handshake, pooled HTTP) → `forward` (the request shaped
+//! HTTP) → `admin` → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
+//! (every request: admitted, then upgraded or proxied) → `handshake` (the upgrade) →
+//! `passthrough` (plain HTTP passed through) → `report` (log, audit and metrics of a request)
+//! → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a running edge
+//! shares) → `route` (routes at run time) → `upstream` (targets, affinity, failover, the
+//! upstream's handshake, pooled HTTP, the edge's own fetches) → `forward` (the request shaped
 //! for the upstream) → `relay` (the state machine over two legs) → `session` (registry, replay
 //! buffer, detach and attach) → `ws` (frames, legs, closes). Beside them, using none of them:
 //! `token`, `systemd`, `limits`, `config`, `template`, `auth`, `tls`, `metrics`, `audit`,
@@ -25,6 +26,7 @@ mod demo;
 mod dispatch;
 mod forward;
 mod handshake;
+mod jwks_refresh;
 mod limits;
 mod metrics;
 mod passthrough;

@@ -31,7 +31,8 @@ struct Cli {
 enum Command {
     /// Validate the config and exit: 0 when it can serve, 64 with file:line:col errors when not.
     Check,
-    /// Print a token signed with a policy's key, for development and testing.
+    /// Print a token signed with a policy's key (for a kind = "hmac" policy, the signed query
+    /// string), for development and testing.
     Token(Box<TokenArgs>),
     /// Run a self-contained demo: the edge, a streaming chat core and a browser page, on loopback.
     Demo {

@@ -97,6 +97,18 @@ pub(crate) struct ResultLabels {
     pub(crate) result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct JwksFetchLabels {
+    pub(crate) policy: String,
+    /// "ok", "error" (not reached, not 200, too large, timed out) or "invalid" (no usable key).
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PolicyLabels {
+    pub(crate) policy: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub(crate) struct Metrics {
@@ -117,6 +129,8 @@ pub(crate) struct Metrics {
     pub(crate) resume_buffered_bytes: Gauge,
     pub(crate) http_requests: Family<HttpLabels, Counter>,
     pub(crate) http_request_seconds: HistogramFamily<RouteLabels>,
+    pub(crate) jwks_fetches: Family<JwksFetchLabels, Counter>,
+    pub(crate) jwks_keys: Family<PolicyLabels, Gauge>,
 }
 
 /// A route's handles for what every upgraded connection touches, resolved once per route
@@ -203,6 +217,8 @@ impl Metrics {
             resume_buffered_bytes: Gauge::default(),
             http_requests: Family::default(),
             http_request_seconds: Family::new_with_constructor(http_buckets as fn() -> Histogram),
+            jwks_fetches: Family::default(),
+            jwks_keys: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -284,6 +300,16 @@ impl Metrics {
             "http_request_seconds",
             "Length of proxied HTTP exchanges, from the request to the end of the response body",
             metrics.http_request_seconds.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "Fetches of identity providers' key sets, by policy and result",
+            metrics.jwks_fetches.clone(),
+        );
+        registry.register(
+            "jwks_keys",
+            "Usable keys in each policy's key set",
+            metrics.jwks_keys.clone(),
         );
         Metrics {
             registry,
@@ -367,6 +393,23 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    pub(crate) fn jwks_fetch(&self, policy: &str, result: &'static str) {
+        self.jwks_fetches
+            .get_or_create(&JwksFetchLabels {
+                policy: policy.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    pub(crate) fn jwks_keys(&self, policy: &str, keys: usize) {
+        self.jwks_keys
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .set(keys as i64);
     }
 
     pub(crate) fn reload(&self, ok: bool) {

@@ -93,6 +93,7 @@ pub(crate) fn refused(
         route,
         identity,
         http,
+        refetch: _,
     } = rejected;
     let route = route.as_deref().unwrap_or("-");
     let status = refusal.status().as_u16();

@@ -74,6 +74,13 @@ impl EdgeHandle {
         }
         // Reopened even when unchanged, so that SIGHUP after log rotation moves to the new file.
         self.shared.audit.reopen(config.log.audit.clone()).await;
+        // Key sets already fetched stay in use until the new refreshers have fetched again.
+        crate::jwks_refresh::start(
+            &config,
+            Some(old),
+            &self.shared.metrics,
+            &self.shared.shutdown,
+        );
         self.shared.live.store(Arc::new(Live::new(config)));
         self.shared.metrics.reload(true);
     }
@@ -223,6 +230,12 @@ impl Edge {
         if shared.handshake_rate.is_some() {
             tokio::spawn(evict_rate_limiter_entries(shared.clone()));
         }
+        crate::jwks_refresh::start(
+            &shared.live.load().config,
+            None,
+            &shared.metrics,
+            &shared.shutdown,
+        );
         shared.shutdown.cancelled().await;
         let drain_timeout = shared.live.load().config.server.drain_timeout;
         tracing::info!(

@@ -1,10 +1,12 @@
 //! `wsedge token`: a development token signed with a policy's key, carrying the identity claims
-//! that policy reads.
+//! that policy reads; for a `kind = "hmac"` policy, the signed query string.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::auth::Verifier;
 use crate::auth::claims::Claims;
 use crate::auth::jwt::{self, MintError, SigningKey};
+use crate::auth::signed_params::Signed;
 use crate::config::Config;
 
 /// What a token is asked for.
@@ -35,6 +37,8 @@ pub enum TokenError {
     SeveralPolicies,
     #[error("[auth.{0}] verifies with a public key: pass --key PRIVATE_KEY.pem to sign")]
     NeedsPrivateKey(String),
+    #[error("--ttl is longer than the policy's max_ttl ({0:?})")]
+    BeyondMaxTtl(Duration),
     #[error(transparent)]
     Mint(#[from] MintError),
 }
@@ -55,15 +59,27 @@ pub fn mint(config: &Config, request: TokenRequest) -> Result<String, TokenError
             }
         }
     };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    if let Verifier::SignedParams(params) = &policy.verifier {
+        if request.ttl > params.max_ttl {
+            return Err(TokenError::BeyondMaxTtl(params.max_ttl));
+        }
+        let signed = Signed {
+            user: request.user,
+            tenant: request.tenant.unwrap_or_default(),
+            conversation: request.conversation.unwrap_or_default(),
+            expires: (now + request.ttl.as_secs()).to_string(),
+        };
+        return Ok(params.query_string(&signed));
+    }
     let key = match (request.private_key, &policy.hmac_secret) {
         (Some(pem), _) => SigningKey::PrivatePem(pem),
         (None, Some(secret)) => SigningKey::Secret(secret.clone()),
         (None, None) => return Err(TokenError::NeedsPrivateKey(policy.name.clone())),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
     let mut claims = Claims::new();
     claims.insert(policy.claims.user.clone(), request.user.into());
     if let Some(tenant) = request.tenant {

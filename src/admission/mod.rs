@@ -20,9 +20,11 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::auth::error::AuthError;
+use crate::auth::jwks::JwksKeys;
 use crate::auth::memo::TokenMemo;
 use crate::auth::token_source::{self, FoundToken};
-use crate::auth::{Identity, Presented};
+use crate::auth::{Identity, Presented, Verifier};
 use crate::config::settings::Affinity;
 use crate::cors;
 use crate::limits::UserSlot;
@@ -104,6 +106,9 @@ pub(crate) struct Rejected {
     pub(crate) identity: Option<Box<Identity>>,
     /// A plain HTTP request on a route that proxies them (counted as such, not as a handshake).
     pub(crate) http: bool,
+    /// For a token whose `kid` the policy's key set lacks: that set, which may be fetched again
+    /// before the request is judged once more.
+    pub(crate) refetch: Option<Arc<JwksKeys>>,
 }
 
 /// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID.
@@ -128,6 +133,15 @@ struct Known<'a> {
     route: Option<&'a Route>,
     identity: Option<Identity>,
     http: bool,
+    refetch: Option<Arc<JwksKeys>>,
+}
+
+/// Whether a request is checked for the first time, or again after its policy's key set was
+/// fetched for it (it was counted against the per-address rate the first time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    First,
+    Again,
 }
 
 /// Runs the checks in order.
@@ -137,13 +151,15 @@ pub(crate) fn admit<'a, B>(
     shared: &'a Shared,
     live: &'a Live,
     memo: &TokenMemo,
+    pass: Pass,
 ) -> Result<Admitted<'a>, Rejected> {
     let mut known = Known::default();
-    checks(request, conn, shared, live, memo, &mut known).map_err(|refusal| Rejected {
+    checks(request, conn, shared, live, memo, pass, &mut known).map_err(|refusal| Rejected {
         refusal,
         route: known.route.map(|route| route.label.clone()),
         identity: known.identity.map(Box::new),
         http: known.http,
+        refetch: known.refetch,
     })
 }
 
@@ -153,6 +169,7 @@ fn checks<'a, B>(
     shared: &'a Shared,
     live: &'a Live,
     memo: &TokenMemo,
+    pass: Pass,
     known: &mut Known<'a>,
 ) -> Result<Admitted<'a>, Refusal> {
     let headers = request.headers();
@@ -163,10 +180,11 @@ fn checks<'a, B>(
     // A plain HTTP request is counted only when its token needs verifying (below): a
     // keep-alive client sends the same token with every request, and verifies it once.
     let rate_allows = || {
-        shared
-            .handshake_rate
-            .as_ref()
-            .is_none_or(|rate| rate.allow(conn.peer.ip()))
+        pass == Pass::Again
+            || shared
+                .handshake_rate
+                .as_ref()
+                .is_none_or(|rate| rate.allow(conn.peer.ip()))
     };
     let asks_upgrade = has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
@@ -217,7 +235,16 @@ fn checks<'a, B>(
                 Presented::Fresh(_) if !asks_upgrade && !rate_allows() => {
                     return Err(Refusal::RateLimited);
                 }
-                Presented::Fresh(found) => policy.verify(found, memo)?,
+                Presented::Fresh(found) => match policy.verify(found, memo) {
+                    Ok(verified) => verified,
+                    Err(AuthError::UnknownKey) => {
+                        if let Verifier::Jwks(keys) = &policy.verifier {
+                            known.refetch = Some(keys.clone());
+                        }
+                        return Err(Refusal::TokenKeyUnknown);
+                    }
+                    Err(error) => return Err(error.into()),
+                },
             };
             (identity, Some(token))
         }
@@ -228,6 +255,12 @@ fn checks<'a, B>(
     // A conversation the edge made up cannot be asked for again: a resume takes the session's.
     let conversation_named = identity.conversation.is_some() || query_conversation.is_some();
     identity::resolve(route, identity, host.as_deref(), path, query_conversation)?;
+    // Membership: a policy that names a conversations claim lets a token open only those.
+    if let (Some(policy), Some(conversation)) = (&route.auth, &identity.conversation)
+        && !policy.may_open(&identity.claims, conversation)
+    {
+        return Err(Refusal::ConversationNotAllowed);
+    }
     // An `exp` centuries away (some issuers mint "never expires" tokens) is no deadline; it
     // must neither overflow the clock arithmetic nor wrap around to "now".
     let token_expires_at = identity

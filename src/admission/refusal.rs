@@ -34,6 +34,11 @@ pub(crate) enum Refusal {
     TokenExpired,
     /// A token that does not verify; the message says why.
     TokenInvalid(&'static str),
+    /// A token signed with a key the policy's key set does not hold (yet: the edge may fetch
+    /// the set again and look once more).
+    TokenKeyUnknown,
+    /// The policy's keys have not loaded yet: its identity provider has not been reached.
+    AuthUnavailable,
     TenantRequired,
     /// The tenant rule refused; the message says which way.
     TenantNotAllowed(&'static str),
@@ -122,6 +127,20 @@ impl Refusal {
                 "origin not allowed",
                 None,
                 Extra::None,
+            ),
+            Self::TokenKeyUnknown => (
+                S::UNAUTHORIZED,
+                "token_invalid",
+                "token key (kid) is unknown",
+                None,
+                Extra::Bearer("Bearer realm=\"wsedge\", error=\"invalid_token\""),
+            ),
+            Self::AuthUnavailable => (
+                S::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                "the identity provider's keys are not loaded yet",
+                None,
+                Extra::RetryAfter,
             ),
             Self::Draining => (
                 S::SERVICE_UNAVAILABLE,
@@ -307,6 +326,8 @@ impl From<AuthError> for Refusal {
             AuthError::Missing => Self::TokenMissing,
             AuthError::Expired => Self::TokenExpired,
             AuthError::Invalid(message) => Self::TokenInvalid(message),
+            AuthError::UnknownKey => Self::TokenKeyUnknown,
+            AuthError::Unavailable => Self::AuthUnavailable,
         }
     }
 }

@@ -9,4 +9,10 @@ pub(crate) enum AuthError {
     Expired,
     #[error("{0}")]
     Invalid(&'static str),
+    /// The token names a key (`kid`) that the policy's key set does not hold.
+    #[error("token key (kid) is unknown")]
+    UnknownKey,
+    /// The policy's keys have not loaded yet (its identity provider has not been reached).
+    #[error("the policy's keys are not loaded yet")]
+    Unavailable,
 }

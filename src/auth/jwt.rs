@@ -76,65 +76,84 @@ impl JwtVerifier {
             }
         };
 
-        let mut validation = Validation::new(settings.algorithms[0]);
-        validation.algorithms = settings.algorithms.to_vec();
-        validation.leeway = settings.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp"];
-        if !settings.issuer.is_empty() {
-            validation.set_issuer(settings.issuer);
-            required.push("iss");
-        }
-        if settings.audience.is_empty() {
-            // Without a configured audience there is nothing to compare an `aud` claim to.
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(settings.audience);
-            required.push("aud");
-        }
-        validation.set_required_spec_claims(&required);
+        let validation = validation(settings, settings.algorithms.to_vec());
         Ok(Self::Library { key, validation })
     }
 
-    /// Checks again what time changes about a token that verified before: that it has not
-    /// expired since (with the policy's leeway, as at its verification).
-    pub(crate) fn check_time(&self, claims: &Claims) -> Result<(), AuthError> {
-        let leeway = match self {
-            Self::Hmac(verifier) => verifier.leeway(),
-            Self::Library { validation, .. } => validation.leeway,
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        match claims.get("exp").and_then(super::claims::numeric_date) {
-            Some(exp) if exp < now.saturating_sub(leeway) => Err(AuthError::Expired),
-            _ => Ok(()),
+    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        match self {
+            Self::Hmac(verifier) => verifier.verify(token),
+            Self::Library { key, validation } => decode(token, key, validation),
         }
     }
 
-    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let (key, validation) = match self {
-            Self::Hmac(verifier) => return verifier.verify(token),
-            Self::Library { key, validation } => (key, validation),
-        };
-        jsonwebtoken::decode::<Claims>(token, key, validation)
-            .map(|data| data.claims)
-            .map_err(|error| match error.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::Invalid("token is not valid yet"),
-                ErrorKind::InvalidIssuer => AuthError::Invalid("token issuer is not accepted"),
-                ErrorKind::InvalidAudience => AuthError::Invalid("token audience is not accepted"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::Invalid("token algorithm is not accepted")
-                }
-                ErrorKind::InvalidSignature => AuthError::Invalid("token signature is invalid"),
-                ErrorKind::MissingRequiredClaim(_) => {
-                    AuthError::Invalid("token lacks a required claim")
-                }
-                _ => AuthError::Invalid("token is malformed"),
-            })
+    /// The leeway given to `exp` and `nbf`, in seconds.
+    pub(crate) fn leeway(&self) -> u64 {
+        match self {
+            Self::Hmac(verifier) => verifier.leeway(),
+            Self::Library { validation, .. } => validation.leeway,
+        }
+    }
+}
+
+/// What jsonwebtoken checks of a token besides its signature: `exp` (required) and `nbf` with
+/// the leeway, the issuer and audience when the policy names them, and `algorithms`.
+pub(crate) fn validation(settings: &JwtSettings, algorithms: Vec<Algorithm>) -> Validation {
+    let mut validation = Validation::new(settings.algorithms[0]);
+    validation.algorithms = algorithms;
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if !settings.issuer.is_empty() {
+        validation.set_issuer(settings.issuer);
+        required.push("iss");
+    }
+    if settings.audience.is_empty() {
+        // Without a configured audience there is nothing to compare an `aud` claim to.
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(settings.audience);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// Verifies `token` with jsonwebtoken; its errors as the refusals they become.
+pub(crate) fn decode(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<Claims, AuthError> {
+    use jsonwebtoken::errors::ErrorKind;
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map(|data| data.claims)
+        .map_err(|error| match error.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::Invalid("token is not valid yet"),
+            ErrorKind::InvalidIssuer => AuthError::Invalid("token issuer is not accepted"),
+            ErrorKind::InvalidAudience => AuthError::Invalid("token audience is not accepted"),
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::Invalid("token algorithm is not accepted")
+            }
+            ErrorKind::InvalidSignature => AuthError::Invalid("token signature is invalid"),
+            ErrorKind::MissingRequiredClaim(_) => {
+                AuthError::Invalid("token lacks a required claim")
+            }
+            _ => AuthError::Invalid("token is malformed"),
+        })
+}
+
+/// Whether claims that verified before have expired since (with `leeway` seconds, as at their
+/// verification).
+pub(crate) fn check_time(claims: &Claims, leeway: u64) -> Result<(), AuthError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    match claims.get("exp").and_then(super::claims::numeric_date) {
+        Some(exp) if exp < now.saturating_sub(leeway) => Err(AuthError::Expired),
+        _ => Ok(()),
     }
 }
 

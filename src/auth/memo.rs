@@ -70,7 +70,7 @@ mod tests {
             claims: ClaimNames::default(),
             issuers: Vec::new(),
             audiences: Vec::new(),
-            verifier,
+            verifier: crate::auth::Verifier::Jwt(verifier),
             hmac_secret: Some(secret.to_vec()),
         })
     }

@@ -5,8 +5,10 @@ pub(crate) mod algorithm;
 pub(crate) mod claims;
 pub(crate) mod error;
 mod hmac_jwt;
+pub(crate) mod jwks;
 pub(crate) mod jwt;
 pub(crate) mod memo;
+pub(crate) mod signed_params;
 pub(crate) mod token_source;
 
 use std::sync::Arc;
@@ -16,8 +18,10 @@ use jsonwebtoken::Algorithm;
 
 use claims::{Claims, claim_string, numeric_date};
 use error::AuthError;
+use jwks::JwksKeys;
 use jwt::JwtVerifier;
 use memo::TokenMemo;
+use signed_params::SignedParams;
 use token_source::{FoundToken, TokenSource};
 
 /// Which claim names carry the identity.
@@ -26,6 +30,9 @@ pub(crate) struct ClaimNames {
     pub(crate) user: String,
     pub(crate) tenant: String,
     pub(crate) conversation: String,
+    /// The claim listing the conversations the token may open (`"*"`: any), when the policy
+    /// checks membership.
+    pub(crate) conversations: Option<String>,
 }
 
 impl Default for ClaimNames {
@@ -34,7 +41,39 @@ impl Default for ClaimNames {
             user: "sub".into(),
             tenant: "tenant_id".into(),
             conversation: "conversation_id".into(),
+            conversations: None,
         }
+    }
+}
+
+/// How a policy checks what a client presents.
+// One per policy, never moved on a request's path: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Verifier {
+    /// A JWT, with the one key of the config.
+    Jwt(JwtVerifier),
+    /// A JWT, with the key its `kid` names in a JWK set.
+    Jwks(Arc<JwksKeys>),
+    /// HMAC-signed query parameters.
+    SignedParams(SignedParams),
+}
+
+impl Verifier {
+    fn verify(&self, token: &str, claim_names: &ClaimNames) -> Result<Claims, AuthError> {
+        match self {
+            Self::Jwt(verifier) => verifier.verify(token),
+            Self::Jwks(keys) => keys.verify(token),
+            Self::SignedParams(params) => params.verify(token, claim_names),
+        }
+    }
+
+    fn check_time(&self, claims: &Claims) -> Result<(), AuthError> {
+        let leeway = match self {
+            Self::Jwt(verifier) => verifier.leeway(),
+            Self::Jwks(keys) => keys.leeway(),
+            Self::SignedParams(params) => params.leeway,
+        };
+        jwt::check_time(claims, leeway)
     }
 }
 
@@ -47,7 +86,7 @@ pub(crate) struct AuthPolicy {
     /// Accepted issuers and audiences (empty: not checked); `wsedge token` uses the first.
     pub(crate) issuers: Vec<String>,
     pub(crate) audiences: Vec<String>,
-    pub(crate) verifier: JwtVerifier,
+    pub(crate) verifier: Verifier,
     /// The HMAC secret, kept so that `wsedge token` can mint development tokens.
     pub(crate) hmac_secret: Option<Vec<u8>>,
 }
@@ -82,8 +121,13 @@ impl AuthPolicy {
         query: Option<&str>,
         memo: Option<&TokenMemo>,
     ) -> Result<Presented, AuthError> {
-        let found =
-            token_source::find_token(&self.token_from, headers, query).ok_or(AuthError::Missing)?;
+        let found = match &self.verifier {
+            Verifier::SignedParams(params) => params.find(query)?,
+            Verifier::Jwt(_) | Verifier::Jwks(_) => {
+                token_source::find_token(&self.token_from, headers, query)
+            }
+        }
+        .ok_or(AuthError::Missing)?;
         match memo.and_then(|memo| memo.recall(self, &found.token)) {
             Some(identity) => {
                 self.verifier.check_time(&identity.claims)?;
@@ -107,13 +151,30 @@ impl AuthPolicy {
         }
     }
 
+    /// Whether the token may open `conversation`: always, unless the policy names a membership
+    /// claim, which must then list it (or `"*"`).
+    pub(crate) fn may_open(&self, claims: &Claims, conversation: &str) -> bool {
+        let Some(name) = &self.claims.conversations else {
+            return true;
+        };
+        match claims.get(name) {
+            Some(serde_json::Value::Array(list)) => list.iter().any(|entry| {
+                entry
+                    .as_str()
+                    .is_some_and(|c| c == "*" || c == conversation)
+            }),
+            Some(serde_json::Value::String(one)) => one == "*" || one == conversation,
+            _ => false,
+        }
+    }
+
     /// Verifies a fresh token and reads the identity claims; `memo` remembers them.
     pub(crate) fn verify(
         self: &Arc<Self>,
         found: FoundToken,
         memo: Option<&TokenMemo>,
     ) -> Result<(Identity, FoundToken), AuthError> {
-        let claims = self.verifier.verify(&found.token)?;
+        let claims = self.verifier.verify(&found.token, &self.claims)?;
         let user = claim_string(&claims, &self.claims.user)
             .ok_or(AuthError::Invalid("token has no user claim"))?;
         let identity = Identity {

@@ -55,13 +55,15 @@ fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
     let log = ctx.log(raw.log);
 
     let mut policies = BTreeMap::new();
+    let mut jwks = Vec::new();
     for (name, auth) in raw.auth {
         if name == "none" {
             ctx.error(auth.span(), "a policy cannot be named \"none\": routes use auth = \"none\" to mean no authentication");
             continue;
         }
-        if let Some(policy) = ctx.policy(&name, auth) {
-            policies.insert(name, Arc::new(policy));
+        if let Some(built) = ctx.policy(&name, auth) {
+            jwks.extend(built.jwks);
+            policies.insert(name, Arc::new(built.policy));
         }
     }
 
@@ -97,6 +99,7 @@ fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
         log,
         policies,
         routes,
+        jwks,
         warnings: ctx.take_warnings(),
     })
 }

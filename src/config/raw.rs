@@ -127,12 +127,42 @@ pub(super) struct RawAuth {
     pub(super) algorithms: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) secret: Option<Spanned<RawSecret>>,
     pub(super) public_key: Option<Spanned<RawSecret>>,
-    pub(super) jwks: Option<Spanned<toml::Value>>,
+    pub(super) jwks: Option<Spanned<RawJwks>>,
+    pub(super) jwks_min_refetch: Option<Spanned<String>>,
     pub(super) issuer: Option<Spanned<OneOrMany>>,
     pub(super) audience: Option<Spanned<OneOrMany>>,
     pub(super) leeway: Option<Spanned<String>>,
-    pub(super) token_from: Option<Vec<Spanned<String>>>,
+    pub(super) token_from: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) claims: Option<RawClaims>,
+    /// `kind = "hmac"`: the query parameter names, and how far out `expires` may be.
+    pub(super) params: Option<Spanned<RawParams>>,
+    pub(super) max_ttl: Option<Spanned<String>>,
+}
+
+/// `jwks = { file = "…" }` or `jwks = { url = "https://…", refresh = "5m", ca = { file } }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJwks {
+    pub(super) file: Option<Spanned<String>>,
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) refresh: Option<Spanned<String>>,
+    pub(super) ca: Option<Spanned<RawCaFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCaFile {
+    pub(super) file: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawParams {
+    pub(super) user: Option<String>,
+    pub(super) tenant: Option<String>,
+    pub(super) conversation: Option<String>,
+    pub(super) expires: Option<String>,
+    pub(super) signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +187,7 @@ pub(super) struct RawClaims {
     pub(super) user: Option<String>,
     pub(super) tenant: Option<String>,
     pub(super) conversation: Option<String>,
+    pub(super) conversations: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -24,11 +24,13 @@ use crate::tls;
 
 /// An upstream URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-enum UpstreamUrlError {
+pub(super) enum UpstreamUrlError {
     #[error("invalid upstream URL {0:?}")]
     Invalid(String),
     #[error("upstream URL {0:?} must start with ws:// or wss://")]
     Scheme(String),
+    #[error("URL {0:?} must start with https:// (keys are never fetched in the clear)")]
+    HttpsOnly(String),
     #[error("upstream URL {0:?} has no host")]
     NoHost(String),
     #[error("upstream {0:?} needs TLS settings that failed to load")]
@@ -37,8 +39,8 @@ enum UpstreamUrlError {
     ServerName(String),
 }
 
-/// How a route reaches its `wss://` upstreams.
-struct UpstreamTls {
+/// How a route reaches its `wss://` upstreams (and a policy its identity provider).
+pub(super) struct UpstreamTls {
     config: Arc<rustls::ClientConfig>,
     /// Overrides the name checked in the upstream's certificate (default: the URL's host).
     server_name: Option<ServerName<'static>>,
@@ -377,7 +379,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn upstream_tls(&mut self, raw: Option<RawUpstreamTls>) -> Option<UpstreamTls> {
+    pub(super) fn upstream_tls(&mut self, raw: Option<RawUpstreamTls>) -> Option<UpstreamTls> {
         let raw = raw.unwrap_or(RawUpstreamTls {
             ca: None,
             server_name: None,
@@ -426,14 +428,34 @@ impl Ctx<'_> {
 
 /// One upstream URL: `ws://` or `wss://` (with the route's TLS settings), host, port, path.
 fn target(url: &str, tls: Option<&UpstreamTls>) -> Result<TargetSettings, UpstreamUrlError> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| UpstreamUrlError::Invalid(url.to_owned()))?;
-    let secure = match uri.scheme_str() {
+    let secure = match url.split_once("://").map(|(scheme, _)| scheme) {
         Some("ws") => false,
         Some("wss") => true,
         _ => return Err(UpstreamUrlError::Scheme(url.to_owned())),
     };
+    parse_target(url, tls, secure)
+}
+
+/// An `https://` URL (an identity provider's key set) as a target.
+pub(super) fn https_target(
+    url: &str,
+    tls: &UpstreamTls,
+) -> Result<TargetSettings, UpstreamUrlError> {
+    if !url.starts_with("https://") {
+        return Err(UpstreamUrlError::HttpsOnly(url.to_owned()));
+    }
+    parse_target(url, Some(tls), true)
+}
+
+fn parse_target(
+    url: &str,
+    tls: Option<&UpstreamTls>,
+    secure: bool,
+) -> Result<TargetSettings, UpstreamUrlError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| UpstreamUrlError::Invalid(url.to_owned()))?;
+    let scheme = uri.scheme_str().unwrap_or_default().to_owned();
     let host = uri
         .host()
         .ok_or_else(|| UpstreamUrlError::NoHost(url.to_owned()))?
@@ -464,11 +486,7 @@ fn target(url: &str, tls: Option<&UpstreamTls>) -> Result<TargetSettings, Upstre
         None
     };
     Ok(TargetSettings {
-        url: format!(
-            "{}://{authority}{}",
-            if secure { "wss" } else { "ws" },
-            uri.path()
-        ),
+        url: format!("{scheme}://{authority}{}", uri.path()),
         host,
         port,
         authority,

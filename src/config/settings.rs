@@ -13,6 +13,7 @@ use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
 use crate::auth::AuthPolicy;
+use crate::auth::jwks::JwksKeys;
 use crate::template::Template;
 
 pub struct Config {
@@ -21,6 +22,8 @@ pub struct Config {
     pub log: LogSettings,
     pub(crate) policies: BTreeMap<String, Arc<AuthPolicy>>,
     pub(crate) routes: Vec<Arc<RouteSettings>>,
+    /// The key sets fetched from identity providers, one per policy with `jwks = { url }`.
+    pub(crate) jwks: Vec<JwksSource>,
     /// Things that are allowed but deserve attention (inline secrets, keys not enforced yet),
     /// already formatted as `file:line:col: warning: …`.
     pub warnings: Vec<String>,
@@ -31,6 +34,16 @@ impl Config {
     pub fn counts(&self) -> (usize, usize) {
         (self.routes.len(), self.policies.len())
     }
+}
+
+/// A policy's key set at an identity provider.
+pub(crate) struct JwksSource {
+    pub(crate) policy: String,
+    /// The set's URL (HTTPS), as a target: host, port, path, TLS.
+    pub(crate) target: TargetSettings,
+    /// How often the set is fetched again (sooner when the provider's `max-age` says so).
+    pub(crate) refresh: Duration,
+    pub(crate) keys: Arc<JwksKeys>,
 }
 
 /// A configuration that failed to load: every problem found, each with its location.
