@@ -913,3 +913,46 @@ async fn copies_of_the_token_in_every_configured_source_are_removed() {
     assert_eq!(seen.header("cookie"), Some("theme=dark"));
     assert_eq!(seen.query_param("lang").as_deref(), Some("en"));
 }
+
+#[tokio::test]
+async fn a_membership_claim_lets_a_token_open_only_its_conversations() {
+    let (mut upstream, edge) = setup(
+        r#"claims = { conversations = "convs" }"#,
+        r#"conversation = "query-or-token""#,
+    )
+    .await;
+    let member = hs256(&claims("alice", json!({ "convs": ["c1", "c2"] })));
+    let anywhere = hs256(&claims("root", json!({ "convs": "*" })));
+    let nowhere = token_for("bob");
+    for (token, conversation, allowed) in [
+        (&member, "c1", true),
+        (&member, "c2", true),
+        (&member, "c3", false),
+        (&anywhere, "c3", true),
+        (&nowhere, "c1", false),
+    ] {
+        let url = edge.url(&format!("/ws/chat?conversation_id={conversation}"));
+        let authorization = bearer(token);
+        let headers = [("Authorization", authorization.as_str())];
+        if allowed {
+            let _ws = connect_ok(&url, &headers).await;
+            let seen = upstream.next_request().await;
+            assert_eq!(seen.header("x-conversation-id"), Some(conversation));
+        } else {
+            let refused = connect_refused(&url, &headers).await;
+            assert_eq!(
+                (refused.status, refused.body["error"].as_str()),
+                (403, Some("conversation_not_allowed")),
+                "{conversation}"
+            );
+        }
+    }
+    // A token naming its conversation is held to the list too.
+    let named = hs256(&claims(
+        "alice",
+        json!({ "conversation_id": "c9", "convs": ["c1"] }),
+    ));
+    let refused =
+        connect_refused(&edge.url("/ws/chat"), &[("Authorization", &bearer(&named))]).await;
+    assert_eq!(refused.status, 403);
+}

@@ -349,6 +349,49 @@ fn token_mints_a_verifiable_hs256_jwt_with_the_identity_and_ttl() {
     assert_identity_claims(&claims, 600);
 }
 
+#[tokio::test]
+async fn token_prints_the_signed_query_of_an_hmac_policy_and_the_edge_takes_it() {
+    let mut upstream = Upstream::start().await;
+    let text = EdgeConfig::new(&upstream.url("/ws/chat"))
+        .auth("signed")
+        .section(
+            "[auth.signed]\nkind = \"hmac\"\nsecret = \"signing-secret-for-connection-params\"\nmax_ttl = \"1h\"",
+        )
+        .route("conversation = \"query-or-token\"")
+        .build();
+    let dir = scratch();
+    let config = write_config(dir.path(), "proxy.toml", &text);
+    let args = [
+        "--auth",
+        "signed",
+        "--sub",
+        "alice",
+        "--conversation",
+        "c42",
+        "--ttl",
+        "10m",
+    ];
+    let run = wsedge(&token_args(path_str(&config), &args)).run().await;
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let query = run.stdout.trim().to_owned();
+    assert!(
+        query.starts_with("user_id=alice&conversation_id=c42&expires="),
+        "{query}"
+    );
+    let edge = TestEdge::start(&text).await;
+    let _ws = connect_ok(&edge.url(&format!("/ws/chat?{query}")), &[]).await;
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.header("x-user-id"), Some("alice"));
+    assert_eq!(seen.header("x-conversation-id"), Some("c42"));
+    // Longer than the policy lets a signature live: refused, with the reason.
+    let too_long = ["--auth", "signed", "--sub", "alice", "--ttl", "2h"];
+    let run = wsedge(&token_args(path_str(&config), &too_long))
+        .run()
+        .await;
+    assert_ne!(run.code(), Some(0));
+    assert!(run.stderr.contains("max_ttl"), "{}", run.stderr);
+}
+
 #[test]
 fn token_is_refused_by_another_secret() {
     let dir = scratch();
