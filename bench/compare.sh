@@ -150,11 +150,39 @@ upstream = "ws://127.0.0.1:19011/api"
 auth = "main"
 http = "proxy"
 EOF
+# The same edge verifying RS256 tokens with a key from a JWK set (the handshake row only): what
+# an identity provider's keys cost per handshake, beside HS256. The set is read from a file; a
+# set fetched from a URL is verified the same way.
+openssl genrsa -out "$OUT/rs256.pem" 2048 2>/dev/null
+MODULUS=$(openssl rsa -in "$OUT/rs256.pem" -noout -modulus | cut -d= -f2)
+python3 -c "
+import base64, json, sys
+n = bytes.fromhex(sys.argv[1])
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b'=').decode()
+print(json.dumps({'keys': [{'kty': 'RSA', 'kid': 'bench', 'use': 'sig', 'alg': 'RS256', 'n': b64(n), 'e': 'AQAB'}]}))
+" "$MODULUS" >"$OUT/jwks.json"
+cat >"$OUT/wsedge-rs256.toml" <<EOF
+[server]
+listen = ["127.0.0.1:19007"]
+max_connections_per_user = 0
+handshake_rate_per_ip = "off"
+[log]
+level = "warn"
+[auth.main]
+kind = "jwt"
+algorithms = ["RS256"]
+jwks = { file = "$OUT/jwks.json" }
+[[route]]
+path = "/ws"
+upstream = "ws://127.0.0.1:19001/ws"
+auth = "main"
+message_rate = "off"
+EOF
 # The same edge with session resume on (defaults: 1000 messages / 4 MiB kept per client). Every
 # connection of the load tool is its own user, so one session_id names a session per connection.
 sed -e 's/19005/19006/' -e 's/^message_rate = "off"$/message_rate = "off"\nresume = { window = "30s" }/' \
     "$OUT/wsedge.toml" >"$OUT/wsedge-resume.toml"
-declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005 [wsedge-resume]=19006)
+declare -A PORT=([direct]=19001 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005 [wsedge-resume]=19006 [wsedge-rs256]=19007)
 declare -A QUERY=([wsedge-resume]="?session_id=bench")
 declare -A PROXY_PID=()
 start_proxy() {
@@ -164,6 +192,7 @@ start_proxy() {
         haproxy-jwt) haproxy -f "$OUT/haproxy-jwt.cfg" -db >>"$OUT/haproxy-jwt.log" 2>&1 & ;;
         wsedge) "$EDGE" --config "$OUT/wsedge.toml" 2>>"$OUT/wsedge.log" & ;;
         wsedge-resume) "$EDGE" --config "$OUT/wsedge-resume.toml" 2>>"$OUT/wsedge-resume.log" & ;;
+        wsedge-rs256) "$EDGE" --config "$OUT/wsedge-rs256.toml" 2>>"$OUT/wsedge-rs256.log" & ;;
     esac
     PROXY_PID[$1]=$!
     PIDS+=($!)
@@ -175,14 +204,16 @@ stop_proxy() {
     while (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$1]}") 2>/dev/null; do sleep 0.05; done
 }
 
-declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET" [wsedge-resume]="--jwt-secret $SECRET")
+declare -A AUTH=([direct]="" [nginx]="" [haproxy]="" [haproxy-jwt]="--jwt-secret $SECRET" [wsedge]="--jwt-secret $SECRET" [wsedge-resume]="--jwt-secret $SECRET" [wsedge-rs256]="--jwt-rsa-key $OUT/rs256.pem --jwt-kid bench")
 TARGETS=(direct nginx haproxy haproxy-jwt wsedge wsedge-resume)
+# RS256 from a JWK set is an admission matter: only the handshake row measures that edge.
+HANDSHAKE_TARGETS=("${TARGETS[@]}" wsedge-rs256)
 # Resume is a WebSocket matter: the HTTP row leaves that edge out.
 HTTP_TARGETS=(direct nginx haproxy haproxy-jwt wsedge)
 declare -A HTTP_PORT=([direct]=19011 [nginx]=19002 [haproxy]=19003 [haproxy-jwt]=19004 [wsedge]=19005)
 PROXIES=(nginx haproxy haproxy-jwt wsedge wsedge-resume)
 wait_port 19001
-for proxy in "${PROXIES[@]}"; do start_proxy "$proxy"; done
+for proxy in "${PROXIES[@]}" wsedge-rs256; do start_proxy "$proxy"; done
 
 # The resident memory of a process and all its descendants, in KiB.
 tree_rss() {
@@ -230,7 +261,8 @@ for rep in $(seq 1 "$REPS"); do
         done
     fi
     if measuring handshake; then
-        for target in "${ORDER[@]}"; do
+        shift_by=$(( (rep - 1) % ${#HANDSHAKE_TARGETS[@]} ))
+        for target in "${HANDSHAKE_TARGETS[@]:shift_by}" "${HANDSHAKE_TARGETS[@]:0:shift_by}"; do
             load handshake "$target" "$rep" --count "$HANDSHAKES" --concurrency "$HANDSHAKE_CONCURRENCY"
         done
     fi

@@ -8,7 +8,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "haproxy-jwt", "wsedge", "wsedge-resume"]
+TARGETS = ["direct", "nginx", "haproxy", "haproxy-jwt", "wsedge", "wsedge-resume", "wsedge-rs256"]
 FIGURES = [
     # (title, mode, extractor, higher is better, format)
     ("streamed msgs/s", "stream", lambda r: r["messages_per_second"], True, "{:,.0f}"),

@@ -126,6 +126,13 @@ struct Target {
     /// Mint a fresh HS256 token per connection with this secret.
     #[arg(long)]
     jwt_secret: Option<String>,
+    /// Sign with this RSA private key (PEM) instead: one RS256 token for every connection,
+    /// made before the run (an RSA signature costs the tool as much as a verification costs
+    /// the edge, on the same cores), naming `--jwt-kid`.
+    #[arg(long, conflicts_with = "jwt_secret", requires = "jwt_kid")]
+    jwt_rsa_key: Option<std::path::PathBuf>,
+    #[arg(long)]
+    jwt_kid: Option<String>,
     /// The query parameter that carries the token.
     #[arg(long, default_value = "token")]
     token_param: String,
@@ -146,43 +153,59 @@ fn main() -> anyhow::Result<()> {
                 http_listen,
             } => return upstream::run(listen, http_listen).await,
             Mode::Stream {
-                target,
+                mut target,
                 connections,
                 messages,
                 size,
-            } => websocket::stream(&target, connections, messages, size).await?,
+            } => {
+                target.prepare()?;
+                websocket::stream(&target, connections, messages, size).await?
+            }
             Mode::Rtt {
-                target,
+                mut target,
                 connections,
                 round_trips,
                 size,
-            } => websocket::rtt(&target, connections, round_trips, size).await?,
+            } => {
+                target.prepare()?;
+                websocket::rtt(&target, connections, round_trips, size).await?
+            }
             Mode::Handshake {
-                target,
+                mut target,
                 count,
                 concurrency,
-            } => websocket::handshake(&target, count, concurrency).await?,
+            } => {
+                target.prepare()?;
+                websocket::handshake(&target, count, concurrency).await?
+            }
             Mode::Idle {
-                target,
+                mut target,
                 connections,
                 hold,
                 sources,
                 concurrency,
             } => {
+                target.prepare()?;
                 let hold = wsedge::parse_duration(&hold)?;
                 websocket::idle(&target, connections, hold, sources, concurrency).await?
             }
             Mode::Http {
-                target,
+                mut target,
                 connections,
                 requests,
-            } => http::requests(&target, connections, requests).await?,
+            } => {
+                target.prepare()?;
+                http::requests(&target, connections, requests).await?
+            }
             Mode::Sse {
-                target,
+                mut target,
                 connections,
                 events,
                 size,
-            } => http::events(&target, connections, events, size).await?,
+            } => {
+                target.prepare()?;
+                http::events(&target, connections, events, size).await?
+            }
         };
         println!("{result}");
         Ok(())
@@ -207,6 +230,26 @@ impl Target {
             .next()
             .context("--url host does not resolve")?;
         Ok((authority, addr))
+    }
+
+    /// Signs the one RS256 token of `--jwt-rsa-key` into the URL, before a run starts.
+    fn prepare(&mut self) -> anyhow::Result<()> {
+        let Some(path) = &self.jwt_rsa_key else {
+            return Ok(());
+        };
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = self.jwt_kid.clone();
+        let claims = json!({ "sub": "user-rs256", "iat": now_secs(), "exp": now_secs() + 3600 });
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).context("--jwt-rsa-key")?,
+        )?;
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        self.url = format!("{}{separator}{}={token}", self.url, self.token_param);
+        self.jwt_rsa_key = None;
+        Ok(())
     }
 
     /// The URL for connection `n`: with a fresh token when a secret is given.
