@@ -39,9 +39,9 @@ OUT=${OUT:-$(mktemp -d /tmp/wsedge-bench.XXXXXX)}
 # Each proxied connection costs the proxy two descriptors; the container allows 20,000.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null || ! command -v openssl >/dev/null; then
     apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx haproxy
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx haproxy openssl
 fi
 cargo build --release --bins
 LOAD=$PWD/target/release/wsedge-load

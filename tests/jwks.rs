@@ -409,3 +409,35 @@ async fn bad_jwks_settings_are_refused_with_their_location() {
         assert!(error.starts_with("proxy.toml:"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn a_token_never_brings_its_own_key() {
+    // A token naming a key set of the attacker's (jku), embedding its own key (jwk) and naming
+    // a kid the provider does not publish: refused, and the attacker's set is never fetched.
+    let ca = TestCa::new();
+    let published = SigningKey::new("k1");
+    let provider = Provider::start(&ca, key_set(&[&published])).await;
+    let forged = SigningKey::new("evil");
+    let attacker = Provider::start(&ca, key_set(&[&forged])).await;
+    let upstream = Upstream::start().await;
+    let edge = edge_for(&ca, &provider, &upstream, "").await;
+    wait_ready(&edge).await;
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("evil".into());
+    header.jku = Some(attacker.url());
+    header.jwk = Some(serde_json::from_value(forged.jwk.clone()).unwrap());
+    let token =
+        jsonwebtoken::encode(&header, &claims("mallory", json!({})), &forged.encoding).unwrap();
+    let refused =
+        connect_refused(&edge.url("/ws/chat"), &[("Authorization", &bearer(&token))]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(attacker.fetches(), 0);
+    // The same for a kid the provider does publish: its own key decides, not the token's.
+    header.kid = Some("k1".into());
+    let token =
+        jsonwebtoken::encode(&header, &claims("mallory", json!({})), &forged.encoding).unwrap();
+    let refused =
+        connect_refused(&edge.url("/ws/chat"), &[("Authorization", &bearer(&token))]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(attacker.fetches(), 0);
+}
