@@ -71,15 +71,20 @@ pub(crate) async fn handle(
 ) -> Result<Response<EdgeBody>, Infallible> {
     let started = Instant::now();
     let request_id = admission::request_id(request.headers());
-    let live = shared.live.load_full();
+    let mut live = shared.live.load_full();
     let mut admitted = admission::admit(&request, conn, &shared, &live, &memo, Pass::First);
     // A token signed with a key the set lacks: the identity provider may have rotated its
     // keys. The set is fetched again (or a fetch under way joined), and the token judged once
-    // more; when no fetch is allowed now, the refusal stands.
+    // more, on the config as it is then; when no fetch is allowed now, the refusal stands.
     if let Err(rejected) = &mut admitted
-        && let Some(keys) = rejected.refetch.take()
-        && keys.refetch_for_unknown_kid(UNKNOWN_KID_WAIT).await
+        && let Some(refetch) = rejected.refetch.take()
+        && refetch
+            .keys
+            .refetch_for_unknown_kid(refetch.seen, UNKNOWN_KID_WAIT)
+            .await
     {
+        drop(admitted);
+        live = shared.live.load_full();
         admitted = admission::admit(&request, conn, &shared, &live, &memo, Pass::Again);
     }
     let admitted = match admitted {

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use tokio_util::sync::CancellationToken;
 
+use crate::auth::Verifier;
 use crate::auth::jwks::JwksKeys;
 use crate::config::Config;
 use crate::config::settings::{JwksSource, TargetSettings};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::upstream::fetch;
 
 /// The largest key set read: a provider's set is a few KiB.
@@ -29,18 +30,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Starts a refresher for each key set of `config` at a URL, taking over the sets `previous`
 /// (the config a reload replaces) had fetched for the same policy and URL, and stopping its
-/// refreshers. Also sets the key gauges of file sets.
+/// refreshers. Sets the key gauges (and removes those of policies gone). A set whose refresher
+/// runs already is left to it.
 pub(crate) fn start(
     config: &Config,
     previous: Option<&Config>,
     metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    shutdown: &Shutdown,
 ) {
-    for (name, policy) in &config.policies {
-        if let crate::auth::Verifier::Jwks(keys) = &policy.verifier {
-            metrics.jwks_keys(name, keys.key_count());
-        }
-    }
     for source in &config.jwks {
         let same = previous.and_then(|previous| {
             previous
@@ -48,6 +45,9 @@ pub(crate) fn start(
                 .iter()
                 .find(|old| old.policy == source.policy && old.target.url == source.target.url)
         });
+        if !source.keys.claim_refresher() {
+            continue;
+        }
         if let Some(old) = same {
             source.keys.adopt(&old.keys);
         }
@@ -63,6 +63,16 @@ pub(crate) fn start(
     if let Some(previous) = previous {
         for old in &previous.jwks {
             old.keys.retire();
+        }
+        for (name, policy) in &previous.policies {
+            if matches!(policy.verifier, Verifier::Jwks(_)) && !config.policies.contains_key(name) {
+                metrics.forget_jwks_keys(name);
+            }
+        }
+    }
+    for (name, policy) in &config.policies {
+        if let Verifier::Jwks(keys) = &policy.verifier {
+            metrics.jwks_keys(name, keys.key_count());
         }
     }
 }
@@ -87,7 +97,7 @@ struct Refresher {
 }
 
 impl Refresher {
-    async fn run(self, shutdown: CancellationToken) {
+    async fn run(self, shutdown: Shutdown) {
         let mut failures = 0u32;
         loop {
             if self.keys.retired() || shutdown.is_cancelled() {
@@ -101,7 +111,7 @@ impl Refresher {
                 }
                 None => {
                     failures = failures.saturating_add(1);
-                    let backoff = Duration::from_secs(1 << failures.min(5).saturating_sub(1));
+                    let backoff = Duration::from_secs(1 << failures.min(6).saturating_sub(1));
                     backoff.min(MAX_BACKOFF).min(self.refresh)
                 }
             };

@@ -13,7 +13,7 @@
 //! for the upstream) → `relay` (the state machine over two legs) → `session` (registry, replay
 //! buffer, detach and attach) → `ws` (frames, legs, closes). Beside them, using none of them:
 //! `token`, `systemd`, `limits`, `config`, `template`, `auth`, `tls`, `metrics`, `audit`,
-//! `stats`, `query`, `units`, `cors`.
+//! `stats`, `query`, `units`, `cors`, `shutdown`.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -36,6 +36,7 @@ mod report;
 mod route;
 mod server;
 mod session;
+mod shutdown;
 mod state;
 mod stats;
 pub mod systemd;

@@ -228,6 +228,9 @@ struct TokenArgs {
     /// Audience, when the policy requires one (default: the policy's first audience).
     #[arg(long)]
     audience: Option<String>,
+    /// The key id to name in the token's header (policies with a JWK set choose keys by it).
+    #[arg(long)]
+    kid: Option<String>,
 }
 
 fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
@@ -259,6 +262,7 @@ fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
         private_key,
         issuer: args.issuer,
         audience: args.audience,
+        kid: args.kid,
     };
     let token = wsedge::mint_token(&config, request)
         .with_context(|| format!("cannot sign a token with {}", path.display()))?;

@@ -412,6 +412,12 @@ impl Metrics {
             .set(keys as i64);
     }
 
+    pub(crate) fn forget_jwks_keys(&self, policy: &str) {
+        self.jwks_keys.remove(&PolicyLabels {
+            policy: policy.to_owned(),
+        });
+    }
+
     pub(crate) fn reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "refused" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();

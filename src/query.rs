@@ -19,6 +19,21 @@ impl<'a> Pair<'a> {
     pub(crate) fn value(&self) -> Cow<'a, str> {
         decode(self.raw_value)
     }
+
+    /// The value, decoded; `None` when its bytes are not UTF-8 (nothing replaced: for values
+    /// that are signed, where two byte strings must never read as one).
+    pub(crate) fn exact_value(&self) -> Option<Cow<'a, str>> {
+        if memchr::memchr2(b'%', b'+', self.raw_value.as_bytes()).is_none() {
+            return Some(Cow::Borrowed(self.raw_value));
+        }
+        let spaced: Vec<u8> = self
+            .raw_value
+            .bytes()
+            .map(|b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+        String::from_utf8(bytes).ok().map(Cow::Owned)
+    }
 }
 
 /// The pairs of `application/x-www-form-urlencoded` text, in order, empty ones skipped.

@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::Shutdown;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::ClientConn;
@@ -167,7 +169,7 @@ impl Edge {
             handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
             live: ArcSwap::from_pointee(Live::new(config)),
             stats: Arc::new(Stats::default()),
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
         });
         Ok(Edge {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
@@ -13,6 +12,7 @@ use crate::limits::{HandshakeRate, UserConnections};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::session::registry::Sessions;
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// The config being served and the routes built from it, swapped whole on reload: a handshake
@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub(crate) live: ArcSwap<Live>,
     pub(crate) stats: Arc<Stats>,
     /// Cancelled when the edge begins to drain; relays close their clients with 1001.
-    pub(crate) shutdown: CancellationToken,
+    pub(crate) shutdown: Shutdown,
     /// Every connection task, so that shutdown can wait for them all.
     pub(crate) tasks: TaskTracker,
     /// One permit per proxied connection, sized by `server.max_connections`.

@@ -24,6 +24,8 @@ pub struct TokenRequest {
     /// Default: the policy's first accepted issuer and audience.
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The `kid` the token's header names (for a policy with a JWK set).
+    pub kid: Option<String>,
 }
 
 /// A token that cannot be made from this config.
@@ -39,6 +41,10 @@ pub enum TokenError {
     NeedsPrivateKey(String),
     #[error("--ttl is longer than the policy's max_ttl ({0:?})")]
     BeyondMaxTtl(Duration),
+    #[error("[auth.{0}] is kind = \"hmac\": {1} does not apply to its signed parameters")]
+    NotForSignedParams(String, &'static str),
+    #[error("the user may not be empty")]
+    EmptyUser,
     #[error(transparent)]
     Mint(#[from] MintError),
 }
@@ -63,7 +69,20 @@ pub fn mint(config: &Config, request: TokenRequest) -> Result<String, TokenError
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs();
+    if request.user.is_empty() {
+        return Err(TokenError::EmptyUser);
+    }
     if let Verifier::SignedParams(params) = &policy.verifier {
+        let jwt_only = [
+            ("--claim", !request.claims.is_empty()),
+            ("--key", request.private_key.is_some()),
+            ("--issuer", request.issuer.is_some()),
+            ("--audience", request.audience.is_some()),
+            ("--kid", request.kid.is_some()),
+        ];
+        if let Some((option, _)) = jwt_only.iter().find(|(_, given)| *given) {
+            return Err(TokenError::NotForSignedParams(policy.name.clone(), option));
+        }
         if request.ttl > params.max_ttl {
             return Err(TokenError::BeyondMaxTtl(params.max_ttl));
         }
@@ -108,5 +127,5 @@ pub fn mint(config: &Config, request: TokenRequest) -> Result<String, TokenError
         .first()
         .copied()
         .unwrap_or(jsonwebtoken::Algorithm::HS256);
-    Ok(jwt::mint(algorithm, &key, &claims)?)
+    Ok(jwt::mint(algorithm, &key, &claims, request.kid.as_deref())?)
 }

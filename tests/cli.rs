@@ -443,12 +443,15 @@ fn check_asymmetric_token(
     );
 
     let mut args = token_args(path_str(&config), &IDENTITY);
-    args.extend(["--key", path_str(&private_path)]);
+    args.extend(["--key", path_str(&private_path), "--kid", "2026-12"]);
     let with_key = wsedge(&args).run_blocking();
     let token = printed_token(&with_key);
     let key = decoding_key(public_pem.as_bytes()).unwrap();
     let claims = verify(&token, jwt_alg, &key);
     assert_identity_claims(&claims, 600);
+    // The key id a policy with a JWK set chooses its key by.
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert_eq!(header.kid.as_deref(), Some("2026-12"));
 }
 
 #[test]

@@ -160,6 +160,47 @@ async fn signed_parameters_expire_mid_session_with_4001() {
 }
 
 #[test]
+fn forward_token_cannot_send_signed_parameters_upstream() {
+    let text = EdgeConfig::new("ws://127.0.0.1:9/ws")
+        .auth("signed")
+        .section(
+            "[auth.signed]\nkind = \"hmac\"\nsecret = \"signing-secret-for-connection-params\"",
+        )
+        .route("forward_token = true")
+        .build();
+    let error = wsedge::Config::from_toml(&text, "proxy.toml", std::path::Path::new("."))
+        .err()
+        .expect("forward_token with an hmac policy loaded")
+        .to_string();
+    assert!(error.contains("forward_token does not apply"), "{error}");
+}
+
+#[tokio::test]
+async fn signed_parameters_never_reach_an_http_upstream_either() {
+    let mut upstream = plain::HttpUpstream::start("a").await;
+    let config = EdgeConfig::new(&upstream.url("/api"))
+        .path("/api")
+        .auth("signed")
+        .section(&format!(
+            "[auth.signed]\nkind = \"hmac\"\nsecret = \"{HMAC_SECRET}\""
+        ))
+        .route("match = \"prefix\"\nhttp = \"proxy\"\nconversation = \"query-or-token\"");
+    let edge = TestEdge::start(&config.build()).await;
+    let mut client = plain::HttpClient::connect(edge.addr).await;
+    let path = format!("/api/echo?{}&page=2", alice(now() + 600));
+    let response = client.fetch(plain::get(&path, &[])).await;
+    assert_eq!(response.status, 200);
+    let seen = upstream.next_request().await.request;
+    assert_eq!(seen.header("x-user-id"), Some("alice"));
+    assert_eq!(seen.header("x-conversation-id"), Some("c42"));
+    assert_eq!(seen.query(), vec![("page".to_owned(), "2".to_owned())]);
+    let refused = client
+        .fetch(plain::get(&path.replace("alice", "mallory"), &[]))
+        .await;
+    assert_eq!(refused.status, 401);
+}
+
+#[test]
 fn bad_hmac_settings_are_refused_with_their_location() {
     for (policy, expected) in [
         (
@@ -175,6 +216,14 @@ fn bad_hmac_settings_are_refused_with_their_location() {
         (
             "secret = \"signing-secret-for-connection-params\"\nmax_ttl = \"soon\"",
             "invalid duration \"soon\"",
+        ),
+        (
+            "secret = \"signing-secret-for-connection-params\"\nclaims = { conversations = \"convs\" }",
+            "claims.conversations does not apply",
+        ),
+        (
+            "secret = \"signing-secret-for-connection-params\"\njwks_min_refetch = \"5s\"",
+            "jwks_min_refetch does not apply",
         ),
     ] {
         let text = EdgeConfig::new("ws://127.0.0.1:9/ws")

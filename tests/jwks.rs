@@ -230,6 +230,16 @@ async fn unknown_kids_are_merged_into_one_fetch_and_limited_per_interval() {
     .await;
     assert_eq!(refused.status, 401);
     assert_eq!(provider.fetches(), 2);
+    // Once the interval has passed, an unknown kid may fetch again: the provider may have
+    // rotated once more.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let refused = connect_refused(
+        &url,
+        &[("Authorization", &bearer(&key.token_naming("x", "later")))],
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(provider.fetches(), 3);
 }
 
 #[tokio::test]
@@ -398,6 +408,10 @@ async fn bad_jwks_settings_are_refused_with_their_location() {
         (
             "algorithms = [\"ES256\"]\nsecret = \"0123456789abcdef0123456789abcdef\"\njwks = { file = \"empty.json\" }",
             "not both",
+        ),
+        (
+            "algorithms = [\"ES256\"]\njwks = { url = \"https://idp.example/jwks.json\" }\njwks_min_refetch = \"0s\"",
+            "at least 1s",
         ),
     ] {
         let text = EdgeConfig::new("ws://127.0.0.1:9/ws").keys(keys).build();

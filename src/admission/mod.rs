@@ -108,7 +108,13 @@ pub(crate) struct Rejected {
     pub(crate) http: bool,
     /// For a token whose `kid` the policy's key set lacks: that set, which may be fetched again
     /// before the request is judged once more.
-    pub(crate) refetch: Option<Arc<JwksKeys>>,
+    pub(crate) refetch: Option<Refetch>,
+}
+
+/// A key set that lacked a token's `kid`, and which generation of it did.
+pub(crate) struct Refetch {
+    pub(crate) keys: Arc<JwksKeys>,
+    pub(crate) seen: u64,
 }
 
 /// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID.
@@ -133,7 +139,7 @@ struct Known<'a> {
     route: Option<&'a Route>,
     identity: Option<Identity>,
     http: bool,
-    refetch: Option<Arc<JwksKeys>>,
+    refetch: Option<Refetch>,
 }
 
 /// Whether a request is checked for the first time, or again after its policy's key set was
@@ -235,16 +241,26 @@ fn checks<'a, B>(
                 Presented::Fresh(_) if !asks_upgrade && !rate_allows() => {
                     return Err(Refusal::RateLimited);
                 }
-                Presented::Fresh(found) => match policy.verify(found, memo) {
-                    Ok(verified) => verified,
-                    Err(AuthError::UnknownKey) => {
-                        if let Verifier::Jwks(keys) = &policy.verifier {
-                            known.refetch = Some(keys.clone());
+                Presented::Fresh(found) => {
+                    // Read before verifying: a set installed meanwhile is a reason to look again.
+                    let seen = match &policy.verifier {
+                        Verifier::Jwks(keys) => keys.generation(),
+                        _ => 0,
+                    };
+                    match policy.verify(found, memo) {
+                        Ok(verified) => verified,
+                        Err(AuthError::UnknownKey) => {
+                            if let Verifier::Jwks(keys) = &policy.verifier {
+                                known.refetch = Some(Refetch {
+                                    keys: keys.clone(),
+                                    seen,
+                                });
+                            }
+                            return Err(Refusal::TokenKeyUnknown);
                         }
-                        return Err(Refusal::TokenKeyUnknown);
+                        Err(error) => return Err(error.into()),
                     }
-                    Err(error) => return Err(error.into()),
-                },
+                }
             };
             (identity, Some(token))
         }

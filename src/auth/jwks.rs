@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -28,6 +28,9 @@ use super::jwt;
 /// How long a handshake with an unknown `kid` waits for the fetch it caused (a fetch is given
 /// 5 s).
 pub(crate) const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(6);
+/// Handshakes of one policy that may wait for a fetch at once; more are judged on the set at
+/// hand (a flood of made-up `kid`s must not pile up waiting requests).
+const MAX_WAITING: usize = 256;
 
 /// A key set that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +136,10 @@ impl Acceptance {
         let family = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
             AlgorithmParameters::EllipticCurve(_) => AlgorithmFamily::Ec,
-            AlgorithmParameters::OctetKeyPair(_) => AlgorithmFamily::Ed,
+            // jsonwebtoken reads any octet key pair as Ed25519: only that curve is one.
+            AlgorithmParameters::OctetKeyPair(params) if params.curve == EllipticCurve::Ed25519 => {
+                AlgorithmFamily::Ed
+            }
             AlgorithmParameters::OctetKey(_) if !self.remote => AlgorithmFamily::Hmac,
             _ => return None,
         };
@@ -183,6 +189,13 @@ struct Forced {
 pub(crate) struct JwksKeys {
     acceptance: Acceptance,
     current: ArcSwapOption<KeySet>,
+    /// Counts the sets installed: a request that found its `kid` missing from one generation
+    /// is judged again when a later one has come meanwhile.
+    generation: AtomicU64,
+    /// Requests waiting for a forced fetch now.
+    waiting: AtomicUsize,
+    /// Whether a refresher runs for this set (one per set, whatever starts it).
+    refreshed: AtomicBool,
     /// The JSON the current set was read from: a reload that changes the policy reads it again.
     raw: Mutex<Option<Bytes>>,
     /// At most one refetch per this for tokens with an unknown `kid`.
@@ -201,6 +214,9 @@ impl JwksKeys {
         Self {
             acceptance,
             current: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            refreshed: AtomicBool::new(false),
             raw: Mutex::new(None),
             min_refetch,
             forced: Mutex::new(Forced::default()),
@@ -227,6 +243,7 @@ impl JwksKeys {
         let set = self.acceptance.parse(&json)?;
         let count = set.len();
         self.current.store(Some(Arc::new(set)));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         *self.raw.lock().unwrap_or_else(|p| p.into_inner()) = Some(json);
         Ok(count)
     }
@@ -252,6 +269,16 @@ impl JwksKeys {
         self.current.load().as_ref().map_or(0, |set| set.len())
     }
 
+    /// Which set is current (see [`Self::refetch_for_unknown_kid`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Claims the right to run this set's refresher: true once.
+    pub(crate) fn claim_refresher(&self) -> bool {
+        !self.refreshed.swap(true, Ordering::SeqCst)
+    }
+
     pub(crate) fn leeway(&self) -> u64 {
         self.acceptance.validation.leeway
     }
@@ -266,13 +293,21 @@ impl JwksKeys {
         jwt::decode(token, &key.decoding, &key.validation)
     }
 
-    /// For a token whose `kid` is unknown: asks the refresher to fetch the set at once and
-    /// waits for that fetch (joining one under way), at most `wait`. False when no fetch is
-    /// allowed now (one went out less than `min_refetch` ago): the token is judged on the set
-    /// as it is, and random `kid`s never become load on the identity provider.
-    pub(crate) async fn refetch_for_unknown_kid(&self, wait: Duration) -> bool {
+    /// For a token whose `kid` generation `seen` of the set lacked: true at once when a later
+    /// set has come since; else asks the refresher to fetch the set at once and waits for that
+    /// fetch (joining one under way), at most `wait`. False when no fetch is allowed now (one
+    /// went out less than `min_refetch` ago, or too many requests wait already): the token is
+    /// judged on the set as it is, and random `kid`s never become load on the provider.
+    pub(crate) async fn refetch_for_unknown_kid(&self, seen: u64, wait: Duration) -> bool {
+        if self.generation() != seen {
+            return true;
+        }
         // A file is read with the config, and a replaced policy's refresher has stopped.
         if !self.acceptance.remote || self.retired() {
+            return false;
+        }
+        let waiting = Waiting::enter(&self.waiting);
+        if waiting.count > MAX_WAITING {
             return false;
         }
         let mut attempts = self.attempts.subscribe();
@@ -324,14 +359,36 @@ impl JwksKeys {
         self.wake.notified().await;
     }
 
-    /// The policy was replaced by a reload: its refresher stops.
+    /// The policy was replaced by a reload: its refresher stops, and requests waiting for a
+    /// fetch are let go.
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
         self.wake.notify_one();
+        self.attempts.send_modify(|count| *count += 1);
     }
 
     pub(crate) fn retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
+    }
+}
+
+/// One request counted among those waiting, for as long as it waits.
+struct Waiting<'a> {
+    counter: &'a AtomicUsize,
+    /// How many wait, this one included.
+    count: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Self { counter, count }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -429,5 +486,27 @@ mod tests {
             empty.verify(&hs_token(Some("one"), secret)),
             Err(AuthError::Unavailable)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_set_installed_since_the_token_was_judged_is_a_reason_to_judge_it_again() {
+        let set = json!({ "keys": [
+            { "kty": "oct", "kid": "one", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA" },
+        ]})
+        .to_string();
+        let remote = JwksKeys::new(
+            acceptance(&[Algorithm::HS256], false),
+            Duration::from_secs(30),
+        );
+        let seen = remote.generation();
+        remote.install(Bytes::from(set.clone())).unwrap();
+        // A fetch finished between the token's check and its request for one: judged again
+        // at once, without another fetch (the file set below has no refresher to ask).
+        assert!(remote.refetch_for_unknown_kid(seen, Duration::ZERO).await);
+        assert!(
+            !remote
+                .refetch_for_unknown_kid(remote.generation(), Duration::ZERO)
+                .await
+        );
     }
 }

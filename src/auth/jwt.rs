@@ -127,7 +127,7 @@ pub(crate) fn decode(
     validation: &Validation,
 ) -> Result<Claims, AuthError> {
     use jsonwebtoken::errors::ErrorKind;
-    jsonwebtoken::decode::<Claims>(token, key, validation)
+    let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
         .map(|data| data.claims)
         .map_err(|error| match error.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -142,7 +142,9 @@ pub(crate) fn decode(
                 AuthError::Invalid("token lacks a required claim")
             }
             _ => AuthError::Invalid("token is malformed"),
-        })
+        })?;
+    super::hmac_jwt::check_strict(token)?;
+    Ok(claims)
 }
 
 /// Whether claims that verified before have expired since (with `leeway` seconds, as at their
@@ -179,6 +181,7 @@ pub(crate) fn mint(
     algorithm: Algorithm,
     key: &SigningKey,
     claims: &Claims,
+    kid: Option<&str>,
 ) -> Result<String, MintError> {
     let encoding_key = match (algorithm.family(), key) {
         (AlgorithmFamily::Hmac, SigningKey::Secret(secret)) => EncodingKey::from_secret(secret),
@@ -196,7 +199,9 @@ pub(crate) fn mint(
         }
         (_, SigningKey::Secret(_)) => return Err(MintError::PrivateKeyExpected(algorithm)),
     };
-    jsonwebtoken::encode(&Header::new(algorithm), claims, &encoding_key).map_err(MintError::Signing)
+    let mut header = Header::new(algorithm);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &encoding_key).map_err(MintError::Signing)
 }
 
 pub(crate) enum SigningKey {

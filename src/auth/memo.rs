@@ -87,6 +87,7 @@ mod tests {
             Algorithm::HS256,
             &SigningKey::Secret(secret.to_vec()),
             &claims,
+            None,
         )
         .unwrap_or_else(|_| panic!("a token"))
     }

@@ -119,7 +119,10 @@ impl SignedParams {
             if std::mem::replace(&mut seen[slot], true) {
                 return Err(AuthError::Invalid("a signed parameter is given twice"));
             }
-            let value = pair.value().into_owned();
+            let value = pair
+                .exact_value()
+                .ok_or(AuthError::Invalid("a signed parameter is not UTF-8"))?
+                .into_owned();
             match slot {
                 0 => signed.user = value,
                 1 => signed.tenant = value,
@@ -220,17 +223,19 @@ impl SignedParams {
     }
 }
 
-/// Lowercase (or uppercase) hex, two digits a byte.
+/// Lowercase hex, two digits a byte (one signature, one spelling).
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 {
         return None;
     }
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
     text.as_bytes()
         .chunks(2)
-        .map(|pair| {
-            let digit = |b: u8| (b as char).to_digit(16);
-            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
-        })
+        .map(|pair| Some(digit(pair[0])? * 16 + digit(pair[1])?))
         .collect()
 }
 
@@ -316,6 +321,19 @@ mod tests {
             check(&params, &too_far).unwrap_err(),
             AuthError::Invalid("expires is further out than max_ttl")
         );
+        let upper = {
+            let (head, signature) = good.split_once("&signature=").unwrap();
+            format!("{head}&signature={}", signature.to_uppercase())
+        };
+        assert_eq!(
+            check(&params, &upper).unwrap_err(),
+            AuthError::Invalid("signature is not hex")
+        );
+        let not_utf8 = good.replace("user_id=alice", "user_id=alic%FF");
+        assert!(check(&params, &not_utf8).is_err());
+        // Percent-encoding is read: an encoded name or value is the same parameter.
+        let encoded = good.replace("user_id=alice", "user%5Fid=%61lice");
+        assert!(check(&params, &encoded).is_ok());
         let unsigned = good.split("&signature=").next().unwrap().to_owned();
         assert_eq!(check(&params, &unsigned).unwrap_err(), AuthError::Missing);
         let twice = format!("{good}&user_id=alice");

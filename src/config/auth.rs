@@ -129,6 +129,14 @@ impl Ctx<'_> {
         let verifier = match (&raw.jwks, &raw.secret, &raw.public_key) {
             (Some(set), None, None) => {
                 let min_refetch = self.duration(&raw.jwks_min_refetch, DEFAULT_JWKS_MIN_REFETCH);
+                if let Some(given) = &raw.jwks_min_refetch
+                    && min_refetch < Duration::from_secs(1)
+                {
+                    self.error(
+                        given.span(),
+                        "jwks_min_refetch must be at least 1s (made-up kids would otherwise drive fetches)",
+                    );
+                }
                 let (keys, source) =
                     self.jwks(name, set, &settings, algorithms_span, min_refetch)?;
                 jwks = source;
@@ -288,6 +296,10 @@ impl Ctx<'_> {
             ("issuer", raw.issuer.as_ref().map(Spanned::span)),
             ("audience", raw.audience.as_ref().map(Spanned::span)),
             ("token_from", raw.token_from.as_ref().map(Spanned::span)),
+            (
+                "jwks_min_refetch",
+                raw.jwks_min_refetch.as_ref().map(Spanned::span),
+            ),
         ] {
             if let Some(given) = given {
                 self.error(
@@ -295,6 +307,12 @@ impl Ctx<'_> {
                     format!("{key} does not apply to kind = \"hmac\" (the query carries signed parameters)"),
                 );
             }
+        }
+        if claims.conversations.is_some() {
+            self.error(
+                span.clone(),
+                "claims.conversations does not apply to kind = \"hmac\": the signed parameters name one conversation",
+            );
         }
         let max_ttl = self.duration(&raw.max_ttl, DEFAULT_MAX_TTL);
         let names = self.param_names(raw.params);

@@ -18,7 +18,7 @@ use super::settings::{
     RouteSettings, TargetSettings, TenantRule, is_reserved_header,
 };
 use super::validate::Ctx;
-use crate::auth::AuthPolicy;
+use crate::auth::{AuthPolicy, Verifier};
 use crate::template::Template;
 use crate::tls;
 
@@ -93,6 +93,16 @@ impl Ctx<'_> {
                 }
             },
         };
+        if raw.forward_token == Some(true)
+            && auth
+                .as_ref()
+                .is_some_and(|policy| matches!(policy.verifier, Verifier::SignedParams(_)))
+        {
+            self.error(
+                raw.auth.span(),
+                "forward_token does not apply to a kind = \"hmac\" policy: signed parameters never reach the upstream",
+            );
+        }
         let upstream_tls = self.upstream_tls(raw.upstream_tls.take());
         let targets = self.targets(
             raw.upstream.take(),

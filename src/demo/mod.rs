@@ -128,6 +128,7 @@ fn mint(config: &Config, user: &str, tenant: &str, ttl: Duration) -> anyhow::Res
         private_key: None,
         issuer: None,
         audience: None,
+        kid: None,
     };
     Ok(token::mint(config, request)?)
 }

@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime};
 use futures_util::FutureExt;
 use futures_util::future::{OptionFuture, join};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::shutdown::Shutdown;
 use tokio_util::task::TaskTracker;
 
 use crate::config::settings::Lifecycle;
@@ -76,7 +78,7 @@ pub(crate) struct RelayParams {
     pub(crate) max_message: usize,
     pub(crate) token_expires_at: Option<SystemTime>,
     pub(crate) counters: Counters,
-    pub(crate) shutdown: CancellationToken,
+    pub(crate) shutdown: Shutdown,
     /// Where legs that leave a continuing session are closed.
     pub(crate) tasks: TaskTracker,
     pub(crate) resume: Option<Box<Resumable>>,
@@ -97,7 +99,7 @@ pub(crate) struct Relay {
     upstream: Option<Leg>,
     lifecycle: Lifecycle,
     max_message: usize,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
     /// Registers the task to be woken when `shutdown` is cancelled. Polled once: the
     /// registration lasts as long as the future is kept, and after that a look at the token
     /// is enough.

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::pump::{Pump, Traffic, held_limit};
@@ -206,7 +206,7 @@ fn params(resume: Option<Box<Resumable>>) -> RelayParams {
             client_to_upstream: DirectionCounters::default(),
             upstream_to_client: DirectionCounters::default(),
         },
-        shutdown: CancellationToken::new(),
+        shutdown: Shutdown::default(),
         tasks: TaskTracker::new(),
         resume,
         announce: None,
