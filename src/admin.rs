@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process answers) and
+//! The admin listener: the operator's API under `/admin/` (`admin_api`), `/metrics`
+//! (Prometheus text), `/healthz` (the process answers) and
 //! `/readyz` (accepting new connections; fails from the moment a drain begins, so that a load
 //! balancer stops sending before clients are closed, and while a policy's key set at an
 //! identity provider has not loaded yet).
@@ -20,7 +21,7 @@ use crate::state::Shared;
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -33,7 +34,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(request, shared.clone()));
+            let service = service_fn(move |request| answer(request, shared.clone(), peer));
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
@@ -46,7 +47,11 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
 async fn answer(
     request: Request<Incoming>,
     shared: Arc<Shared>,
+    peer: std::net::SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if crate::admin_api::is_admin_path(request.uri().path()) {
+        return Ok(crate::admin_api::answer(request, &shared, peer).await);
+    }
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,

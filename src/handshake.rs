@@ -18,7 +18,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use crate::admission::refusal::Refusal;
 use crate::admission::{ClientConn, Held, NewSession, Rejected, SessionPlan};
 use crate::auth::Identity;
+use crate::auth::claims::claim_string;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
+use crate::connections::Holder;
 use crate::forward::{self, header_value};
 use crate::metrics::GaugeGuard;
 use crate::relay::{Counters, Relay, RelayParams};
@@ -208,24 +210,42 @@ async fn connect(
     let metrics = route.metrics(&shared.metrics);
     let max_message = route.max_message_size;
     let upstream_leg = Leg::upstream(upstream.io, &upstream.leftover, max_message);
+    let registered = shared.connections.register(Holder {
+        request_id: reply.request_id.to_owned(),
+        route: route.label.clone(),
+        user: identity.user.clone(),
+        tenant: identity.tenant.clone(),
+        conversation: identity.conversation.clone(),
+        session_id,
+        jti: claim_string(&identity.claims, "jti"),
+        expires_at: identity.expires_at,
+    });
+    let connection = &registered.connection;
     let params = RelayParams {
         lifecycle: route.lifecycle.clone(),
         max_message,
         token_expires_at,
         counters: Counters {
-            client_to_upstream: metrics.client_to_upstream.clone(),
-            upstream_to_client: metrics.upstream_to_client.clone(),
+            client_to_upstream: metrics
+                .client_to_upstream
+                .with_connection(connection.bytes_in.clone()),
+            upstream_to_client: metrics
+                .upstream_to_client
+                .with_connection(connection.bytes_out.clone()),
+            turns: Some(metrics.turns.clone()),
         },
         shutdown: shared.shutdown.clone(),
         tasks: shared.tasks.clone(),
         resume,
         announce,
+        registered: Some(connection.clone()),
     };
     shared.stats.opened();
     let holds = (
         shared.stats.open_guard(),
         held,
         GaugeGuard::new(metrics.open.clone()),
+        registered,
     );
     let shared_after = shared.clone();
     // Combinators rather than an `async` block: an async block awaiting a future it holds

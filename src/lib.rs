@@ -4,7 +4,7 @@
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 //!
 //! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
-//! HTTP) → `admin` → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
+//! HTTP) → `admin` (and `admin_api`) → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
 //! (every request: admitted, then upgraded or proxied) → `handshake` (the upgrade) →
 //! `passthrough` (plain HTTP passed through) → `report` (log, audit and metrics of a request)
 //! → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a running edge
@@ -13,14 +13,16 @@
 //! for the upstream) → `relay` (the state machine over two legs) → `session` (registry, replay
 //! buffer, detach and attach) → `ws` (frames, legs, closes). Beside them, using none of them:
 //! `token`, `systemd`, `limits`, `config`, `template`, `auth`, `tls`, `metrics`, `audit`,
-//! `stats`, `query`, `units`, `cors`, `shutdown`.
+//! `stats`, `query`, `units`, `cors`, `shutdown`, `connections`, `revocation`.
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_api;
 mod admission;
 mod audit;
 mod auth;
 mod config;
+mod connections;
 mod cors;
 mod demo;
 mod dispatch;
@@ -33,6 +35,7 @@ mod passthrough;
 mod query;
 mod relay;
 mod report;
+mod revocation;
 mod route;
 mod server;
 mod session;

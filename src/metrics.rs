@@ -4,6 +4,9 @@
 //! Handles are resolved once per connection (a label lookup takes a lock); per batch of
 //! frames the relay only adds to atomics it already holds.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -131,6 +134,20 @@ pub(crate) struct Metrics {
     pub(crate) http_request_seconds: HistogramFamily<RouteLabels>,
     pub(crate) jwks_fetches: Family<JwksFetchLabels, Counter>,
     pub(crate) jwks_keys: Family<PolicyLabels, Gauge>,
+    pub(crate) first_response_seconds: HistogramFamily<RouteLabels>,
+    pub(crate) turn_messages: HistogramFamily<RouteLabels>,
+    pub(crate) turn_seconds: HistogramFamily<RouteLabels>,
+}
+
+/// A route's chat-turn histograms (see `relay::turns`).
+#[derive(Clone)]
+pub(crate) struct TurnMetrics {
+    /// Client message → first upstream message of its turn.
+    pub(crate) first_response: Histogram,
+    /// Upstream messages in a turn.
+    pub(crate) messages: Histogram,
+    /// Client message → last upstream message of an answered turn.
+    pub(crate) seconds: Histogram,
 }
 
 /// A route's handles for what every upgraded connection touches, resolved once per route
@@ -144,19 +161,33 @@ pub(crate) struct RouteMetrics {
     pub(crate) open: Gauge,
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
+    pub(crate) turns: TurnMetrics,
 }
 
-/// The two counters of one direction of one connection.
+/// The two counters of one direction of one connection (the route's), and the connection's own
+/// byte count when the admin API lists it.
 #[derive(Clone, Default)]
 pub(crate) struct DirectionCounters {
     pub(crate) messages: Counter,
     pub(crate) bytes: Counter,
+    pub(crate) connection_bytes: Option<Arc<AtomicU64>>,
 }
 
 impl DirectionCounters {
     pub(crate) fn add(&self, messages: u64, bytes: u64) {
         self.messages.inc_by(messages);
         self.bytes.inc_by(bytes);
+        if let Some(own) = &self.connection_bytes {
+            own.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// The same counters, adding to a connection's own byte count too.
+    pub(crate) fn with_connection(&self, bytes: Arc<AtomicU64>) -> Self {
+        Self {
+            connection_bytes: Some(bytes),
+            ..self.clone()
+        }
     }
 }
 
@@ -174,6 +205,21 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+fn first_response_buckets() -> Histogram {
+    // 10 ms to ~80 s: a cached answer to a model thinking for a minute.
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
+fn turn_message_buckets() -> Histogram {
+    // 1 to 16,384 messages: a one-line reply to a long answer streamed token by token.
+    Histogram::new(exponential_buckets(1.0, 2.0, 15))
+}
+
+fn turn_buckets() -> Histogram {
+    // 50 ms to ~14 min.
+    Histogram::new(exponential_buckets(0.05, 2.0, 15))
 }
 
 fn session_buckets() -> Histogram {
@@ -219,6 +265,11 @@ impl Metrics {
             http_request_seconds: Family::new_with_constructor(http_buckets as fn() -> Histogram),
             jwks_fetches: Family::default(),
             jwks_keys: Family::default(),
+            first_response_seconds: Family::new_with_constructor(
+                first_response_buckets as fn() -> Histogram,
+            ),
+            turn_messages: Family::new_with_constructor(turn_message_buckets as fn() -> Histogram),
+            turn_seconds: Family::new_with_constructor(turn_buckets as fn() -> Histogram),
             registry: Registry::default(),
         };
         registry.register(
@@ -302,6 +353,21 @@ impl Metrics {
             metrics.http_request_seconds.clone(),
         );
         registry.register(
+            "first_response_seconds",
+            "Time from a client's message to the upstream's first message of its answer (time to first token)",
+            metrics.first_response_seconds.clone(),
+        );
+        registry.register(
+            "turn_messages",
+            "Upstream messages in a chat turn (a client message and the answer to it)",
+            metrics.turn_messages.clone(),
+        );
+        registry.register(
+            "turn_seconds",
+            "Time from a client's message to the last message of its answer",
+            metrics.turn_seconds.clone(),
+        );
+        registry.register(
             "jwks_fetches",
             "Fetches of identity providers' key sets, by policy and result",
             metrics.jwks_fetches.clone(),
@@ -333,6 +399,7 @@ impl Metrics {
         DirectionCounters {
             messages: self.messages.get_or_create_owned(&labels),
             bytes: self.bytes.get_or_create_owned(&labels),
+            connection_bytes: None,
         }
     }
 
@@ -352,6 +419,11 @@ impl Metrics {
             open: self.open_connections.get_or_create_owned(&labels),
             client_to_upstream: self.direction(route, "client_to_upstream"),
             upstream_to_client: self.direction(route, "upstream_to_client"),
+            turns: TurnMetrics {
+                first_response: self.first_response_seconds.get_or_create_owned(&labels),
+                messages: self.turn_messages.get_or_create_owned(&labels),
+                seconds: self.turn_seconds.get_or_create_owned(&labels),
+            },
         }
     }
 

@@ -77,6 +77,8 @@ struct DisconnectDetails<'a> {
     bytes_up: u64,
     messages_down: u64,
     bytes_down: u64,
+    /// Chat turns: client messages that began one.
+    turns: u64,
 }
 
 /// Reports a refused request and builds its response.
@@ -291,6 +293,7 @@ impl ConnectionReport {
             bytes_up: report.client_to_upstream.bytes,
             messages_down: report.upstream_to_client.messages,
             bytes_down: report.upstream_to_client.bytes,
+            turns: report.turns,
         };
         shared
             .audit

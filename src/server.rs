@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::revocation::Revocations;
 use crate::shutdown::Shutdown;
 use tokio_util::task::TaskTracker;
 
@@ -152,6 +153,12 @@ impl Edge {
                 )
             })?),
         };
+        let state_dir = config
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.state_dir.clone());
+        let revocations = Revocations::load(state_dir.as_deref())
+            .map_err(|error| io::Error::other(error.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let audit = AuditLog::start(config.log.audit.clone(), metrics.audit_dropped.clone())?;
         let sessions = Arc::new(Sessions {
@@ -163,6 +170,8 @@ impl Edge {
             metrics,
             audit,
             sessions,
+            connections: Arc::default(),
+            revocations: Arc::new(revocations),
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
             handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
             user_connections: Arc::default(),

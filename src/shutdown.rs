@@ -34,3 +34,31 @@ impl Shutdown {
         self.token.cancelled_owned()
     }
 }
+
+/// A switch that ends one connection (an operator revoked it): a flag, and the waker of the
+/// task that looks at it. The task registers once; a look afterwards is an atomic load.
+#[derive(Default)]
+pub(crate) struct Switch {
+    on: AtomicBool,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Switch {
+    pub(crate) fn turn_on(&self) {
+        self.on.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// Registers the task to be woken when the switch is turned on; whether it is on.
+    pub(crate) fn register(&self, waker: &std::task::Waker) -> bool {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
+        self.is_on()
+    }
+}

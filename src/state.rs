@@ -8,8 +8,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::limits::{HandshakeRate, UserConnections};
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
 use crate::route::Router;
 use crate::session::registry::Sessions;
 use crate::shutdown::Shutdown;
@@ -49,4 +51,8 @@ pub(crate) struct Shared {
     pub(crate) audit: AuditLog,
     /// Resumable sessions, live and recently ended.
     pub(crate) sessions: Arc<Sessions>,
+    /// The WebSocket connections open now, for the admin API.
+    pub(crate) connections: Arc<Connections>,
+    /// Revoked tokens and users.
+    pub(crate) revocations: Arc<Revocations>,
 }

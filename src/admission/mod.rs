@@ -265,6 +265,18 @@ fn checks<'a, B>(
             (identity, Some(token))
         }
     };
+    // An operator's revocation: the token by its `jti`, or its user (looked up only while
+    // any revocation holds).
+    if route.auth.is_some()
+        && shared.revocations.is_revoked(
+            identity.claims.get("jti").and_then(|jti| jti.as_str()),
+            identity.tenant.as_deref(),
+            &identity.user,
+        )
+    {
+        known.identity = Some(identity);
+        return Err(Refusal::TokenRevoked);
+    }
     // Kept for the refusal's report and borrowed from there: no copy.
     let identity = known.identity.insert(identity);
     let query_conversation = identity::query_conversation(query)?;

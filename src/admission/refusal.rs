@@ -39,6 +39,8 @@ pub(crate) enum Refusal {
     TokenKeyUnknown,
     /// The policy's keys have not loaded yet: its identity provider has not been reached.
     AuthUnavailable,
+    /// The token, or its user, was revoked by an operator.
+    TokenRevoked,
     TenantRequired,
     /// The tenant rule refused; the message says which way.
     TenantNotAllowed(&'static str),
@@ -134,6 +136,15 @@ impl Refusal {
                 "token key (kid) is unknown",
                 None,
                 Extra::Bearer("Bearer realm=\"wsedge\", error=\"invalid_token\""),
+            ),
+            Self::TokenRevoked => (
+                S::UNAUTHORIZED,
+                "token_revoked",
+                "the token has been revoked",
+                None,
+                Extra::Bearer(
+                    "Bearer realm=\"wsedge\", error=\"invalid_token\", error_description=\"token revoked\"",
+                ),
             ),
             Self::AuthUnavailable => (
                 S::SERVICE_UNAVAILABLE,

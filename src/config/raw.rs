@@ -110,6 +110,10 @@ pub(super) struct RawTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<Spanned<String>>,
+    /// The bearer token of the `/admin/` API (no API without it).
+    pub(super) token: Option<Spanned<RawSecret>>,
+    /// Where revocations are kept across restarts.
+    pub(super) state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +226,7 @@ pub(super) struct RawRoute {
     pub(super) message_rate: Option<Spanned<RawRate>>,
     pub(super) upstream_cooldown: Option<Spanned<String>>,
     pub(super) resume: Option<Spanned<RawResume>>,
+    pub(super) turn_gap: Option<Spanned<String>>,
 }
 
 /// A rate: `{ per_second = N, burst = M }`, or `"off"`.

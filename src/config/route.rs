@@ -335,7 +335,13 @@ impl Ctx<'_> {
                 .is_none_or(|expiry| *expiry.get_ref() == TokenExpiry::Close),
             token_expiry_grace: self.duration(&raw.token_expiry_grace, defaults.token_expiry_grace),
             message_rate: self.rate(&raw.message_rate, defaults.message_rate),
+            turn_gap: self.duration(&raw.turn_gap, defaults.turn_gap),
         };
+        if let Some(value) = &raw.turn_gap
+            && lifecycle.turn_gap.is_zero()
+        {
+            self.error(value.span(), "turn_gap must be more than 0s");
+        }
         if let Some(value) = &raw.pong_timeout
             && lifecycle.pong_timeout.is_zero()
         {

@@ -76,6 +76,10 @@ pub(crate) struct ServerSettings {
 
 pub(crate) struct AdminSettings {
     pub(crate) listen: SocketAddr,
+    /// The `/admin/` API's bearer token; `None`: the API answers 404.
+    pub(crate) token: Option<Vec<u8>>,
+    /// Where revocations survive a restart; `None`: in memory only.
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -115,6 +119,9 @@ pub(crate) struct Lifecycle {
     pub(crate) token_expiry_grace: Duration,
     /// Client → upstream messages per connection.
     pub(crate) message_rate: Option<RateLimit>,
+    /// A chat turn (a client message and the upstream's answer) ends when the upstream has
+    /// been silent this long after it began answering.
+    pub(crate) turn_gap: Duration,
 }
 
 impl Default for Lifecycle {
@@ -134,6 +141,7 @@ impl Default for Lifecycle {
                 per_second: 100.0,
                 burst: 200,
             }),
+            turn_gap: Duration::from_secs(5),
         }
     }
 }

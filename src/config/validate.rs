@@ -273,13 +273,32 @@ impl<'a> Ctx<'a> {
     }
 
     pub(super) fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+        let token = match &raw.token {
+            None => None,
+            Some(token) => {
+                let span = token.span();
+                let token = self.secret(token, "token")?;
+                if token.len() < 16 {
+                    self.error(span, "the admin token must be at least 16 bytes");
+                    return None;
+                }
+                Some(token)
+            }
+        };
+        let state_dir = raw.state_dir.as_ref().map(|dir| self.path(dir.get_ref()));
         let Some(listen) = raw.listen else {
             return Some(AdminSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+                token,
+                state_dir,
             });
         };
         match listen.get_ref().parse() {
-            Ok(listen) => Some(AdminSettings { listen }),
+            Ok(listen) => Some(AdminSettings {
+                listen,
+                token,
+                state_dir,
+            }),
             Err(_) => {
                 self.error(
                     listen.span(),

@@ -19,9 +19,11 @@
 mod pump;
 #[cfg(test)]
 mod tests;
+mod turns;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -30,11 +32,12 @@ use futures_util::future::{OptionFuture, join};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::connections::Connection;
 use crate::shutdown::Shutdown;
 use tokio_util::task::TaskTracker;
 
 use crate::config::settings::Lifecycle;
-use crate::metrics::{DirectionCounters, Limit};
+use crate::metrics::{DirectionCounters, Limit, TurnMetrics};
 use crate::session::registry::close_not_resumable;
 use crate::session::resumable::Resumable;
 use crate::ws::close::{Close, Deadline, EdgeClose, End, Finish, Plan, Side};
@@ -42,6 +45,7 @@ use crate::ws::frame::opcode;
 use crate::ws::leg::{CLOSE_TIMEOUT, Leg, Ping, close_leg};
 pub(crate) use pump::Traffic;
 use pump::{Outcome, Pump, TokenBucket, held_limit};
+use turns::Turns;
 
 /// How long the edge tries to deliver a close frame to a peer that stopped responding.
 const UNRESPONSIVE_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -64,12 +68,15 @@ pub(crate) struct RelayReport {
     pub(crate) upstream_to_client: Traffic,
     /// The limit that ended the session, for `wsedge_limit_hits_total`.
     pub(crate) limit: Option<Limit>,
+    /// Chat turns begun (client messages that started one).
+    pub(crate) turns: u64,
 }
 
 /// The metric counters of one connection, resolved before the relay starts.
 pub(crate) struct Counters {
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
+    pub(crate) turns: Option<TurnMetrics>,
 }
 
 /// What a relay is given besides its legs.
@@ -84,6 +91,9 @@ pub(crate) struct RelayParams {
     pub(crate) resume: Option<Box<Resumable>>,
     /// A first message for the client (the `edge.session` announcement).
     pub(crate) announce: Option<String>,
+    /// Its entry in the registry of open connections: an operator ends it through its
+    /// switch, and the listing says whether its client is away.
+    pub(crate) registered: Option<Arc<Connection>>,
 }
 
 enum Phase {
@@ -105,6 +115,9 @@ pub(crate) struct Relay {
     /// is enough.
     shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_registered: bool,
+    registered: Option<Arc<Connection>>,
+    revoke_registered: bool,
+    turns: Turns,
     tasks: TaskTracker,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
@@ -129,6 +142,7 @@ impl Relay {
     pub(crate) fn new(client: Option<Leg>, upstream: Leg, params: RelayParams) -> Self {
         let now = Instant::now();
         let lifecycle = params.lifecycle;
+        let turn_gap = lifecycle.turn_gap;
         let mut relay = Self {
             phase: Phase::Running,
             client,
@@ -142,6 +156,9 @@ impl Relay {
             shutdown_wait: Box::pin(params.shutdown.clone().cancelled_owned()),
             shutdown_registered: false,
             shutdown: params.shutdown,
+            registered: params.registered,
+            revoke_registered: false,
+            turns: Turns::new(turn_gap, params.counters.turns.clone()),
             tasks: params.tasks,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
@@ -160,7 +177,10 @@ impl Relay {
                 }
             }
             // It may still come back.
-            (None, Some(resume)) => resume.start_detached(),
+            (None, Some(resume)) => {
+                resume.start_detached();
+                relay.mark_detached(true);
+            }
             (None, None) => relay.begin_closing(Plan::vanished_during_upgrade()),
         }
         relay
@@ -174,6 +194,18 @@ impl Relay {
             self.shutdown_registered = true;
         } else if self.shutdown.is_cancelled() {
             return Poll::Ready(Plan::shutdown());
+        }
+        if let Some(registered) = &self.registered {
+            let revoke = &registered.revoke;
+            let on = if self.revoke_registered {
+                revoke.is_on()
+            } else {
+                self.revoke_registered = true;
+                revoke.register(cx.waker())
+            };
+            if on {
+                return Poll::Ready(Plan::revoked());
+            }
         }
         self.poll_attach(cx);
         for _ in 0..4 {
@@ -242,6 +274,7 @@ impl Relay {
         };
         // Without an upstream (a resumed session's ended while the client was away) the
         // client is still read while it takes the rest, for its pongs and its close.
+        let before = self.up.messages;
         let outcome = Pump {
             source: client,
             dest: self.upstream.as_mut(),
@@ -254,6 +287,9 @@ impl Relay {
             counters: &self.counters.client_to_upstream,
         }
         .run(cx, now);
+        if self.up.messages != before {
+            self.turns.client_spoke(now);
+        }
         self.after_pump(Side::Client, outcome, now)
     }
 
@@ -275,6 +311,7 @@ impl Relay {
             }
             None => (None, None),
         };
+        let before = self.down.messages;
         let outcome = Pump {
             source: upstream,
             dest: self.client.as_mut(),
@@ -287,6 +324,9 @@ impl Relay {
             counters: &self.counters.upstream_to_client,
         }
         .run(cx, now);
+        if self.down.messages != before {
+            self.turns.upstream_spoke(self.down.messages - before, now);
+        }
         let passed = outcome.data;
         let result = self.after_pump(Side::Upstream, outcome, now);
         if let Some(resume) = self.resume.as_mut() {
@@ -521,6 +561,16 @@ impl Relay {
         if let Some(resume) = self.resume.as_mut() {
             resume.detach(why);
         }
+        self.mark_detached(true);
+    }
+
+    /// Tells the registry whether the client is away.
+    fn mark_detached(&self, detached: bool) {
+        if let Some(registered) = &self.registered {
+            registered
+                .detached
+                .store(detached, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The session's upstream ended: remember how, to tell the client after the rest.
@@ -583,6 +633,7 @@ impl Relay {
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
             // The upstream ended while the client was away: the rest, then its close.
             self.final_close = resume.take_upstream_final();
+            self.mark_detached(false);
         }
     }
 
@@ -604,7 +655,9 @@ impl Relay {
     }
 
     fn begin_closing(&mut self, plan: Plan) {
+        self.turns.end();
         let report = RelayReport {
+            turns: self.turns.count(),
             ended_by: plan.ended_by,
             reason: plan.reason,
             limit: plan.limit,

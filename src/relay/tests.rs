@@ -205,11 +205,13 @@ fn params(resume: Option<Box<Resumable>>) -> RelayParams {
         counters: Counters {
             client_to_upstream: DirectionCounters::default(),
             upstream_to_client: DirectionCounters::default(),
+            turns: None,
         },
         shutdown: Shutdown::default(),
         tasks: TaskTracker::new(),
         resume,
         announce: None,
+        registered: None,
     }
 }
 

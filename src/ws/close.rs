@@ -23,6 +23,7 @@ pub(crate) mod codes {
     pub(crate) const SESSION_NOT_RESUMABLE: u16 = 4002;
     /// Another connection resumed this one's session.
     pub(crate) const SESSION_TAKEN_OVER: u16 = 4003;
+    pub(crate) const REVOKED: u16 = 4004;
 }
 
 /// A close frame's status code and reason, as a peer sent it.
@@ -171,6 +172,10 @@ pub(crate) enum EdgeClose {
     NotResumable(NotResumable),
     /// To a client whose session another connection resumed (4003).
     TakenOver,
+    /// To a client an operator disconnected or whose token was revoked (4004).
+    Revoked,
+    /// To the upstream of a revoked client (1000: the edge ended it on purpose).
+    RevokedUpstream,
 }
 
 impl EdgeClose {
@@ -189,6 +194,8 @@ impl EdgeClose {
             Self::Violation(error) => error.code(),
             Self::NotResumable(_) => SESSION_NOT_RESUMABLE,
             Self::TakenOver => SESSION_TAKEN_OVER,
+            Self::Revoked => REVOKED,
+            Self::RevokedUpstream => NORMAL,
         }
     }
 
@@ -206,6 +213,7 @@ impl EdgeClose {
             Self::Violation(error) => error.reason(),
             Self::NotResumable(why) => why.reason(),
             Self::TakenOver => "session taken over",
+            Self::Revoked | Self::RevokedUpstream => "revoked",
         }
     }
 
@@ -314,6 +322,19 @@ impl Plan {
             to_upstream: Finish::Send(EdgeClose::ShuttingDown),
             ended_by: None,
             reason: "edge shutting down",
+            unresponsive: None,
+            limit: None,
+            session: NotResumable::Closed,
+        }
+    }
+
+    /// An operator ended the connection (a disconnect or a revocation).
+    pub(crate) fn revoked() -> Self {
+        Plan {
+            to_client: Finish::Send(EdgeClose::Revoked),
+            to_upstream: Finish::Send(EdgeClose::RevokedUpstream),
+            ended_by: None,
+            reason: "revoked",
             unresponsive: None,
             limit: None,
             session: NotResumable::Closed,

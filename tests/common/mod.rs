@@ -115,7 +115,8 @@ pub enum UpstreamMode {
 /// bytes (byte i = i % 251); `flood N SIZE` sends N such messages of SIZE bytes, each awaited;
 /// `close CODE REASON` closes with that code; `die` drops the TCP connection without a close
 /// frame, and `stream-then-die N` does so right after streaming N texts; `freeze` stops reading and writing but keeps the connection;
-/// `trickle N MS` sends texts `0`..`N-1` one every MS milliseconds; `conn` answers `conn K`,
+/// `trickle N MS` sends texts `0`..`N-1` one every MS milliseconds; `later MS N` waits MS
+/// milliseconds (a model thinking), then sends `0`..`N-1` at once; `conn` answers `conn K`,
 /// K numbering the upstream's TCP connections from 1. Any other data message is echoed.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -306,6 +307,15 @@ async fn upstream_session<S>(
                                 break;
                             }
                             tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                    }
+                    (Some("later"), Some(ms), Some(n)) => {
+                        let (ms, n): (u64, usize) = (ms.parse().unwrap(), n.parse().unwrap());
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        for i in 0..n {
+                            if tx.send(Message::text(i.to_string())).await.is_err() {
+                                break;
+                            }
                         }
                     }
                     (Some("conn"), None, None) => {

@@ -1,0 +1,288 @@
+//! Revoked tokens (by `jti`) and users (by tenant and user), each until a moment: a handshake
+//! whose token or user is revoked is refused with 401 `token_revoked`.
+//!
+//! Handshakes read the set without a lock (one pointer load; nothing more while it is empty).
+//! Changes are rare — an operator's call — and replace the set whole: the expired entries are
+//! dropped then, so the set holds only what still refuses someone. With a state directory the
+//! set is written there atomically (a temporary file, synced, renamed over the old one, the
+//! directory synced) before a change takes effect, and read back at start.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+/// The most revocations held at once: a bound on memory and on the state file, far above what
+/// operators revoke within tokens' lifetimes.
+const MAX_ENTRIES: usize = 100_000;
+const STATE_FILE: &str = "revocations.json";
+
+/// What a revocation names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Revoked {
+    Jti(String),
+    /// A user of a tenant (the empty tenant for users without one).
+    User {
+        tenant: String,
+        user: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RevocationError {
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path} is not a revocation list: {error}")]
+    Parse {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    #[error("cannot write {path}: {error}")]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{MAX_ENTRIES} revocations are held already")]
+    Full,
+}
+
+/// The set, as held and as written.
+#[derive(Default, Clone, Serialize, Deserialize)]
+struct Set {
+    /// `jti` → until (Unix seconds).
+    jtis: HashMap<String, u64>,
+    /// Users, by tenant then user → until.
+    users: HashMap<String, HashMap<String, u64>>,
+}
+
+impl Set {
+    fn is_empty(&self) -> bool {
+        self.jtis.is_empty() && self.users.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.jtis.len() + self.users.values().map(HashMap::len).sum::<usize>()
+    }
+
+    #[cfg(test)]
+    fn until(&self, revoked: &Revoked) -> Option<u64> {
+        match revoked {
+            Revoked::Jti(jti) => self.jtis.get(jti).copied(),
+            Revoked::User { tenant, user } => self.users.get(tenant)?.get(user).copied(),
+        }
+    }
+
+    fn drop_expired(&mut self, now: u64) {
+        self.jtis.retain(|_, until| *until > now);
+        for users in self.users.values_mut() {
+            users.retain(|_, until| *until > now);
+        }
+        self.users.retain(|_, users| !users.is_empty());
+    }
+}
+
+pub(crate) struct Revocations {
+    current: ArcSwap<Set>,
+    /// Where the set is kept across restarts.
+    file: Option<PathBuf>,
+    /// Changes one at a time (a change is read, modify, write, swap).
+    changing: Mutex<()>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+impl Revocations {
+    /// The set kept in `state_dir` (empty when there is none yet), or an empty one in memory.
+    pub(crate) fn load(state_dir: Option<&Path>) -> Result<Self, RevocationError> {
+        let file = state_dir.map(|dir| dir.join(STATE_FILE));
+        let mut set = match &file {
+            None => Set::default(),
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => {
+                    serde_json::from_slice(&bytes).map_err(|error| RevocationError::Parse {
+                        path: path.clone(),
+                        error,
+                    })?
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Set::default(),
+                Err(error) => {
+                    return Err(RevocationError::Read {
+                        path: path.clone(),
+                        error,
+                    });
+                }
+            },
+        };
+        set.drop_expired(now());
+        Ok(Self {
+            current: ArcSwap::from_pointee(set),
+            file,
+            changing: Mutex::new(()),
+        })
+    }
+
+    /// Whether a token with `jti`, or its user, is revoked now.
+    pub(crate) fn is_revoked(&self, jti: Option<&str>, tenant: Option<&str>, user: &str) -> bool {
+        let set = self.current.load();
+        if set.is_empty() {
+            return false;
+        }
+        let now = now();
+        let jti_revoked = jti
+            .and_then(|jti| set.jtis.get(jti))
+            .is_some_and(|until| *until > now);
+        jti_revoked
+            || set
+                .users
+                .get(tenant.unwrap_or(""))
+                .and_then(|users| users.get(user))
+                .is_some_and(|until| *until > now)
+    }
+
+    /// Revokes until `until` (Unix seconds); a later `until` for the same entry wins.
+    pub(crate) fn revoke(&self, revoked: Revoked, until: u64) -> Result<(), RevocationError> {
+        self.change(|set| {
+            let slot = match revoked {
+                Revoked::Jti(jti) => set.jtis.entry(jti).or_insert(0),
+                Revoked::User { tenant, user } => set
+                    .users
+                    .entry(tenant)
+                    .or_default()
+                    .entry(user)
+                    .or_insert(0),
+            };
+            *slot = (*slot).max(until);
+            if set.len() > MAX_ENTRIES {
+                return Err(RevocationError::Full);
+            }
+            Ok(())
+        })
+    }
+
+    /// Lifts a revocation; whether there was one.
+    pub(crate) fn lift(&self, revoked: &Revoked) -> Result<bool, RevocationError> {
+        let mut lifted = false;
+        self.change(|set| {
+            lifted = match revoked {
+                Revoked::Jti(jti) => set.jtis.remove(jti).is_some(),
+                Revoked::User { tenant, user } => set
+                    .users
+                    .get_mut(tenant)
+                    .and_then(|users| users.remove(user))
+                    .is_some(),
+            };
+            set.users.retain(|_, users| !users.is_empty());
+            Ok(())
+        })?;
+        Ok(lifted)
+    }
+
+    /// Until when `revoked` holds, if it does.
+    #[cfg(test)]
+    pub(crate) fn until(&self, revoked: &Revoked) -> Option<u64> {
+        self.current
+            .load()
+            .until(revoked)
+            .filter(|until| *until > now())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.current.load().len()
+    }
+
+    /// A change to a copy of the set, written (when kept) before it takes effect.
+    fn change(
+        &self,
+        apply: impl FnOnce(&mut Set) -> Result<(), RevocationError>,
+    ) -> Result<(), RevocationError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = Set::clone(&self.current.load());
+        set.drop_expired(now());
+        apply(&mut set)?;
+        if let Some(path) = &self.file {
+            write_atomically(path, &set).map_err(|error| RevocationError::Write {
+                path: path.clone(),
+                error,
+            })?;
+        }
+        self.current.store(Arc::new(set));
+        Ok(())
+    }
+}
+
+/// Writes `set` to `path` so that a crash leaves either the old file or the new one whole.
+fn write_atomically(path: &Path, set: &Set) -> std::io::Result<()> {
+    let json = serde_json::to_vec(set).map_err(std::io::Error::other)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temporary = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_hold_until_their_time_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let revocations = Revocations::load(Some(dir.path())).unwrap();
+        assert!(!revocations.is_revoked(Some("j1"), Some("acme"), "alice"));
+        let later = now() + 600;
+        revocations
+            .revoke(Revoked::Jti("j1".into()), later)
+            .unwrap();
+        let alice = Revoked::User {
+            tenant: "acme".into(),
+            user: "alice".into(),
+        };
+        revocations.revoke(alice.clone(), later).unwrap();
+        // An entry already past is dropped at the next change.
+        revocations
+            .revoke(Revoked::Jti("old".into()), now() - 1)
+            .unwrap();
+        assert!(revocations.is_revoked(Some("j1"), None, "bob"));
+        assert!(revocations.is_revoked(None, Some("acme"), "alice"));
+        assert!(!revocations.is_revoked(None, Some("other"), "alice"));
+        assert!(!revocations.is_revoked(Some("old"), None, "bob"));
+
+        let reloaded = Revocations::load(Some(dir.path())).unwrap();
+        assert!(reloaded.is_revoked(Some("j1"), None, "bob"));
+        assert_eq!(reloaded.until(&alice), Some(later));
+        assert!(reloaded.lift(&alice).unwrap());
+        assert!(!reloaded.lift(&alice).unwrap());
+        assert!(!Revocations::load(Some(dir.path())).unwrap().is_revoked(
+            None,
+            Some("acme"),
+            "alice"
+        ));
+        assert_eq!(reloaded.len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_an_error_not_an_empty_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
+        let error = Revocations::load(Some(dir.path())).err().unwrap();
+        assert!(
+            error.to_string().contains("is not a revocation list"),
+            "{error}"
+        );
+    }
+}
