@@ -69,7 +69,9 @@ impl EdgeHandle {
         if old.admin.as_ref().and_then(|a| a.state_dir.as_ref())
             != config.admin.as_ref().and_then(|a| a.state_dir.as_ref())
         {
-            tracing::warn!("the admin state_dir changed; it takes effect on restart, not on reload");
+            tracing::warn!(
+                "the admin state_dir changed; it takes effect on restart, not on reload"
+            );
         }
         if config.server.max_connections != old.server.max_connections
             || config.server.max_pending_handshakes != old.server.max_pending_handshakes
