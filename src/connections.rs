@@ -34,13 +34,13 @@ pub(crate) struct Holder {
 pub(crate) struct Connection {
     pub(crate) holder: Holder,
     pub(crate) since: SystemTime,
-    /// Bytes of messages from the client, and to it.
-    pub(crate) bytes_in: Arc<AtomicU64>,
-    pub(crate) bytes_out: Arc<AtomicU64>,
+    /// Bytes of messages from the client, and to it, as the relay last wrote them down.
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// Whether its client is away (a resumable session waiting for it).
     pub(crate) detached: AtomicBool,
     /// Ends it: the relay looks at it as it looks at the edge's drain.
-    pub(crate) revoke: Arc<Switch>,
+    pub(crate) revoke: Switch,
 }
 
 /// Which connections an operator means: every field given must match.
@@ -123,10 +123,10 @@ impl Connections {
         let connection = Arc::new(Connection {
             holder,
             since: SystemTime::now(),
-            bytes_in: Arc::default(),
-            bytes_out: Arc::default(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
             detached: AtomicBool::new(false),
-            revoke: Arc::default(),
+            revoke: Switch::default(),
         });
         self.shard(id).insert(id, connection.clone());
         Registered {

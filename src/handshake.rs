@@ -226,12 +226,8 @@ async fn connect(
         max_message,
         token_expires_at,
         counters: Counters {
-            client_to_upstream: metrics
-                .client_to_upstream
-                .with_connection(connection.bytes_in.clone()),
-            upstream_to_client: metrics
-                .upstream_to_client
-                .with_connection(connection.bytes_out.clone()),
+            client_to_upstream: metrics.client_to_upstream.clone(),
+            upstream_to_client: metrics.upstream_to_client.clone(),
             turns: Some(metrics.turns.clone()),
         },
         shutdown: shared.shutdown.clone(),

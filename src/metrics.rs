@@ -5,7 +5,6 @@
 //! frames the relay only adds to atomics it already holds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -161,33 +160,20 @@ pub(crate) struct RouteMetrics {
     pub(crate) open: Gauge,
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
-    pub(crate) turns: TurnMetrics,
+    pub(crate) turns: Arc<TurnMetrics>,
 }
 
-/// The two counters of one direction of one connection (the route's), and the connection's own
-/// byte count when the admin API lists it.
+/// The two counters of one direction of one connection.
 #[derive(Clone, Default)]
 pub(crate) struct DirectionCounters {
     pub(crate) messages: Counter,
     pub(crate) bytes: Counter,
-    pub(crate) connection_bytes: Option<Arc<AtomicU64>>,
 }
 
 impl DirectionCounters {
     pub(crate) fn add(&self, messages: u64, bytes: u64) {
         self.messages.inc_by(messages);
         self.bytes.inc_by(bytes);
-        if let Some(own) = &self.connection_bytes {
-            own.fetch_add(bytes, Ordering::Relaxed);
-        }
-    }
-
-    /// The same counters, adding to a connection's own byte count too.
-    pub(crate) fn with_connection(&self, bytes: Arc<AtomicU64>) -> Self {
-        Self {
-            connection_bytes: Some(bytes),
-            ..self.clone()
-        }
     }
 }
 
@@ -399,7 +385,6 @@ impl Metrics {
         DirectionCounters {
             messages: self.messages.get_or_create_owned(&labels),
             bytes: self.bytes.get_or_create_owned(&labels),
-            connection_bytes: None,
         }
     }
 
@@ -419,11 +404,11 @@ impl Metrics {
             open: self.open_connections.get_or_create_owned(&labels),
             client_to_upstream: self.direction(route, "client_to_upstream"),
             upstream_to_client: self.direction(route, "upstream_to_client"),
-            turns: TurnMetrics {
+            turns: Arc::new(TurnMetrics {
                 first_response: self.first_response_seconds.get_or_create_owned(&labels),
                 messages: self.turn_messages.get_or_create_owned(&labels),
                 seconds: self.turn_seconds.get_or_create_owned(&labels),
-            },
+            }),
         }
     }
 

@@ -157,6 +157,19 @@ async fn disconnecting_a_user_closes_exactly_their_sockets() {
     // Bob's socket goes on.
     bob.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_text(&mut bob).await, "still here");
+    // Its traffic, as listed: the ten bytes each way.
+    eventually(WAIT, "bob's bytes in the listing", || async {
+        let (_, body) = call(
+            admin,
+            "GET",
+            "/admin/connections?user=bob",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+        body["connections"][0]["bytes_in"] == 10 && body["connections"][0]["bytes_out"] == 10
+    })
+    .await;
 
     let is_the_call = |line: &Value| {
         line["event"] == "admin" && line["path"] == "/admin/disconnect" && line["status"] == 200

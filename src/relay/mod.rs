@@ -76,7 +76,7 @@ pub(crate) struct RelayReport {
 pub(crate) struct Counters {
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
-    pub(crate) turns: Option<TurnMetrics>,
+    pub(crate) turns: Option<Arc<TurnMetrics>>,
 }
 
 /// What a relay is given besides its legs.
@@ -236,6 +236,7 @@ impl Relay {
                 }
             }
             if !self.arm_timer(next, cx) {
+                self.note_traffic();
                 return Poll::Pending;
             }
         }
@@ -562,6 +563,15 @@ impl Relay {
             resume.detach(why);
         }
         self.mark_detached(true);
+    }
+
+    /// Writes the connection's byte counts down for the registry's listing.
+    fn note_traffic(&self) {
+        if let Some(registered) = &self.registered {
+            use std::sync::atomic::Ordering::Relaxed;
+            registered.bytes_in.store(self.up.bytes, Relaxed);
+            registered.bytes_out.store(self.down.bytes, Relaxed);
+        }
     }
 
     /// Tells the registry whether the client is away.

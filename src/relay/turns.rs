@@ -9,6 +9,7 @@
 //! a second ago or more — any chat a person types — and in batches of up to 32 when it turns
 //! faster (an echo-fast client: three locks per message otherwise), the rest at its end.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,11 +23,59 @@ struct Turn {
     messages: u64,
 }
 
+/// A connection's turns: made at its first client message (an idle connection carries two
+/// words for it).
 pub(crate) struct Turns {
+    gap: Duration,
+    metrics: Option<Arc<TurnMetrics>>,
+    state: Option<Box<State>>,
+}
+
+impl Turns {
+    pub(crate) fn new(gap: Duration, metrics: Option<Arc<TurnMetrics>>) -> Self {
+        Self {
+            gap,
+            metrics,
+            state: None,
+        }
+    }
+
+    fn state(&mut self) -> &mut State {
+        let (gap, metrics) = (self.gap, &self.metrics);
+        self.state
+            .get_or_insert_with(|| Box::new(State::new(gap, metrics.clone())))
+    }
+
+    /// The client sent one or more data messages: a turn begins (the one before ends).
+    pub(crate) fn client_spoke(&mut self, now: Instant) {
+        self.state().client_spoke(now);
+    }
+
+    /// The upstream sent `messages` data messages.
+    pub(crate) fn upstream_spoke(&mut self, messages: u64, now: Instant) {
+        if let Some(state) = self.state.as_mut() {
+            state.upstream_spoke(messages, now);
+        }
+    }
+
+    /// Ends the open turn, if any, and hands every observation over (the connection ends).
+    pub(crate) fn end(&mut self) {
+        if let Some(state) = self.state.as_mut() {
+            state.end();
+        }
+    }
+
+    /// Turns begun so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.state.as_ref().map_or(0, |state| state.count)
+    }
+}
+
+struct State {
     gap: Duration,
     open: Option<Turn>,
     count: u64,
-    metrics: Option<TurnMetrics>,
+    metrics: Option<Arc<TurnMetrics>>,
     /// Observations not handed to the histograms yet.
     pending: Pending,
     /// Until when observations are held rather than handed over at once.
@@ -66,8 +115,8 @@ impl Pending {
     }
 }
 
-impl Turns {
-    pub(crate) fn new(gap: Duration, metrics: Option<TurnMetrics>) -> Self {
+impl State {
+    fn new(gap: Duration, metrics: Option<Arc<TurnMetrics>>) -> Self {
         Self {
             gap,
             open: None,
@@ -99,8 +148,7 @@ impl Turns {
         }
     }
 
-    /// The client sent one or more data messages: a turn begins (the one before ends).
-    pub(crate) fn client_spoke(&mut self, now: Instant) {
+    fn client_spoke(&mut self, now: Instant) {
         self.close_turn();
         self.hand_over(Some(now));
         self.open = Some(Turn {
@@ -112,8 +160,7 @@ impl Turns {
         self.count += 1;
     }
 
-    /// The upstream sent `messages` data messages.
-    pub(crate) fn upstream_spoke(&mut self, messages: u64, now: Instant) {
+    fn upstream_spoke(&mut self, messages: u64, now: Instant) {
         let Some(turn) = self.open.as_mut() else {
             return;
         };
@@ -138,8 +185,7 @@ impl Turns {
         }
     }
 
-    /// Ends the open turn, if any, and hands every observation over (the connection ends).
-    pub(crate) fn end(&mut self) {
+    fn end(&mut self) {
         self.close_turn();
         self.hand_over(None);
     }
@@ -161,11 +207,6 @@ impl Turns {
                 Pending::push(&mut pending.seconds, &mut pending.count, lasted);
             }
         }
-    }
-
-    /// Turns begun so far.
-    pub(crate) fn count(&self) -> u64 {
-        self.count
     }
 }
 
@@ -200,7 +241,7 @@ mod tests {
             messages: histogram(),
             seconds: histogram(),
         };
-        let mut turns = Turns::new(Duration::from_secs(5), Some(metrics.clone()));
+        let mut turns = Turns::new(Duration::from_secs(5), Some(Arc::new(metrics.clone())));
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         // Nothing before the client speaks counts.
