@@ -210,17 +210,27 @@ async fn connect(
     let metrics = route.metrics(&shared.metrics);
     let max_message = route.max_message_size;
     let upstream_leg = Leg::upstream(upstream.io, &upstream.leftover, max_message);
-    let registered = shared.connections.register(Holder {
-        request_id: reply.request_id.to_owned(),
-        route: route.label.clone(),
-        user: identity.user.clone(),
-        tenant: identity.tenant.clone(),
-        conversation: identity.conversation.clone(),
-        session_id,
-        jti: claim_string(&identity.claims, "jti"),
-        expires_at: identity.expires_at,
+    // Registered for the admin API when it exists: without it nobody could find the entry,
+    // and every idle connection would carry it.
+    let api = shared
+        .live
+        .load()
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.token.is_some());
+    let registered = api.then(|| {
+        shared.connections.register(Holder {
+            request_id: reply.request_id.to_owned(),
+            route: route.label.clone(),
+            user: identity.user.clone(),
+            tenant: identity.tenant.clone(),
+            conversation: identity.conversation.clone(),
+            session_id,
+            jti: claim_string(&identity.claims, "jti"),
+            expires_at: identity.expires_at,
+        })
     });
-    let connection = &registered.connection;
     let params = RelayParams {
         lifecycle: route.lifecycle.clone(),
         max_message,
@@ -234,7 +244,9 @@ async fn connect(
         tasks: shared.tasks.clone(),
         resume,
         announce,
-        registered: Some(connection.clone()),
+        registered: registered
+            .as_ref()
+            .map(|registered| registered.connection.clone()),
     };
     shared.stats.opened();
     let holds = (
