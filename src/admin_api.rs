@@ -24,8 +24,13 @@ use crate::state::Shared;
 
 /// The largest request body read.
 const MAX_BODY: usize = 64 * 1024;
-/// How long a revocation holds when neither the call nor a live token says.
+/// How long a revocation holds when neither the call nor a live token says (and the least a
+/// user's revocation holds: their tokens may be minutes long, a ban is not).
 const DEFAULT_REVOCATION: Duration = Duration::from_secs(24 * 3600);
+/// The longest a default taken from a token's `exp` holds (an `exp` may be years away).
+const LONGEST_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The latest `until` accepted: the year 3000, as for token expiries.
+const LATEST_UNTIL: u64 = 32_503_680_000;
 
 /// Whether `path` belongs to the API.
 pub(crate) fn is_admin_path(path: &str) -> bool {
@@ -56,6 +61,7 @@ impl Selectors {
             conversation: self.conversation.clone(),
             session: self.session.clone(),
             jti: self.jti.clone(),
+            without_tenant: false,
         }
     }
 }
@@ -92,6 +98,7 @@ impl Revocation {
                 Selector {
                     user: Some(user.clone()),
                     tenant: self.tenant.clone(),
+                    without_tenant: self.tenant.is_none(),
                     ..Selector::default()
                 },
             )),
@@ -298,25 +305,50 @@ fn revoke(shared: &Shared, revocation: &Revocation) -> Answer {
                 );
             }
         },
-        // As long as the tokens it matches live now can be used, else a day.
-        None => shared
-            .connections
-            .select(&selector)
-            .iter()
-            .filter_map(|connection| connection.holder.expires_at)
-            .max()
-            .filter(|exp| *exp > now())
-            .unwrap_or_else(|| now() + DEFAULT_REVOCATION.as_secs()),
+        // As long as the tokens it matches live now can be used (at most 30 days), else a
+        // day; a user's, at least a day.
+        None => {
+            let live_until = shared
+                .connections
+                .select(&selector)
+                .iter()
+                .filter_map(|connection| connection.token().expires_at)
+                .max()
+                .filter(|exp| *exp > now())
+                .map(|exp| exp.min(now() + LONGEST_DEFAULT.as_secs()));
+            let day = now() + DEFAULT_REVOCATION.as_secs();
+            match revoked {
+                Revoked::Jti(_) => live_until.unwrap_or(day),
+                Revoked::User { .. } => live_until.map_or(day, |until| until.max(day)),
+            }
+        }
     };
     if until <= now() {
         return Answer::error(StatusCode::BAD_REQUEST, "bad_request", "until has passed");
     }
-    if let Err(error) = shared.revocations.revoke(revoked, until) {
-        return stored_error(&error);
+    if until > LATEST_UNTIL {
+        return Answer::error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "until is beyond the year 3000",
+        );
     }
+    let stored = shared.revocations.revoke(revoked, until);
+    if let Err(RevocationError::Full) = stored {
+        return stored_error(&RevocationError::Full);
+    }
+    // In effect whether or not it could be written: its sockets go now.
     let closed = disconnect(shared, &selector);
     let until = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(until));
-    Answer::ok(json!({ "until": until.to_string(), "closed": closed }))
+    match stored {
+        Ok(()) => Answer::ok(json!({ "until": until.to_string(), "closed": closed })),
+        Err(error) => {
+            let mut answer = stored_error(&error);
+            answer.body["closed"] = json!(closed);
+            answer.body["until"] = json!(until.to_string());
+            answer
+        }
+    }
 }
 
 fn lift(shared: &Shared, revocation: &Revocation) -> Answer {
@@ -341,7 +373,7 @@ fn stored_error(error: &RevocationError) -> Answer {
         _ => Answer::error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "not_stored",
-            "the revocation could not be written to the state directory (see the log)",
+            "in effect on this edge, but not written to the state directory (see the log): it is lost at a restart",
         ),
     }
 }

@@ -30,9 +30,18 @@ pub(crate) struct Holder {
     pub(crate) expires_at: Option<u64>,
 }
 
+/// The token a connection holds now: a resumed session's client may bring a fresh one.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TokenFacts {
+    pub(crate) jti: Option<String>,
+    pub(crate) expires_at: Option<u64>,
+}
+
 /// One open connection.
 pub(crate) struct Connection {
     pub(crate) holder: Holder,
+    /// The token it holds now (the holder's, until a resume brings another).
+    token: Mutex<TokenFacts>,
     pub(crate) since: SystemTime,
     /// Bytes of messages from the client, and to it, as the relay last wrote them down.
     pub(crate) bytes_in: AtomicU64,
@@ -51,6 +60,9 @@ pub(crate) struct Selector {
     pub(crate) conversation: Option<String>,
     pub(crate) session: Option<String>,
     pub(crate) jti: Option<String>,
+    /// Only connections without a tenant (a revoked user without one is not every tenant's
+    /// user of that name).
+    pub(crate) without_tenant: bool,
 }
 
 impl Selector {
@@ -62,15 +74,17 @@ impl Selector {
             && self.jti.is_none()
     }
 
-    fn matches(&self, holder: &Holder) -> bool {
+    fn matches(&self, connection: &Connection) -> bool {
+        let holder = &connection.holder;
         let same = |wanted: &Option<String>, held: Option<&str>| {
             wanted.as_deref().is_none_or(|wanted| held == Some(wanted))
         };
         same(&self.user, Some(&holder.user))
             && same(&self.tenant, holder.tenant.as_deref())
+            && !(self.without_tenant && holder.tenant.is_some())
             && same(&self.conversation, holder.conversation.as_deref())
             && same(&self.session, holder.session_id.as_deref())
-            && same(&self.jti, holder.jti.as_deref())
+            && (self.jti.is_none() || same(&self.jti, connection.token().jti.as_deref()))
     }
 }
 
@@ -120,7 +134,12 @@ impl Connections {
 
     pub(crate) fn register(self: &Arc<Self>, holder: Holder) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = TokenFacts {
+            jti: holder.jti.clone(),
+            expires_at: holder.expires_at,
+        };
         let connection = Arc::new(Connection {
+            token: Mutex::new(token),
             holder,
             since: SystemTime::now(),
             bytes_in: AtomicU64::new(0),
@@ -144,7 +163,7 @@ impl Connections {
             found.extend(
                 shard
                     .values()
-                    .filter(|connection| selector.matches(&connection.holder))
+                    .filter(|connection| selector.matches(connection))
                     .cloned(),
             );
         }
@@ -154,8 +173,19 @@ impl Connections {
 }
 
 impl Connection {
+    /// The token it holds now.
+    pub(crate) fn token(&self) -> TokenFacts {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A resumed session's client brought this token.
+    pub(crate) fn set_token(&self, token: TokenFacts) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
     pub(crate) fn listed(&self) -> Listed {
         let holder = &self.holder;
+        let token = self.token();
         Listed {
             request_id: holder.request_id.clone(),
             route: holder.route.to_string(),
@@ -163,7 +193,7 @@ impl Connection {
             tenant: holder.tenant.clone(),
             conversation: holder.conversation.clone(),
             session_id: holder.session_id.clone(),
-            jti: holder.jti.clone(),
+            jti: token.jti,
             since: humantime::format_rfc3339_seconds(self.since).to_string(),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),

@@ -16,11 +16,11 @@ use hyper::upgrade::Upgraded;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::admission::refusal::Refusal;
-use crate::admission::{ClientConn, Held, NewSession, Rejected, SessionPlan};
+use crate::admission::{self, ClientConn, Held, NewSession, Rejected, SessionPlan};
 use crate::auth::Identity;
 use crate::auth::claims::claim_string;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
-use crate::connections::Holder;
+use crate::connections::{Holder, Selector, TokenFacts};
 use crate::forward::{self, header_value};
 use crate::metrics::GaugeGuard;
 use crate::relay::{Counters, Relay, RelayParams};
@@ -73,15 +73,30 @@ pub(crate) async fn upgrade(
         forward_token: route.forward_token,
     };
     match session {
-        SessionPlan::Resume { entry, last_seq } => resume(
-            &mut request,
-            shared,
-            route,
-            entry,
-            last_seq,
-            token_expires_at,
-            &reply,
-        ),
+        SessionPlan::Resume { entry, last_seq } => {
+            // The session's registry entry holds the token its client holds now.
+            let token = TokenFacts {
+                jti: claim_string(&identity.claims, "jti"),
+                expires_at: identity.expires_at,
+            };
+            let selector = Selector {
+                session: Some(entry.key.id.clone()),
+                user: Some(identity.user.clone()),
+                ..Selector::default()
+            };
+            for connection in shared.connections.select(&selector) {
+                connection.set_token(token.clone());
+            }
+            resume(
+                &mut request,
+                shared,
+                route,
+                entry,
+                last_seq,
+                token_expires_at,
+                &reply,
+            )
+        }
         SessionPlan::Refuse(why) => {
             not_resumable(&mut request, shared, route, why, &identity, conn, &reply)
         }
@@ -175,6 +190,34 @@ async fn connect(
         conn.tls,
         reply.request_id,
     )?;
+    // Registered for the admin API when it exists: without it nobody could find the entry,
+    // and every idle connection would carry it.
+    let api = shared
+        .live
+        .load()
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.token.is_some());
+    let registered = api.then(|| {
+        shared.connections.register(Holder {
+            request_id: reply.request_id.to_owned(),
+            route: route.label.clone(),
+            user: identity.user.clone(),
+            tenant: identity.tenant.clone(),
+            conversation: identity.conversation.clone(),
+            session_id: session_id.clone(),
+            jti: claim_string(&identity.claims, "jti"),
+            expires_at: identity.expires_at,
+        })
+    });
+    // A revocation made between the admission's check and this registration found no entry
+    // to close: look again now that a disconnect would find it.
+    if let Some(registered) = &registered
+        && admission::revoked(shared, identity)
+    {
+        registered.connection.revoke.turn_on();
+    }
     let connect_started = Instant::now();
     let upstream =
         websocket::connect_any(route, &route.targets, affinity, &shaped, reply.request_id).await?;
@@ -210,27 +253,6 @@ async fn connect(
     let metrics = route.metrics(&shared.metrics);
     let max_message = route.max_message_size;
     let upstream_leg = Leg::upstream(upstream.io, &upstream.leftover, max_message);
-    // Registered for the admin API when it exists: without it nobody could find the entry,
-    // and every idle connection would carry it.
-    let api = shared
-        .live
-        .load()
-        .config
-        .admin
-        .as_ref()
-        .is_some_and(|admin| admin.token.is_some());
-    let registered = api.then(|| {
-        shared.connections.register(Holder {
-            request_id: reply.request_id.to_owned(),
-            route: route.label.clone(),
-            user: identity.user.clone(),
-            tenant: identity.tenant.clone(),
-            conversation: identity.conversation.clone(),
-            session_id,
-            jti: claim_string(&identity.claims, "jti"),
-            expires_at: identity.expires_at,
-        })
-    });
     let params = RelayParams {
         lifecycle: route.lifecycle.clone(),
         max_message,

@@ -104,7 +104,19 @@ fn now() -> u64 {
 
 impl Revocations {
     /// The set kept in `state_dir` (empty when there is none yet), or an empty one in memory.
+    /// The directory is made if missing, and must be writable: a revocation that cannot be
+    /// kept is found at start, not when an operator needs it.
     pub(crate) fn load(state_dir: Option<&Path>) -> Result<Self, RevocationError> {
+        if let Some(dir) = state_dir {
+            let probe = dir.join(format!(".{STATE_FILE}.probe"));
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&probe, b""))
+                .and_then(|()| std::fs::remove_file(&probe))
+                .map_err(|error| RevocationError::Write {
+                    path: dir.to_path_buf(),
+                    error,
+                })?;
+        }
         let file = state_dir.map(|dir| dir.join(STATE_FILE));
         let mut set = match &file {
             None => Set::default(),
@@ -130,6 +142,11 @@ impl Revocations {
             file,
             changing: Mutex::new(()),
         })
+    }
+
+    /// Whether nothing is revoked (one pointer load).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.current.load().is_empty()
     }
 
     /// Whether a token with `jti`, or its user, is revoked now.
@@ -202,7 +219,9 @@ impl Revocations {
         self.current.load().len()
     }
 
-    /// A change to a copy of the set, written (when kept) before it takes effect.
+    /// A change to a copy of the set, written (when kept) and then put in effect. A change
+    /// that cannot be written takes effect all the same (an operator's revocation must not
+    /// wait on a disk), until a restart: the error says so.
     fn change(
         &self,
         apply: impl FnOnce(&mut Set) -> Result<(), RevocationError>,
@@ -211,14 +230,15 @@ impl Revocations {
         let mut set = Set::clone(&self.current.load());
         set.drop_expired(now());
         apply(&mut set)?;
-        if let Some(path) = &self.file {
-            write_atomically(path, &set).map_err(|error| RevocationError::Write {
+        let written = match &self.file {
+            Some(path) => write_atomically(path, &set).map_err(|error| RevocationError::Write {
                 path: path.clone(),
                 error,
-            })?;
-        }
+            }),
+            None => Ok(()),
+        };
         self.current.store(Arc::new(set));
-        Ok(())
+        written
     }
 }
 
@@ -232,7 +252,12 @@ fn write_atomically(path: &Path, set: &Set) -> std::io::Result<()> {
     file.sync_all()?;
     drop(file);
     std::fs::rename(&temporary, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    // The new file is in place; a failed sync of the directory only leaves the rename less
+    // durable across a power cut.
+    if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+        tracing::warn!(%error, dir = %dir.display(), "cannot sync the state directory");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

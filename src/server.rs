@@ -66,6 +66,12 @@ impl EdgeHandle {
         if old.admin.as_ref().map(|a| a.listen) != config.admin.as_ref().map(|a| a.listen) {
             tracing::warn!("the admin address changed; it takes effect on restart, not on reload");
         }
+        let api = |config: &Config| config.admin.as_ref().is_some_and(|a| a.token.is_some());
+        if api(&config) && !api(old) {
+            tracing::warn!(
+                "the admin API is on from now: connections opened before this reload are not listed and cannot be ended through it"
+            );
+        }
         if old.admin.as_ref().and_then(|a| a.state_dir.as_ref())
             != config.admin.as_ref().and_then(|a| a.state_dir.as_ref())
         {

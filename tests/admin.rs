@@ -327,7 +327,7 @@ async fn a_detached_session_is_ended_by_a_disconnect() {
 
 #[tokio::test]
 async fn the_wait_for_the_first_answer_and_the_turns_are_measured() {
-    let (mut upstream, edge) = start_edge(|c| c).await;
+    let (mut upstream, edge) = start_edge(|c| c.log("audit = \"{dir}/audit.jsonl\"")).await;
     let mut ws = connect_ok(&url(&edge, &token("dana", "d1")), &[]).await;
     upstream.next_request().await;
     // A model that thinks for 400 ms, then streams five tokens.
@@ -352,4 +352,75 @@ async fn the_wait_for_the_first_answer_and_the_turns_are_measured() {
     );
     assert_eq!(edge.metric(&first("turn_messages_sum")).await, Some(5.0));
     assert_eq!(edge.metric(&first("turn_seconds_count")).await, Some(1.0));
+    // The disconnect's audit line counts the turns.
+    let audit = edge.dir.path().join("audit.jsonl");
+    let lines = audit_lines(&audit, 2).await;
+    let disconnect = lines
+        .iter()
+        .find(|line| line["event"] == "disconnect")
+        .expect("a disconnect line");
+    assert_eq!(disconnect["turns"], 1);
+}
+
+#[tokio::test]
+async fn revocations_match_what_the_edge_settled_on() {
+    // A pinned tenant: the token names none, the route says "acme"; a numeric jti; an `exp`
+    // thousands of years away (the default `until` must not follow it there).
+    let mut upstream = Upstream::start().await;
+    let config = with_api(EdgeConfig::new(&upstream.url("/ws/chat")))
+        .route("tenant = { pin = \"acme\" }")
+        .build();
+    let edge = TestEdge::start(&config).await;
+    let admin = edge.admin.unwrap();
+    let pinned = hs256(&claims("erin", json!({})));
+    let mut live = RawClient::connect(edge.addr, &format!("/ws/chat?token={pinned}"), &[]).await;
+    upstream.next_request().await;
+    let (_, body) = call(
+        admin,
+        "POST",
+        "/admin/revoke",
+        Some(ADMIN_TOKEN),
+        Some(json!({ "user": "erin", "tenant": "acme" })),
+    )
+    .await;
+    assert_eq!(body["closed"], 1);
+    assert_eq!(live.read_close_code().await, Some(4004));
+    let refused = connect_refused(&url(&edge, &pinned), &[]).await;
+    assert_eq!(refused.body["error"], "token_revoked");
+
+    let numeric = hs256(&claims(
+        "frank",
+        json!({ "jti": 123, "exp": 99_999_999_999u64 }),
+    ));
+    let _live = connect_ok(&url(&edge, &numeric), &[]).await;
+    upstream.next_request().await;
+    let (status, body) = call(
+        admin,
+        "POST",
+        "/admin/revoke",
+        Some(ADMIN_TOKEN),
+        Some(json!({ "jti": "123" })),
+    )
+    .await;
+    assert_eq!((status, body["closed"].as_u64()), (200, Some(1)), "{body}");
+    // At most 30 days from now, not the token's year 5138.
+    let until = humantime::parse_rfc3339(body["until"].as_str().unwrap()).unwrap();
+    let days = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    assert!((29..=30).contains(&days), "{days} days");
+    let refused = connect_refused(&url(&edge, &numeric), &[]).await;
+    assert_eq!(refused.body["error"], "token_revoked");
+    // A user without a tenant is not every tenant's user of that name.
+    let (_, body) = call(
+        admin,
+        "POST",
+        "/admin/revoke",
+        Some(ADMIN_TOKEN),
+        Some(json!({ "user": "grace" })),
+    )
+    .await;
+    assert_eq!(body["closed"], 0);
 }

@@ -20,6 +20,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::auth::claims::claim_string;
 use crate::auth::error::AuthError;
 use crate::auth::jwks::JwksKeys;
 use crate::auth::memo::TokenMemo;
@@ -265,24 +266,17 @@ fn checks<'a, B>(
             (identity, Some(token))
         }
     };
-    // An operator's revocation: the token by its `jti`, or its user (looked up only while
-    // any revocation holds).
-    if route.auth.is_some()
-        && shared.revocations.is_revoked(
-            identity.claims.get("jti").and_then(|jti| jti.as_str()),
-            identity.tenant.as_deref(),
-            &identity.user,
-        )
-    {
-        known.identity = Some(identity);
-        return Err(Refusal::TokenRevoked);
-    }
     // Kept for the refusal's report and borrowed from there: no copy.
     let identity = known.identity.insert(identity);
     let query_conversation = identity::query_conversation(query)?;
     // A conversation the edge made up cannot be asked for again: a resume takes the session's.
     let conversation_named = identity.conversation.is_some() || query_conversation.is_some();
     identity::resolve(route, identity, host.as_deref(), path, query_conversation)?;
+    // An operator's revocation: the token by its `jti`, or its user in the tenant the route
+    // settled on (looked up only while any revocation holds).
+    if route.auth.is_some() && revoked(shared, identity) {
+        return Err(Refusal::TokenRevoked);
+    }
     // Membership: a policy that names a conversations claim lets a token open only those.
     if let (Some(policy), Some(conversation)) = (&route.auth, &identity.conversation)
         && !policy.may_open(&identity.claims, conversation)
@@ -355,6 +349,16 @@ fn checks<'a, B>(
             session,
         },
     })
+}
+
+/// Whether an operator revoked `identity`'s token or user.
+pub(crate) fn revoked(shared: &Shared, identity: &Identity) -> bool {
+    !shared.revocations.is_empty()
+        && shared.revocations.is_revoked(
+            claim_string(&identity.claims, "jti").as_deref(),
+            identity.tenant.as_deref(),
+            &identity.user,
+        )
 }
 
 /// The connection slot already taken, and one of the user's own unless they hold the most.

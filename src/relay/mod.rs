@@ -478,6 +478,16 @@ impl Relay {
                 next.later(at);
             }
         }
+        // A turn whose answer has gone quiet ends, and held observations go out, on time
+        // rather than at the connection's next message.
+        if let Some(at) = self.turns.due_at() {
+            if now >= at {
+                self.turns.tick(now);
+            }
+            if let Some(at) = self.turns.due_at() {
+                next.later(at);
+            }
+        }
         Ok(next.at)
     }
 

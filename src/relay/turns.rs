@@ -65,6 +65,18 @@ impl Turns {
         }
     }
 
+    /// When the open turn ends by silence or held observations are due, if either.
+    pub(crate) fn due_at(&self) -> Option<Instant> {
+        self.state.as_ref().and_then(|state| state.due_at())
+    }
+
+    /// What is due at `now`: a turn silent for the gap ends, held observations go out.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        if let Some(state) = self.state.as_mut() {
+            state.tick(now);
+        }
+    }
+
     /// Turns begun so far.
     pub(crate) fn count(&self) -> u64 {
         self.state.as_ref().map_or(0, |state| state.count)
@@ -190,6 +202,30 @@ impl State {
         self.hand_over(None);
     }
 
+    fn due_at(&self) -> Option<Instant> {
+        let quiet = self
+            .open
+            .as_ref()
+            .filter(|turn| turn.answered.is_some())
+            .map(|turn| turn.last + self.gap);
+        let held = self.hold_until.filter(|_| self.pending.count > 0);
+        match (quiet, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|turn| turn.answered.is_some() && now >= turn.last + self.gap)
+        {
+            self.close_turn();
+        }
+        self.hand_over(Some(now));
+    }
+
     /// Ends the open turn, if any (the client speaks again, or the upstream fell silent).
     fn close_turn(&mut self) {
         let Some(turn) = self.open.take() else {
@@ -253,11 +289,25 @@ mod tests {
         // 6 s of silence: the turn ended at 9.1 s; this message belongs to none.
         turns.upstream_spoke(1, at(15_200));
         turns.client_spoke(at(16_000));
+        // The second turn is answered, then silent: the relay's timer ends it on time, and what
+        // it held goes out then.
+        turns.upstream_spoke(2, at(16_500));
+        assert_eq!(turns.due_at(), Some(at(21_500)));
+        turns.tick(at(21_500));
+        assert_eq!(
+            turns.due_at(),
+            None,
+            "the turn ended and everything was handed over"
+        );
+        assert_eq!(summary(&metrics.messages), (2, 12.0));
         turns.end();
         assert_eq!(turns.count(), 2);
-        assert_eq!(summary(&metrics.first_response), (1, 8.0));
-        // Two turns: 10 messages, and none (unanswered).
-        assert_eq!(summary(&metrics.messages), (2, 10.0));
-        assert_eq!(summary(&metrics.seconds), (1, 9.0));
+        assert_eq!(summary(&metrics.first_response), (2, 8.5));
+        assert_eq!(summary(&metrics.seconds), (2, 9.5));
+        // An unanswered turn counts, with no messages.
+        turns.client_spoke(at(30_000));
+        turns.end();
+        assert_eq!(summary(&metrics.messages), (3, 12.0));
+        assert_eq!(turns.count(), 3);
     }
 }
