@@ -45,6 +45,18 @@ async fn call(
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Value) {
+    call(admin, "GET", path, Some(ADMIN_TOKEN), None).await
+}
+
+async fn admin_post(admin: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    call(admin, "POST", path, Some(ADMIN_TOKEN), Some(body)).await
+}
+
+async fn admin_delete(admin: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    call(admin, "DELETE", path, Some(ADMIN_TOKEN), Some(body)).await
+}
+
 fn with_api(config: EdgeConfig) -> EdgeConfig {
     with_api_keeping(config, "{dir}")
 }
@@ -70,7 +82,7 @@ fn url(edge: &TestEdge, token: &str) -> String {
 async fn the_api_is_absent_without_its_token_and_refuses_a_wrong_one() {
     let (_upstream, edge) = start_edge(|c| c).await;
     let admin = edge.admin.unwrap();
-    let (status, _) = call(admin, "GET", "/admin/connections", Some(ADMIN_TOKEN), None).await;
+    let (status, _) = admin_get(admin, "/admin/connections").await;
     assert_eq!(status, 404);
 
     let (_upstream, edge) = start_edge(with_api).await;
@@ -82,7 +94,7 @@ async fn the_api_is_absent_without_its_token_and_refuses_a_wrong_one() {
             (401, Some("unauthorized"))
         );
     }
-    let (status, body) = call(admin, "GET", "/admin/connections", Some(ADMIN_TOKEN), None).await;
+    let (status, body) = admin_get(admin, "/admin/connections").await;
     assert_eq!(status, 200);
     assert_eq!(body["connections"], json!([]));
     // Metrics and health stay open.
@@ -114,14 +126,7 @@ async fn disconnecting_a_user_closes_exactly_their_sockets() {
     for _ in 0..3 {
         upstream.next_request().await;
     }
-    let (status, listed) = call(
-        admin,
-        "GET",
-        "/admin/connections?user=alice",
-        Some(ADMIN_TOKEN),
-        None,
-    )
-    .await;
+    let (status, listed) = admin_get(admin, "/admin/connections?user=alice").await;
     assert_eq!(status, 200);
     let listed = listed["connections"].as_array().unwrap().clone();
     assert_eq!(listed.len(), 2);
@@ -130,21 +135,12 @@ async fn disconnecting_a_user_closes_exactly_their_sockets() {
     assert!(listed.iter().any(|c| c["jti"] == "a2"));
 
     // At least one selector.
-    let (status, _) = call(
-        admin,
-        "POST",
-        "/admin/disconnect",
-        Some(ADMIN_TOKEN),
-        Some(json!({})),
-    )
-    .await;
+    let (status, _) = admin_post(admin, "/admin/disconnect", json!({})).await;
     assert_eq!(status, 400);
-    let (status, body) = call(
+    let (status, body) = admin_post(
         admin,
-        "POST",
         "/admin/disconnect",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "user": "alice", "tenant": "acme" })),
+        json!({ "user": "alice", "tenant": "acme" }),
     )
     .await;
     assert_eq!((status, &body), (200, &json!({ "closed": 2 })));
@@ -159,14 +155,7 @@ async fn disconnecting_a_user_closes_exactly_their_sockets() {
     assert_eq!(next_text(&mut bob).await, "still here");
     // Its traffic, as listed: the ten bytes each way.
     eventually(WAIT, "bob's bytes in the listing", || async {
-        let (_, body) = call(
-            admin,
-            "GET",
-            "/admin/connections?user=bob",
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await;
+        let (_, body) = admin_get(admin, "/admin/connections?user=bob").await;
         body["connections"][0]["bytes_in"] == 10 && body["connections"][0]["bytes_out"] == 10
     })
     .await;
@@ -215,14 +204,7 @@ async fn a_revoked_token_is_closed_refused_until_lifted_and_survives_a_restart()
     let mut live = RawClient::connect(edge.addr, &format!("/ws/chat?token={revoked}"), &[]).await;
     upstream.next_request().await;
 
-    let (status, body) = call(
-        admin,
-        "POST",
-        "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "jti": "j-revoked" })),
-    )
-    .await;
+    let (status, body) = admin_post(admin, "/admin/revoke", json!({ "jti": "j-revoked" })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["closed"], 1);
     assert_eq!(live.read_close_code().await, Some(4004));
@@ -235,12 +217,10 @@ async fn a_revoked_token_is_closed_refused_until_lifted_and_survives_a_restart()
     let _other = connect_ok(&url(&edge, &token("alice", "j-other")), &[]).await;
 
     // A user revoked until a moment, and the revocations kept across a restart.
-    let (status, body) = call(
+    let (status, body) = admin_post(
         admin,
-        "POST",
         "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "user": "bob", "tenant": "acme", "until": "2099-01-01T00:00:00Z" })),
+        json!({ "user": "bob", "tenant": "acme", "until": "2099-01-01T00:00:00Z" }),
     )
     .await;
     assert_eq!(
@@ -255,14 +235,7 @@ async fn a_revoked_token_is_closed_refused_until_lifted_and_survives_a_restart()
         assert_eq!(refused.status, 401, "{what} after a restart");
         assert_eq!(refused.body["error"], "token_revoked");
     }
-    let (status, body) = call(
-        admin,
-        "DELETE",
-        "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "jti": "j-revoked" })),
-    )
-    .await;
+    let (status, body) = admin_delete(admin, "/admin/revoke", json!({ "jti": "j-revoked" })).await;
     assert_eq!((status, &body), (200, &json!({ "lifted": true })));
     let _back = connect_ok(&url(&edge, &revoked), &[]).await;
     // A body that names nothing, or two things, is refused.
@@ -271,14 +244,7 @@ async fn a_revoked_token_is_closed_refused_until_lifted_and_survives_a_restart()
         json!({ "jti": "x", "user": "y" }),
         json!({ "jti": "x", "until": "soon" }),
     ] {
-        let (status, _) = call(
-            admin,
-            "POST",
-            "/admin/revoke",
-            Some(ADMIN_TOKEN),
-            Some(body),
-        )
-        .await;
+        let (status, _) = admin_post(admin, "/admin/revoke", body).await;
         assert_eq!(status, 400);
     }
 }
@@ -297,25 +263,11 @@ async fn a_detached_session_is_ended_by_a_disconnect() {
     // Gone without a close: the session waits for it.
     drop(client);
     eventually(WAIT, "the session detaching", || async {
-        let (_, body) = call(
-            admin,
-            "GET",
-            "/admin/connections?session=s1",
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await;
+        let (_, body) = admin_get(admin, "/admin/connections?session=s1").await;
         body["connections"][0]["detached"] == true
     })
     .await;
-    let (_, body) = call(
-        admin,
-        "POST",
-        "/admin/disconnect",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "session": "s1" })),
-    )
-    .await;
+    let (_, body) = admin_post(admin, "/admin/disconnect", json!({ "session": "s1" })).await;
     assert_eq!(body["closed"], 1);
     let (code, _) = upstream.next_close().await.expect("the upstream's close");
     assert_eq!(code, 1000);
@@ -375,12 +327,10 @@ async fn revocations_match_what_the_edge_settled_on() {
     let pinned = hs256(&claims("erin", json!({})));
     let mut live = RawClient::connect(edge.addr, &format!("/ws/chat?token={pinned}"), &[]).await;
     upstream.next_request().await;
-    let (_, body) = call(
+    let (_, body) = admin_post(
         admin,
-        "POST",
         "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "user": "erin", "tenant": "acme" })),
+        json!({ "user": "erin", "tenant": "acme" }),
     )
     .await;
     assert_eq!(body["closed"], 1);
@@ -394,14 +344,7 @@ async fn revocations_match_what_the_edge_settled_on() {
     ));
     let _live = connect_ok(&url(&edge, &numeric), &[]).await;
     upstream.next_request().await;
-    let (status, body) = call(
-        admin,
-        "POST",
-        "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "jti": "123" })),
-    )
-    .await;
+    let (status, body) = admin_post(admin, "/admin/revoke", json!({ "jti": "123" })).await;
     assert_eq!((status, body["closed"].as_u64()), (200, Some(1)), "{body}");
     // At most 30 days from now, not the token's year 5138.
     let until = humantime::parse_rfc3339(body["until"].as_str().unwrap()).unwrap();
@@ -414,13 +357,6 @@ async fn revocations_match_what_the_edge_settled_on() {
     let refused = connect_refused(&url(&edge, &numeric), &[]).await;
     assert_eq!(refused.body["error"], "token_revoked");
     // A user without a tenant is not every tenant's user of that name.
-    let (_, body) = call(
-        admin,
-        "POST",
-        "/admin/revoke",
-        Some(ADMIN_TOKEN),
-        Some(json!({ "user": "grace" })),
-    )
-    .await;
+    let (_, body) = admin_post(admin, "/admin/revoke", json!({ "user": "grace" })).await;
     assert_eq!(body["closed"], 0);
 }

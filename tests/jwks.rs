@@ -148,6 +148,15 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// Twenty handshakes at once with tokens signed by `key` but naming keys nobody published.
+async fn twenty_unknown_kids(url: &str, key: &SigningKey) -> Vec<Refused> {
+    let attempts = (0..20).map(|i| {
+        let token = key.token_naming("mallory", &format!("random-{i}"));
+        async move { connect_refused(url, &[("Authorization", &bearer(&token))]).await }
+    });
+    futures_util::future::join_all(attempts).await
+}
+
 async fn wait_ready(edge: &TestEdge) {
     eventually(WAIT, "/readyz answering 200", || async {
         edge.admin_get("/readyz").await.0 == 200
@@ -186,12 +195,7 @@ async fn a_rotated_key_is_accepted_on_its_first_try_and_unknown_kids_cost_no_loa
 
     // Twenty tokens naming keys nobody published, at once: refused, and no more fetches
     // (the one just made is less than jwks_min_refetch ago).
-    let attempts = (0..20).map(|i| {
-        let token = new.token_naming("mallory", &format!("random-{i}"));
-        let url = url.clone();
-        async move { connect_refused(&url, &[("Authorization", &bearer(&token))]).await }
-    });
-    for refused in futures_util::future::join_all(attempts).await {
+    for refused in twenty_unknown_kids(&url, &new).await {
         assert_eq!(refused.status, 401);
         assert_eq!(refused.body["error"], "token_invalid");
     }
@@ -213,12 +217,7 @@ async fn unknown_kids_are_merged_into_one_fetch_and_limited_per_interval() {
     wait_ready(&edge).await;
     let url = edge.url("/ws/chat");
     // Twenty at once, none in the set: the first causes one fetch, the others join it.
-    let attempts = (0..20).map(|i| {
-        let token = key.token_naming("mallory", &format!("random-{i}"));
-        let url = url.clone();
-        async move { connect_refused(&url, &[("Authorization", &bearer(&token))]).await }
-    });
-    for refused in futures_util::future::join_all(attempts).await {
+    for refused in twenty_unknown_kids(&url, &key).await {
         assert_eq!(refused.status, 401);
     }
     assert_eq!(provider.fetches(), 2);
