@@ -157,6 +157,9 @@ pub(crate) struct RouteMetrics {
     pub(crate) session: Histogram,
     /// On routes that proxy plain HTTP.
     pub(crate) http_seconds: Option<Histogram>,
+    /// `wsedge_http_requests_total{status="200"}` of the route, resolved once: most proxied
+    /// requests are counted there, and a lookup by label takes a lock and two allocations.
+    pub(crate) http_ok: Option<Counter>,
     pub(crate) open: Gauge,
     pub(crate) client_to_upstream: DirectionCounters,
     pub(crate) upstream_to_client: DirectionCounters,
@@ -401,6 +404,12 @@ impl Metrics {
             connect: self.upstream_connect.get_or_create_owned(&labels),
             session: self.session_duration.get_or_create_owned(&labels),
             http_seconds: http.then(|| self.http_request_seconds.get_or_create_owned(&labels)),
+            http_ok: http.then(|| {
+                self.http_requests.get_or_create_owned(&HttpLabels {
+                    route: route.to_owned(),
+                    status: 200,
+                })
+            }),
             open: self.open_connections.get_or_create_owned(&labels),
             client_to_upstream: self.direction(route, "client_to_upstream"),
             upstream_to_client: self.direction(route, "upstream_to_client"),

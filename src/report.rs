@@ -387,7 +387,12 @@ impl HttpExchange {
             started,
             held,
         } = proxied;
-        shared.metrics.http_request(&route.label, status.as_u16());
+        match &route.metrics(&shared.metrics).http_ok {
+            Some(ok) if status == StatusCode::OK => {
+                ok.inc();
+            }
+            _ => shared.metrics.http_request(&route.label, status.as_u16()),
+        }
         let audited = shared.audit.enabled();
         let noted = (audited || tracing::enabled!(tracing::Level::INFO)).then(|| {
             Box::new(Noted {
