@@ -206,7 +206,7 @@ fn upstream_query(
     // Pairs the upstream gets as the client wrote them; only the route's own are encoded here.
     let mut query = String::new();
     for pair in query::pairs(client_query.unwrap_or("")) {
-        let hidden_owned = pair.raw.contains(';')
+        let hidden_owned = memchr::memchr(b';', pair.raw.as_bytes()).is_some()
             && pair
                 .raw
                 .split(';')
