@@ -216,7 +216,7 @@ impl ConnectionReport {
             client = %conn.peer,
             route = %route.label,
             upstream = %upstream,
-            user = %identity.user,
+            user = identity.user.as_str(),
             tenant = identity.tenant.as_deref().unwrap_or(""),
             conversation = identity.conversation.as_deref().unwrap_or(""),
             session = session_id.unwrap_or(""),

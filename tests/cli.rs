@@ -671,3 +671,24 @@ async fn a_port_another_process_holds_is_an_error_not_a_shared_port() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn a_claim_cannot_forge_a_log_line() {
+    // CR and LF in a claim are refused (no header can carry them); the line breaks a header
+    // can carry (U+2028, NEL) must not reach the log raw either: a log reader may split on
+    // them, and what follows would read as a line of its own.
+    let mut upstream = Upstream::start().await;
+    let text = EdgeConfig::new(&upstream.url("/ws/chat")).build();
+    let edge = EdgeProcess::start(&text, &[]).await;
+    let sub = "mallory\u{2028}INFO wsedge: connected user=root\u{85}x";
+    let token = hs256(&claims(sub, serde_json::json!({})));
+    let _ws = connect_ok(&edge.url(&format!("/ws/chat?token={token}")), &[]).await;
+    upstream.next_request().await;
+    edge.wait_log("connected").await;
+    let log = edge.log();
+    assert!(
+        !log.contains('\u{2028}') && !log.contains('\u{85}'),
+        "a line break from a claim reached the log raw:\n{log}"
+    );
+    assert!(log.contains(r#"user="mallory\u{2028}INFO"#), "{log}");
+}
