@@ -205,7 +205,7 @@ fn checks<'a, B>(
         .ok_or(Refusal::NoRoute)?;
     known.route = Some(route);
     check_path(path)?;
-    let websocket_key = match websocket_key(request.method(), headers)? {
+    let websocket_key = match websocket_key(request.method(), request.version(), headers)? {
         Some(key) => Some(key),
         None if route.http.is_some() => None,
         None => return Err(Refusal::UpgradeRequired),
@@ -401,9 +401,16 @@ fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
     if hosts.next().is_some() {
         return Err(Refusal::BadRequest("Host may be given once"));
     }
-    let Some(raw) = raw.and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
+    let Some(raw) = raw else {
+        return match request.version() < http::Version::HTTP_11 {
+            true => Ok(None),
+            false => Err(Refusal::BadRequest("an HTTP/1.1 request needs a Host header")),
+        };
     };
+    let raw = raw
+        .to_str()
+        .map_err(|_| Refusal::BadRequest("Host is not plain text"))?;
     let host = match raw.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.rsplit_once(':').map_or(raw, |(host, _port)| host),
@@ -414,27 +421,51 @@ fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
 /// Refuses `.` and `..` path segments (also percent-encoded): an upstream or intermediary that
 /// normalises them would route a request outside the path its route names.
 fn check_path(path: &str) -> Result<(), Refusal> {
-    if path.split('/').any(is_dot_segment) {
-        return Err(Refusal::BadHandshake(
-            "dot segments are not allowed in the path",
-        ));
+    let refused = |message| Err(Refusal::BadHandshake(message));
+    // The common path has nothing an upstream could read differently: one look at the bytes.
+    if memchr::memchr3(b'%', b'\\', b';', path.as_bytes()).is_none() {
+        if path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+        {
+            return refused("dot segments are not allowed in the path");
+        }
+        return Ok(());
+    }
+    // What some upstream server resolves: `%2e` as a dot, `%2f` and `%5c` (and `\`) as a
+    // slash, `;…` as a path parameter ending the segment (`..;` is `..` to Tomcat).
+    let mut normal = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = bytes
+            .get(at + 1..at + 3)
+            .map(|hex| hex.to_ascii_lowercase());
+        match (bytes[at], escaped.as_deref()) {
+            (b'%', Some(b"2e")) => normal.push('.'),
+            (b'%', Some(b"2f" | b"5c")) => normal.push('/'),
+            (b'%', Some(b"00")) => return refused("a NUL byte in the path"),
+            (b'\\', _) => {
+                normal.push('/');
+                at += 1;
+                continue;
+            }
+            (byte, _) => {
+                normal.push(byte as char);
+                at += 1;
+                continue;
+            }
+        }
+        at += 3;
+    }
+    let dot = |segment: &str| {
+        let name = segment.split(';').next().unwrap_or(segment);
+        name == "." || name == ".."
+    };
+    if normal.split('/').any(dot) {
+        return refused("dot segments are not allowed in the path");
     }
     Ok(())
-}
-
-/// `.` or `..`, with any dot written as `%2e` or `%2E`.
-fn is_dot_segment(segment: &str) -> bool {
-    let mut rest = segment.as_bytes();
-    let mut dots = 0;
-    while !rest.is_empty() {
-        rest = match rest {
-            [b'.', tail @ ..] => tail,
-            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
-            _ => return false,
-        };
-        dots += 1;
-    }
-    dots == 1 || dots == 2
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -443,7 +474,11 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 
 /// The client's key when this is a WebSocket upgrade (RFC 6455 §4.2.1); `None` when it does
 /// not ask for one.
-fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+fn websocket_key(
+    method: &Method,
+    version: http::Version,
+    headers: &HeaderMap,
+) -> Result<Option<String>, Refusal> {
     let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
@@ -451,6 +486,21 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Option<String>,
     }
     if method != Method::GET {
         return Err(Refusal::BadHandshake("a WebSocket upgrade must be a GET"));
+    }
+    // RFC 6455 §4.1: HTTP/1.1 or later. An HTTP/1.0 hop in between (a proxy that does not know
+    // upgrades) would not carry the socket that follows.
+    if version < http::Version::HTTP_11 {
+        return Err(Refusal::BadHandshake("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    // The bytes after an upgrade's head are frames: a body announced as well makes two readings
+    // of the same bytes (what one hop takes for a body, the next takes for frames).
+    let announces_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|length| length.as_bytes() != b"0");
+    if announces_body {
+        return Err(Refusal::BadHandshake("a WebSocket upgrade has no body"));
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -472,26 +522,40 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Option<String>,
 
 #[cfg(test)]
 mod tests {
-    use super::is_dot_segment;
+    use super::check_path;
 
     #[test]
-    fn dot_segments_in_any_spelling_and_nothing_else() {
-        for dot in [".", "..", "%2e", "%2E", ".%2e", "%2E%2e", "%2e."] {
-            assert!(is_dot_segment(dot), "{dot}");
-        }
-        for other in [
-            "",
-            "...",
-            ".a",
-            "a.",
-            "%2e%2e%2e",
-            "%2f",
-            "%2",
-            "%",
-            "x",
-            "..%2f",
+    fn dot_segments_in_any_spelling_an_upstream_resolves_and_nothing_else() {
+        for path in [
+            "/api/.",
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "/api/.%2E/admin",
+            "/api/%2E./admin",
+            // Tomcat's path parameter, IIS's backslash, encoded slashes and backslashes.
+            "/api/..;/admin",
+            "/api/..;jsessionid=x/admin",
+            "/api\\..\\admin",
+            "/api/..%2fadmin",
+            "/api/..%2Fadmin",
+            "/api/..%5cadmin",
+            "/api/%2e%2e%5cadmin",
+            "/api/a%00b",
         ] {
-            assert!(!is_dot_segment(other), "{other}");
+            assert!(check_path(path).is_err(), "{path}");
+        }
+        for path in [
+            "/api",
+            "/api/...",
+            "/api/.a/a.",
+            "/api/%2e%2e%2e",
+            "/api/a%2fb",
+            "/api/a;b=c",
+            "/api/%",
+            "/api/%2",
+            "/api/caf%C3%A9",
+        ] {
+            assert!(check_path(path).is_ok(), "{path}");
         }
     }
 }
