@@ -403,10 +403,12 @@ fn request_host<B>(request: &Request<B>) -> Result<Option<String>, Refusal> {
     }
     // RFC 9112 §3.2: an HTTP/1.1 request without Host is answered 400.
     let Some(raw) = raw else {
-        return match request.version() < http::Version::HTTP_11 {
-            true => Ok(None),
-            false => Err(Refusal::BadRequest("an HTTP/1.1 request needs a Host header")),
-        };
+        if request.version() < http::Version::HTTP_11 {
+            return Ok(None);
+        }
+        return Err(Refusal::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
     };
     let raw = raw
         .to_str()
