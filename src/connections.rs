@@ -25,22 +25,20 @@ pub(crate) struct Holder {
     pub(crate) tenant: Option<String>,
     pub(crate) conversation: Option<String>,
     pub(crate) session_id: Option<String>,
-    pub(crate) jti: Option<String>,
-    /// When the token expires (Unix seconds).
-    pub(crate) expires_at: Option<u64>,
 }
 
 /// The token a connection holds now: a resumed session's client may bring a fresh one.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TokenFacts {
     pub(crate) jti: Option<String>,
+    /// When the token expires (Unix seconds).
     pub(crate) expires_at: Option<u64>,
 }
 
 /// One open connection.
 pub(crate) struct Connection {
     pub(crate) holder: Holder,
-    /// The token it holds now (the holder's, until a resume brings another).
+    /// The token it holds now (a resume may bring another).
     token: Mutex<TokenFacts>,
     pub(crate) since: SystemTime,
     /// Bytes of messages from the client, and to it, as the relay last wrote them down.
@@ -132,12 +130,8 @@ impl Connections {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn register(self: &Arc<Self>, holder: Holder) -> Registered {
+    pub(crate) fn register(self: &Arc<Self>, holder: Holder, token: TokenFacts) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let token = TokenFacts {
-            jti: holder.jti.clone(),
-            expires_at: holder.expires_at,
-        };
         let connection = Arc::new(Connection {
             token: Mutex::new(token),
             holder,
@@ -218,9 +212,9 @@ mod tests {
     #[test]
     fn selectors_and_every_given_field_and_registrations_leave_when_dropped() {
         let connections = Arc::new(Connections::default());
-        let a = connections.register(holder("alice", "acme", "c1"));
-        let _b = connections.register(holder("alice", "acme", "c2"));
-        let _c = connections.register(holder("bob", "acme", "c1"));
+        let a = connections.register(holder("alice", "acme", "c1"), TokenFacts::default());
+        let _b = connections.register(holder("alice", "acme", "c2"), TokenFacts::default());
+        let _c = connections.register(holder("bob", "acme", "c1"), TokenFacts::default());
         let alice = Selector {
             user: Some("alice".into()),
             ..Selector::default()

@@ -75,10 +75,7 @@ pub(crate) async fn upgrade(
     match session {
         SessionPlan::Resume { entry, last_seq } => {
             // The session's registry entry holds the token its client holds now.
-            let token = TokenFacts {
-                jti: claim_string(&identity.claims, "jti"),
-                expires_at: identity.expires_at,
-            };
+            let token = token_facts(&identity);
             let selector = Selector {
                 session: Some(entry.key.id.clone()),
                 user: Some(identity.user.clone()),
@@ -200,16 +197,15 @@ async fn connect(
         .as_ref()
         .is_some_and(|admin| admin.token.is_some());
     let registered = api.then(|| {
-        shared.connections.register(Holder {
+        let holder = Holder {
             request_id: reply.request_id.to_owned(),
             route: route.label.clone(),
             user: identity.user.clone(),
             tenant: identity.tenant.clone(),
             conversation: identity.conversation.clone(),
             session_id: session_id.clone(),
-            jti: claim_string(&identity.claims, "jti"),
-            expires_at: identity.expires_at,
-        })
+        };
+        shared.connections.register(holder, token_facts(identity))
     });
     // A revocation made between the admission's check and this registration found no entry
     // to close: look again now that a disconnect would find it.
@@ -407,4 +403,12 @@ fn switching_protocols(reply: &Reply<'_>, chosen: Option<&HeaderValue>) -> Respo
         _ => {}
     }
     response
+}
+
+/// The token a connection's identity came from, for the registry.
+fn token_facts(identity: &Identity) -> TokenFacts {
+    TokenFacts {
+        jti: claim_string(&identity.claims, "jti"),
+        expires_at: identity.expires_at,
+    }
 }

@@ -244,7 +244,6 @@ async fn a_slow_upload_that_keeps_moving_is_not_timed_out() {
         "POST /api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    let started = Instant::now();
     for piece in ["01", "23", "45", "67", "89"] {
         tokio::time::sleep(Duration::from_millis(400)).await;
         stream.write_all(piece.as_bytes()).await.unwrap();
@@ -255,7 +254,6 @@ async fn a_slow_upload_that_keeps_moving_is_not_timed_out() {
         .expect("an answer in time")
         .unwrap();
     let response = String::from_utf8_lossy(&response);
-    assert!(started.elapsed() > Duration::from_secs(1));
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("0123456789"), "{response}");
     assert_eq!(upstream.next_request().await.body, b"0123456789");

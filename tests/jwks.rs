@@ -150,11 +150,14 @@ fn bearer(token: &str) -> String {
 
 /// Twenty handshakes at once with tokens signed by `key` but naming keys nobody published.
 async fn twenty_unknown_kids(url: &str, key: &SigningKey) -> Vec<Refused> {
-    let attempts = (0..20).map(|i| {
-        let token = key.token_naming("mallory", &format!("random-{i}"));
-        async move { connect_refused(url, &[("Authorization", &bearer(&token))]).await }
-    });
+    let attempts = (0..20).map(|i| unknown_kid(url, key, format!("random-{i}")));
     futures_util::future::join_all(attempts).await
+}
+
+/// A handshake with a token signed by `key` but naming `kid` (which nobody published).
+async fn unknown_kid(url: &str, key: &SigningKey, kid: String) -> Refused {
+    let token = key.token_naming("mallory", &kid);
+    connect_refused(url, &[("Authorization", &bearer(&token))]).await
 }
 
 async fn wait_ready(edge: &TestEdge) {
@@ -222,21 +225,13 @@ async fn unknown_kids_are_merged_into_one_fetch_and_limited_per_interval() {
     }
     assert_eq!(provider.fetches(), 2);
     // Within the interval: judged on the set as it is, without a fetch.
-    let refused = connect_refused(
-        &url,
-        &[("Authorization", &bearer(&key.token_naming("x", "random")))],
-    )
-    .await;
+    let refused = unknown_kid(&url, &key, "random".into()).await;
     assert_eq!(refused.status, 401);
     assert_eq!(provider.fetches(), 2);
     // Once the interval has passed, an unknown kid may fetch again: the provider may have
     // rotated once more.
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    let refused = connect_refused(
-        &url,
-        &[("Authorization", &bearer(&key.token_naming("x", "later")))],
-    )
-    .await;
+    let refused = unknown_kid(&url, &key, "later".into()).await;
     assert_eq!(refused.status, 401);
     assert_eq!(provider.fetches(), 3);
 }
@@ -281,11 +276,7 @@ async fn a_provider_down_at_start_gives_503_then_recovers_and_down_later_keeps_t
         .metric("wsedge_jwks_fetches_total{policy=\"main\",result=\"error\"}")
         .await
         .unwrap_or(0.0);
-    let refused = connect_refused(
-        &url,
-        &[("Authorization", &bearer(&key.token_naming("x", "rotated?")))],
-    )
-    .await;
+    let refused = unknown_kid(&url, &key, "rotated?".into()).await;
     assert_eq!(refused.status, 401);
     edge.wait_metric_until(
         "wsedge_jwks_fetches_total{policy=\"main\",result=\"error\"}",
