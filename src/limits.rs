@@ -1,8 +1,9 @@
-//! Limits checked at the handshake: the per-IP handshake rate and per-user concurrent
-//! connections. (The global connection cap is a semaphore in `Shared`; the per-connection
-//! message rate lives in the relay, where messages are.)
+//! Limits checked at the handshake: the per-IP handshake rate, pending handshakes per
+//! address, and per-user concurrent connections. (The global connection cap is a semaphore in
+//! `Shared`; the per-connection message rate lives in the relay, where messages are.)
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -40,28 +41,29 @@ impl HandshakeRate {
     }
 }
 
-/// Open connections per (tenant, user). Entries are removed at zero, so the map is bounded by
-/// the open connections.
-#[derive(Default)]
-pub(crate) struct UserConnections {
-    counts: Mutex<HashMap<(String, String), u32>>,
+/// How many of something each key holds, each held as a [`Slot`] until it is dropped. Entries
+/// are removed at zero, so the map is bounded by what is held.
+pub(crate) struct Counts<K: Eq + Hash + Clone> {
+    counts: Mutex<HashMap<K, usize>>,
 }
 
-/// Holds one of a user's connection slots until dropped.
-pub(crate) struct UserSlot {
-    owner: Arc<UserConnections>,
-    key: (String, String),
+impl<K: Eq + Hash + Clone> Default for Counts<K> {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::default(),
+        }
+    }
 }
 
-impl UserConnections {
-    /// Takes a slot for the user unless they already hold `max`.
-    pub(crate) fn acquire(
-        self: &Arc<Self>,
-        tenant: &str,
-        user: &str,
-        max: u32,
-    ) -> Option<UserSlot> {
-        let key = (tenant.to_owned(), user.to_owned());
+/// One of a key's slots, until dropped.
+pub(crate) struct Slot<K: Eq + Hash + Clone> {
+    owner: Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Counts<K> {
+    /// Takes a slot for `key` unless it already holds `max`.
+    pub(crate) fn acquire(self: &Arc<Self>, key: K, max: usize) -> Option<Slot<K>> {
         let mut counts = self
             .counts
             .lock()
@@ -74,19 +76,19 @@ impl UserConnections {
             return None;
         }
         *count += 1;
-        Some(UserSlot {
+        Some(Slot {
             owner: self.clone(),
             key,
         })
     }
 
     #[cfg(test)]
-    fn users(&self) -> usize {
+    fn keys(&self) -> usize {
         self.counts.lock().map_or(0, |counts| counts.len())
     }
 }
 
-impl Drop for UserSlot {
+impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut counts = self
             .owner
@@ -102,6 +104,26 @@ impl Drop for UserSlot {
     }
 }
 
+/// Connections each address holds that have not sent a whole request yet.
+pub(crate) type PendingByAddress = Counts<IpAddr>;
+pub(crate) type PendingSlot = Slot<IpAddr>;
+
+/// The key an address is counted by: an IPv6 client by its /64 (one host is given a whole /64
+/// to pick from), an IPv4-mapped one as the IPv4 address it is.
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+/// Open connections per (tenant, user).
+pub(crate) type UserConnections = Counts<(String, String)>;
+pub(crate) type UserSlot = Slot<(String, String)>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,17 +131,33 @@ mod tests {
     #[test]
     fn user_slots_are_exact_and_released() {
         let users = Arc::new(UserConnections::default());
-        let a = users.acquire("t", "alice", 2).unwrap();
-        let b = users.acquire("t", "alice", 2).unwrap();
-        assert!(users.acquire("t", "alice", 2).is_none());
+        let alice = || ("t".to_owned(), "alice".to_owned());
+        let a = users.acquire(alice(), 2).unwrap();
+        let b = users.acquire(alice(), 2).unwrap();
+        assert!(users.acquire(alice(), 2).is_none());
         assert!(
-            users.acquire("other", "alice", 2).is_some(),
+            users
+                .acquire(("other".to_owned(), "alice".to_owned()), 2)
+                .is_some(),
             "tenants are separate"
         );
         drop(a);
-        let c = users.acquire("t", "alice", 2).unwrap();
+        let c = users.acquire(alice(), 2).unwrap();
         drop((b, c));
-        assert_eq!(users.users(), 0, "no entry is left behind");
+        assert_eq!(users.keys(), 0, "no entry is left behind");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_and_a_mapped_one_as_ipv4() {
+        let key = |text: &str| address_key(text.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        let pending = Arc::new(PendingByAddress::default());
+        let held: Vec<_> = (0..3)
+            .filter_map(|i| pending.acquire(key(&format!("2001:db8::{i}")), 2))
+            .collect();
+        assert_eq!(held.len(), 2);
     }
 
     #[test]

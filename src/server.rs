@@ -5,29 +5,22 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::revocation::Revocations;
-use crate::shutdown::Shutdown;
-use tokio_util::task::TaskTracker;
-
 use crate::admission::ClientConn;
-use crate::audit::AuditLog;
 use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
 use crate::dispatch;
-use crate::limits::HandshakeRate;
-use crate::metrics::{Limit, Metrics};
-use crate::session::registry::Sessions;
+use crate::limits::{PendingSlot, address_key};
+use crate::metrics::Limit;
 use crate::state::{Live, Shared};
 use crate::stats::Stats;
 use crate::ws::io::Io;
@@ -166,34 +159,7 @@ impl Edge {
                 )
             })?),
         };
-        let state_dir = config
-            .admin
-            .as_ref()
-            .and_then(|admin| admin.state_dir.clone());
-        let revocations = Revocations::load(state_dir.as_deref())
-            .map_err(|error| io::Error::other(error.to_string()))?;
-        let metrics = Arc::new(Metrics::new());
-        let audit = AuditLog::start(config.log.audit.clone(), metrics.audit_dropped.clone())?;
-        let sessions = Arc::new(Sessions {
-            registry: Default::default(),
-            metrics: metrics.clone(),
-            audit: audit.clone(),
-        });
-        let shared = Arc::new(Shared {
-            metrics,
-            audit,
-            sessions,
-            connections: Arc::default(),
-            revocations: Arc::new(revocations),
-            connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
-            handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
-            user_connections: Arc::default(),
-            handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
-            live: ArcSwap::from_pointee(Live::new(config)),
-            stats: Arc::new(Stats::default()),
-            shutdown: Shutdown::default(),
-            tasks: TaskTracker::new(),
-        });
+        let shared = Arc::new(Shared::new(config)?);
         Ok(Edge {
             shared,
             listeners,
@@ -333,10 +299,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Ok(pending) = shared.handshake_slots.clone().try_acquire_owned() else {
-                    // Full of clients that have not finished their handshake: close at once
-                    // rather than queue (the handshake timeout frees slots).
-                    shared.metrics.limit_hit(Limit::MaxPendingHandshakes);
+                let Some(pending) = Pending::acquire(&shared, peer) else {
                     drop(tcp);
                     continue;
                 };
@@ -353,14 +316,52 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// `pending`: the connection's pending-handshake slot, held until it has sent a whole request
-/// (or given up).
-async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
-) {
+/// A connection's pending-handshake slots, the edge's and its address's, held until it has sent
+/// a whole request (or given up).
+struct Pending {
+    _slot: OwnedSemaphorePermit,
+    _address_slot: Option<PendingSlot>,
+    /// When the connection was accepted: TLS and the request head share one deadline.
+    accepted_at: Instant,
+}
+
+impl Pending {
+    fn acquire(shared: &Arc<Shared>, peer: SocketAddr) -> Option<Self> {
+        let per_address = shared
+            .live
+            .load()
+            .config
+            .server
+            .max_pending_handshakes_per_ip;
+        // The address first: one that holds its share is refused without touching the rest.
+        let address_slot = match per_address {
+            None => None,
+            Some(max) => {
+                let Some(slot) = shared
+                    .pending_by_address
+                    .acquire(address_key(peer.ip()), max)
+                else {
+                    shared.metrics.limit_hit(Limit::MaxPendingHandshakesPerIp);
+                    return None;
+                };
+                Some(slot)
+            }
+        };
+        let Ok(slot) = shared.handshake_slots.clone().try_acquire_owned() else {
+            // Full of clients that have not finished their handshake: close at once rather
+            // than queue (the handshake timeout frees slots).
+            shared.metrics.limit_hit(Limit::MaxPendingHandshakes);
+            return None;
+        };
+        Some(Self {
+            _slot: slot,
+            _address_slot: address_slot,
+            accepted_at: Instant::now(),
+        })
+    }
+}
+
+async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: Pending) {
     let _ = tcp.set_nodelay(true);
     let live = shared.live.load();
     let handshake_timeout = live.config.server.handshake_timeout;
@@ -391,12 +392,20 @@ async fn serve_connection(
 /// HTTP/1.1: requests until an upgrade, or until the client is done with a keep-alive
 /// connection. The socket is an [`Io`] so that the relay can take it back from hyper by type
 /// after the 101 (`Io::from_upgraded`).
-async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: OwnedSemaphorePermit) {
+async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: Pending) {
     let live = shared.live.load();
+    // What is left of the handshake timeout after TLS: a client has that long for its first
+    // request head, so that a silent one holds its slot one `handshake_timeout` in all.
+    let head_timeout = live
+        .config
+        .server
+        .handshake_timeout
+        .saturating_sub(pending.accepted_at.elapsed())
+        .max(Duration::from_millis(1));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(live.config.server.handshake_timeout)
+        .header_read_timeout(head_timeout)
         .max_buf_size(live.config.server.max_header_size);
     drop(live);
     let service_shared = shared.clone();

@@ -1,5 +1,6 @@
 //! What a running edge shares between its connections.
 
+use std::io;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -9,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::connections::Connections;
-use crate::limits::{HandshakeRate, UserConnections};
+use crate::limits::{HandshakeRate, PendingByAddress, UserConnections};
 use crate::metrics::Metrics;
 use crate::revocation::Revocations;
 use crate::route::Router;
@@ -31,6 +32,42 @@ impl Live {
     }
 }
 
+impl Shared {
+    /// The state for serving `config`: revocations read back from its state folder, the audit
+    /// log started.
+    pub(crate) fn new(config: Config) -> io::Result<Self> {
+        let state_dir = config
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.state_dir.clone());
+        let revocations = Revocations::load(state_dir.as_deref())
+            .map_err(|error| io::Error::other(error.to_string()))?;
+        let metrics = Arc::new(Metrics::new());
+        let audit = AuditLog::start(config.log.audit.clone(), metrics.audit_dropped.clone())?;
+        let sessions = Arc::new(Sessions {
+            registry: Default::default(),
+            metrics: metrics.clone(),
+            audit: audit.clone(),
+        });
+        Ok(Self {
+            metrics,
+            audit,
+            sessions,
+            connections: Arc::default(),
+            revocations: Arc::new(revocations),
+            connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
+            pending_by_address: Arc::default(),
+            user_connections: Arc::default(),
+            handshake_rate: config.server.handshake_rate_per_ip.map(HandshakeRate::new),
+            live: ArcSwap::from_pointee(Live::new(config)),
+            stats: Arc::new(Stats::default()),
+            shutdown: Shutdown::default(),
+            tasks: TaskTracker::new(),
+        })
+    }
+}
+
 /// State shared by every connection of one running edge.
 pub(crate) struct Shared {
     /// New handshakes use what is here; a reload affects only new connections.
@@ -45,6 +82,8 @@ pub(crate) struct Shared {
     /// One permit per connection that has not upgraded yet, sized by
     /// `server.max_pending_handshakes`: slow or silent clients cannot pile up unbounded.
     pub(crate) handshake_slots: Arc<Semaphore>,
+    /// The same slots counted per address, against `server.max_pending_handshakes_per_ip`.
+    pub(crate) pending_by_address: Arc<PendingByAddress>,
     pub(crate) user_connections: Arc<UserConnections>,
     pub(crate) handshake_rate: Option<HandshakeRate>,
     pub(crate) metrics: Arc<Metrics>,

@@ -222,7 +222,7 @@ async fn clients_that_have_not_upgraded_are_capped_and_upgraded_ones_do_not_coun
     let upstream = Upstream::start().await;
     // A handshake timeout far beyond WAIT: only the cap can close a silent client in time.
     let config = EdgeConfig::new(&upstream.url("/ws"))
-        .server("max_pending_handshakes = 2\nhandshake_timeout = \"60s\"")
+        .server("max_pending_handshakes = 2\nmax_pending_handshakes_per_ip = 0\nhandshake_timeout = \"60s\"")
         .build();
     let edge = TestEdge::start(&config).await;
     // Upgraded connections hold no pending slot.

@@ -84,7 +84,7 @@ async fn a_client_that_reads_nothing_holds_the_edge_to_a_bounded_memory() {
     let expected = pattern(SIZE);
     for i in 0..MESSAGES {
         let frame = client
-            .read_answering_pings()
+            .read_message()
             .await
             .unwrap_or_else(|| panic!("stream ended at message {i}"));
         assert_eq!(frame.opcode, 2, "message {i}");

@@ -163,7 +163,7 @@ async fn a_message_over_max_message_size_gets_1009_and_the_upstream_is_told() {
     // Exactly at the limit passes.
     raw.send_frame(true, 2, &pattern(64 * 1024)).await;
     let echoed = raw
-        .read_frame()
+        .read_message()
         .await
         .expect("echo of a message at the limit");
     assert_eq!(echoed.payload.len(), 64 * 1024);

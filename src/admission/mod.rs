@@ -118,12 +118,15 @@ pub(crate) struct Refetch {
     pub(crate) seen: u64,
 }
 
-/// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID.
+/// The request's id: the client's `x-request-id` when it is a sane one, else a fresh UUID. Sane
+/// is what ids are made of (UUIDs, ULIDs, base64, trace ids): no quote, backslash or space
+/// that could end a field of a log line early.
 pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    let sane = |b: u8| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b);
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(sane))
         .map(str::to_owned)
         .unwrap_or_else(|| {
             let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -373,9 +376,11 @@ fn hold(
             shared
                 .user_connections
                 .acquire(
-                    identity.tenant.as_deref().unwrap_or(""),
-                    &identity.user,
-                    max,
+                    (
+                        identity.tenant.clone().unwrap_or_default(),
+                        identity.user.clone(),
+                    ),
+                    max as usize,
                 )
                 .ok_or(Refusal::TooManyConnections)?,
         ),

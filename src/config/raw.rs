@@ -60,6 +60,7 @@ pub(super) struct RawServer {
     pub(super) max_header_size: Option<Spanned<String>>,
     pub(super) max_connections_per_user: Option<Spanned<i64>>,
     pub(super) max_pending_handshakes: Option<Spanned<i64>>,
+    pub(super) max_pending_handshakes_per_ip: Option<Spanned<i64>>,
     pub(super) handshake_rate_per_ip: Option<Spanned<RawRate>>,
     pub(super) workers: Option<Spanned<i64>>,
 }

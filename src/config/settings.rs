@@ -69,6 +69,8 @@ pub(crate) struct ServerSettings {
     pub(crate) max_connections_per_user: Option<u32>,
     /// Connections still in TLS or before their upgrade; more are closed as they arrive.
     pub(crate) max_pending_handshakes: usize,
+    /// Of those, how many one address (an IPv6 /64) may hold; `None` = no limit of its own.
+    pub(crate) max_pending_handshakes_per_ip: Option<usize>,
     pub(crate) handshake_rate_per_ip: Option<RateLimit>,
     /// Threads, each with its own event loop and its own listening socket per address.
     pub(crate) workers: usize,

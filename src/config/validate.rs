@@ -357,6 +357,14 @@ impl<'a> Ctx<'a> {
             1..=1_000_000,
             "max_pending_handshakes",
         );
+        // A sixteenth by default: one address cannot take the slots everyone else needs,
+        // while a NAT'd office reconnecting at once fits.
+        let max_pending_handshakes_per_ip = self.integer(
+            &raw.max_pending_handshakes_per_ip,
+            (max_pending_handshakes / 16).max(1),
+            0..=1_000_000,
+            "max_pending_handshakes_per_ip (0: no limit of its own)",
+        );
         let handshake_rate_per_ip = self.rate(
             &raw.handshake_rate_per_ip,
             Some(RateLimit {
@@ -377,6 +385,8 @@ impl<'a> Ctx<'a> {
                 .ok()
                 .filter(|&max| max > 0),
             max_pending_handshakes,
+            max_pending_handshakes_per_ip: (max_pending_handshakes_per_ip > 0)
+                .then_some(max_pending_handshakes_per_ip),
             handshake_rate_per_ip,
             workers,
         })

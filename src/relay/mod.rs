@@ -60,6 +60,8 @@ pub(crate) struct RelayReport {
     pub(crate) ended_by: Option<Side>,
     /// A short reason: "client closed", "upstream lost", "token expired", …
     pub(crate) reason: &'static str,
+    /// What exactly a side did wrong, for a protocol error.
+    pub(crate) detail: Option<&'static str>,
     /// The close code sent to (or passed on to) the client, if any.
     pub(crate) client_close: Option<u16>,
     /// The close code sent to (or passed on to) the upstream, if any.
@@ -638,16 +640,13 @@ impl Relay {
                     true,
                 ));
             }
-            let upstream_mid_frame = self
-                .upstream
-                .as_ref()
-                .is_some_and(|upstream| upstream.reading_mid_frame());
             let received = self.up.messages;
             let Some(resume) = self.resume.as_mut() else {
                 return;
             };
-            let mut attached = resume.attach(*attach, start, received, took_over);
-            attached.leg.set_mid_frame(upstream_mid_frame);
+            // (What the upstream is in the middle of reaches the new client as whole
+            // frames: a message cut mid-frame goes on as fragments.)
+            let attached = resume.attach(*attach, start, received, took_over);
             self.client = Some(attached.leg);
             self.token_deadline = self.lifecycle.token_deadline(attached.token_expires_at);
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);
@@ -680,6 +679,7 @@ impl Relay {
             turns: self.turns.count(),
             ended_by: plan.ended_by,
             reason: plan.reason,
+            detail: plan.detail,
             limit: plan.limit,
             client_close: self.client.as_ref().and(plan.to_client.code()),
             upstream_close: self.upstream.as_ref().and(plan.to_upstream.code()),

@@ -139,22 +139,19 @@ impl Pump<'_> {
         let skim = self.bucket.is_none() && self.replay.is_none() && !self.atomic;
         while at < input.len() {
             if skim {
-                match reader.skim(&input[at..]) {
-                    Ok((len, skimmed, payload)) => {
-                        at += len;
-                        messages += skimmed;
-                        payload_bytes += payload;
-                    }
-                    Err(error) => {
-                        result = Err(End::Violation(error));
-                        break;
-                    }
+                let skimmed = reader.skim(&mut input[at..]);
+                at += skimmed.len;
+                messages += skimmed.messages;
+                payload_bytes += skimmed.payload_bytes;
+                if let Some(error) = skimmed.error {
+                    result = Err(End::Violation(error));
+                    break;
                 }
                 if at == input.len() {
                     break;
                 }
             }
-            match reader.next(&input[at..]) {
+            match reader.next(&mut input[at..]) {
                 Err(error) => {
                     result = Err(End::Violation(error));
                     break;
@@ -164,8 +161,9 @@ impl Pump<'_> {
                     len,
                     payload,
                     message_start,
-                    frame_end,
                     message_end,
+                    piece,
+                    ..
                 }) => {
                     if message_start
                         && let Some(bucket) = self.bucket.as_deref_mut()
@@ -174,8 +172,14 @@ impl Pump<'_> {
                         result = Err(End::RateLimited);
                         break;
                     }
-                    let bytes = &input[at..at + len];
+                    // What goes on: the bytes as they are (a whole frame), or a fragment cut
+                    // from a frame not all here (its own header, then the payload among them).
+                    let (header, bytes) = match &piece {
+                        None => (&[][..], &input[at..at + len]),
+                        Some(piece) => (piece.bytes(), &input[at + len - payload..at + len]),
+                    };
                     if let Some(replay) = self.replay.as_deref_mut() {
+                        replay.push(header);
                         replay.push(bytes);
                         if message_end {
                             replay.message_ended();
@@ -186,6 +190,7 @@ impl Pump<'_> {
                     if self.atomic && !(message_start && message_end) {
                         if let Some(dest) = self.dest.as_deref_mut() {
                             dest.push_data(&input[run_start..at]);
+                            dest.hold(header);
                             // Frame headers count too: endless empty fragments must not
                             // grow what is held.
                             if dest.hold(bytes) > self.held_limit {
@@ -201,15 +206,17 @@ impl Pump<'_> {
                         run_start = at;
                         continue;
                     }
-                    at += len;
-                    if frame_end
-                        && let Some(dest) = self.dest.as_deref_mut()
-                        && dest.has_deferred()
-                    {
-                        dest.push_data(&input[run_start..at]);
+                    if piece.is_some() {
+                        if let Some(dest) = self.dest.as_deref_mut() {
+                            dest.push_data(&input[run_start..at]);
+                            dest.push_data(header);
+                            dest.push_data(bytes);
+                        }
+                        at += len;
                         run_start = at;
-                        dest.set_mid_frame(false);
+                        continue;
                     }
+                    at += len;
                 }
                 Ok(Event::Control { len, frame }) => {
                     if let Some(dest) = self.dest.as_deref_mut() {
@@ -236,7 +243,6 @@ impl Pump<'_> {
         }
         if let Some(dest) = self.dest.as_deref_mut() {
             dest.push_data(&input[run_start..at]);
-            dest.set_mid_frame(!self.atomic && reader.mid_frame());
         }
         self.source.consume(at);
         if payload_bytes > 0 || messages > 0 {

@@ -308,6 +308,8 @@ pub(crate) struct Plan {
     pub(crate) ended_by: Option<Side>,
     /// A short reason for logs: "client closed", "upstream lost", "token expired", …
     pub(crate) reason: &'static str,
+    /// What exactly a side did wrong, for a protocol error ("reserved opcode", …).
+    pub(crate) detail: Option<&'static str>,
     /// A side that stopped responding gets less time to take its close.
     pub(crate) unresponsive: Option<Side>,
     pub(crate) limit: Option<Limit>,
@@ -322,6 +324,7 @@ impl Plan {
             to_upstream: Finish::Send(EdgeClose::ShuttingDown),
             ended_by: None,
             reason: "edge shutting down",
+            detail: None,
             unresponsive: None,
             limit: None,
             session: NotResumable::Closed,
@@ -335,6 +338,7 @@ impl Plan {
             to_upstream: Finish::Send(EdgeClose::RevokedUpstream),
             ended_by: None,
             reason: "revoked",
+            detail: None,
             unresponsive: None,
             limit: None,
             session: NotResumable::Closed,
@@ -348,6 +352,7 @@ impl Plan {
             to_upstream: Finish::Send(EdgeClose::ClientWentAway),
             ended_by: Some(Side::Client),
             reason: "client vanished during the upgrade",
+            detail: None,
             unresponsive: None,
             limit: None,
             session: NotResumable::Closed,
@@ -361,6 +366,7 @@ impl Plan {
             to_upstream: Finish::Send(EdgeClose::ClientWentAway),
             ended_by: None,
             reason: "resume buffer overflowed",
+            detail: None,
             unresponsive: None,
             limit: Some(Limit::ResumeBuffer),
             session: NotResumable::Overflowed,
@@ -374,6 +380,7 @@ impl Plan {
             to_upstream: Finish::Gone,
             ended_by: Some(Side::Upstream),
             reason: "upstream closed",
+            detail: None,
             unresponsive: None,
             limit: None,
             session: NotResumable::Closed,
@@ -386,6 +393,10 @@ impl Plan {
         let limit = match &end {
             End::Violation(FrameError::TooBig) => Some(Limit::MaxMessageSize),
             End::RateLimited => Some(Limit::MessageRate),
+            _ => None,
+        };
+        let detail = match &end {
+            End::Violation(FrameError::Protocol(why)) => Some(*why),
             _ => None,
         };
         let (to_source, to_other, reason) = match (side, end) {
@@ -408,19 +419,19 @@ impl Plan {
             (Side::Client, End::Violation(error)) => (
                 Finish::Send(Violation(error)),
                 Finish::Send(ClientWentAway),
-                if error == FrameError::TooBig {
-                    "client message too big"
-                } else {
-                    "client protocol error"
+                match error {
+                    FrameError::TooBig => "client message too big",
+                    FrameError::InvalidUtf8 => "client sent invalid UTF-8",
+                    FrameError::Protocol(_) => "client protocol error",
                 },
             ),
             (Side::Upstream, End::Violation(error)) => (
                 Finish::Send(Violation(error)),
                 Finish::Send(UpstreamFailed),
-                if error == FrameError::TooBig {
-                    "upstream message too big"
-                } else {
-                    "upstream protocol error"
+                match error {
+                    FrameError::TooBig => "upstream message too big",
+                    FrameError::InvalidUtf8 => "upstream sent invalid UTF-8",
+                    FrameError::Protocol(_) => "upstream protocol error",
                 },
             ),
             // The destination is gone: tell the source why, as if the destination had been lost.
@@ -445,6 +456,7 @@ impl Plan {
             to_upstream,
             ended_by: Some(side),
             reason,
+            detail,
             unresponsive: None,
             limit,
             session: NotResumable::Closed,
@@ -493,6 +505,7 @@ impl Plan {
             to_upstream,
             ended_by: None,
             reason,
+            detail: None,
             unresponsive: match deadline {
                 Deadline::Unresponsive(side) => Some(side),
                 _ => None,

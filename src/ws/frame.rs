@@ -1,8 +1,14 @@
 //! RFC 6455 frames, read without being decoded into messages.
 //!
-//! The relay passes data frames on byte for byte: a server's frames are unmasked and a client's
-//! masked frame is a valid masked frame toward the upstream, so neither needs re-encoding. What
-//! the edge must still know — where frames and messages begin and end, whether a text message is
+//! The relay passes data frames on without decoding them into messages: a server's frames go to
+//! the client byte for byte, and a client's frame goes upstream with its header unchanged but
+//! for the masking key, which the edge replaces with a fresh one of its own (RFC 6455 §5.3: a
+//! client that chose its key would choose the bytes the upstream's network sees). A frame
+//! larger than [`WHOLE_FRAME_LIMIT`] is passed on as it arrives, as fragments of its message,
+//! each a whole frame (RFC 6455 §5.4 lets an intermediary refragment when no extension is
+//! negotiated); a smaller one waits until it is all read. Either way what the edge has written
+//! to a peer always ends at a frame boundary, so a close can always follow at once, whatever
+//! the other side is in the middle of. What the edge must still know — where frames and messages begin and end, whether a text message is
 //! valid UTF-8, whether a message is over the size limit, and what a control frame says — is
 //! read here from the headers and, for text, from the payload as it streams past. Nothing waits
 //! for a whole message: a large frame goes through in pieces as it arrives.
@@ -22,6 +28,11 @@ pub(crate) mod opcode {
 
 /// The largest control frame payload (RFC 6455 §5.5).
 pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Data frames up to this size (header included) wait until they are all read and go on as
+/// they are; larger ones go on as they arrive, as fragments. Half a read buffer: a chat's
+/// messages and an LLM's tokens keep their framing, and what waits fits the buffer.
+pub(crate) const WHOLE_FRAME_LIMIT: usize = 8 * 1024;
 
 /// Who wrote the frames being read: clients must mask, servers must not (RFC 6455 §5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +65,12 @@ fn parse_header(input: &[u8]) -> Result<Option<Header>, FrameError> {
             let Some(bytes) = input.get(2..4) else {
                 return Ok(None);
             };
-            (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4)
+            let len = u16::from_be_bytes([bytes[0], bytes[1]]);
+            if len < 126 {
+                // RFC 6455 §5.2: the minimal number of bytes must be used.
+                return Err(FrameError::Protocol("length not minimally encoded"));
+            }
+            (u64::from(len), 4)
         }
         127 => {
             let Some(bytes) = input.get(2..10) else {
@@ -65,6 +81,9 @@ fn parse_header(input: &[u8]) -> Result<Option<Header>, FrameError> {
             let len = u64::from_be_bytes(be);
             if len >> 63 != 0 {
                 return Err(FrameError::Protocol("frame length out of range"));
+            }
+            if len <= 0xffff {
+                return Err(FrameError::Protocol("length not minimally encoded"));
             }
             (len, 10)
         }
@@ -183,6 +202,45 @@ fn utf8_char_len(first: u8) -> usize {
     }
 }
 
+/// Turns payload bytes masked with `from` into the same bytes masked with `to`, `offset` bytes
+/// into the frame; a whole text payload is checked for UTF-8 on the way.
+fn remask(
+    payload: &mut [u8],
+    from: [u8; 4],
+    to: [u8; 4],
+    offset: usize,
+    text: bool,
+) -> Result<(), FrameError> {
+    if text {
+        apply_mask(payload, from, offset);
+        check_utf8(payload)?;
+        apply_mask(payload, to, offset);
+    } else {
+        let delta = [
+            from[0] ^ to[0],
+            from[1] ^ to[1],
+            from[2] ^ to[2],
+            from[3] ^ to[3],
+        ];
+        apply_mask(payload, delta, offset);
+    }
+    Ok(())
+}
+
+/// [`remask`] for a piece of a text message, whose characters may be split between pieces.
+fn remask_text(
+    payload: &mut [u8],
+    from: [u8; 4],
+    to: [u8; 4],
+    offset: usize,
+    utf8: &mut Utf8Validator,
+) -> Result<(), FrameError> {
+    apply_mask(payload, from, offset);
+    utf8.feed(payload)?;
+    apply_mask(payload, to, offset);
+    Ok(())
+}
+
 /// A control frame, read whole (its payload is at most 125 bytes), unmasked.
 #[derive(Clone, Copy)]
 pub(crate) struct Control {
@@ -263,25 +321,82 @@ fn mask_key() -> [u8; 4] {
     rand::random()
 }
 
+/// The header of a fragment the edge cuts from a frame that has not all arrived (empty when
+/// nothing of the frame's payload has: nothing goes on yet).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PieceHeader {
+    bytes: [u8; 14],
+    len: u8,
+}
+
+impl PieceHeader {
+    fn new(first: u8, payload: usize, key: Option<[u8; 4]>) -> Self {
+        let mut header = PieceHeader::default();
+        if payload == 0 {
+            return header;
+        }
+        let mask_bit = if key.is_some() { 0x80 } else { 0 };
+        header.bytes[0] = first;
+        let mut len = match payload {
+            0..=125 => {
+                header.bytes[1] = mask_bit | payload as u8;
+                2
+            }
+            126..=0xffff => {
+                header.bytes[1] = mask_bit | 126;
+                header.bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+                4
+            }
+            _ => {
+                header.bytes[1] = mask_bit | 127;
+                header.bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
+                10
+            }
+        };
+        if let Some(key) = key {
+            header.bytes[len..len + 4].copy_from_slice(&key);
+            len += 4;
+        }
+        header.len = len as u8;
+        header
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 /// What the reader found at the start of its input.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// The input holds too little to go on; nothing was consumed.
     NeedMore,
-    /// The first `len` bytes of the input belong to a data frame and are passed on as they are:
-    /// its header (when `frame_start`) and some or all of its payload.
+    /// The first `len` bytes of the input belong to a data frame: its header (when it starts
+    /// there) and some or all of its payload. They go on as they are when they are the whole
+    /// frame; otherwise `piece` is set, and the header written in their place makes the
+    /// payload among them a fragment of its own.
     Data {
         len: usize,
         /// How many of them are payload (the rest is the frame's header).
         payload: usize,
         /// These bytes begin a message (its first frame's header).
         message_start: bool,
-        /// These bytes end a frame, and with it perhaps a message.
-        frame_end: bool,
+        /// These bytes end a message.
         message_end: bool,
+        piece: Option<PieceHeader>,
     },
     /// A whole control frame (`len` bytes of input), not to be passed on.
     Control { len: usize, frame: Control },
+}
+
+/// What a skim passed over: whole messages, up to the first that is not simple, or that
+/// broke the protocol (`error`: the frames before it are good and go on).
+#[derive(Debug, Default)]
+pub(crate) struct Skimmed {
+    pub(crate) len: usize,
+    pub(crate) messages: u64,
+    pub(crate) payload_bytes: u64,
+    pub(crate) error: Option<FrameError>,
 }
 
 /// Reads one peer's frames: headers, fragmentation, masking, the size limit and text validity.
@@ -289,12 +404,20 @@ pub(crate) enum Event {
 pub(crate) struct FrameReader {
     writer: Writer,
     max_message: u64,
+    /// [`WHOLE_FRAME_LIMIT`], but for tests.
+    whole_up_to: u64,
     /// Payload bytes of the current data frame not read yet.
     remaining: u64,
     /// Whether a data frame's payload is being read (its header is behind us).
     in_frame: bool,
     frame_fin: bool,
+    /// The opcode the current frame's next fragment goes on with: its own, until a fragment of
+    /// it has gone, then continuation.
+    piece_opcode: u8,
+    /// The client's masking key of the current frame.
     mask: [u8; 4],
+    /// The edge's own key that replaces it (client frames only).
+    remask: [u8; 4],
     /// How many payload bytes of the current frame have been read (for the mask's phase).
     frame_offset: u64,
     /// The message in progress: `Some(true)` for text, `Some(false)` for binary.
@@ -308,10 +431,13 @@ impl FrameReader {
         Self {
             writer,
             max_message: max_message as u64,
+            whole_up_to: WHOLE_FRAME_LIMIT as u64,
             remaining: 0,
             in_frame: false,
             frame_fin: false,
+            piece_opcode: 0,
             mask: [0; 4],
+            remask: [0; 4],
             frame_offset: 0,
             message: None,
             message_len: 0,
@@ -319,9 +445,11 @@ impl FrameReader {
         }
     }
 
-    /// Whether the bytes passed on so far end inside a frame.
-    pub(crate) fn mid_frame(&self) -> bool {
-        self.in_frame
+    /// Frames up to `limit` bytes go on whole, larger ones in fragments as they arrive.
+    #[cfg(test)]
+    pub(crate) fn with_whole_frames_up_to(mut self, limit: usize) -> Self {
+        self.whole_up_to = limit as u64;
+        self
     }
 
     /// Whether the bytes passed on so far end inside a message.
@@ -333,47 +461,57 @@ impl FrameReader {
     /// LLM tokens is made of — and returns (bytes, messages, payload bytes) passed over. It
     /// stops at anything else (a fragment, a control frame, a frame not all read yet), which
     /// [`FrameReader::next`] then reads.
-    pub(crate) fn skim(&mut self, input: &[u8]) -> Result<(usize, u64, u64), FrameError> {
-        let mut at = 0;
-        let mut messages = 0;
-        let mut payload_bytes = 0;
+    pub(crate) fn skim(&mut self, input: &mut [u8]) -> Skimmed {
+        let mut skimmed = Skimmed::default();
         if self.in_frame || self.message.is_some() {
-            return Ok((0, 0, 0));
+            return skimmed;
         }
         let masked = self.writer == Writer::Client;
         let header_len = if masked { 6 } else { 2 };
-        while let [first, second, ..] = input[at..] {
+        while let [first, second, ..] = input[skimmed.len..] {
             let len = usize::from(second & 0x7f);
             let opcode = first & 0x0f;
             let simple = first & 0xf0 == 0x80
                 && matches!(opcode, opcode::TEXT | opcode::BINARY)
                 && len < 126
                 && (second & 0x80 != 0) == masked;
+            let at = skimmed.len;
             let end = at + header_len + len;
             if !simple || end > input.len() || len as u64 > self.max_message {
                 break;
             }
-            if opcode == opcode::TEXT {
-                let payload = &input[at + header_len..end];
-                if masked {
-                    let mut clear = [0u8; 125];
-                    clear[..len].copy_from_slice(payload);
-                    let mask = [input[at + 2], input[at + 3], input[at + 4], input[at + 5]];
-                    apply_mask(&mut clear[..len], mask, 0);
-                    check_utf8(&clear[..len])?;
-                } else {
-                    check_utf8(payload)?;
+            let text = opcode == opcode::TEXT;
+            if masked {
+                let key_at = at + 2;
+                let mut client_key = [0u8; 4];
+                client_key.copy_from_slice(&input[key_at..key_at + 4]);
+                let own_key = mask_key();
+                input[key_at..key_at + 4].copy_from_slice(&own_key);
+                let remasked = remask(
+                    &mut input[at + header_len..end],
+                    client_key,
+                    own_key,
+                    0,
+                    text,
+                );
+                if let Err(error) = remasked {
+                    skimmed.error = Some(error);
+                    break;
                 }
+            } else if text && let Err(error) = check_utf8(&input[at + header_len..end]) {
+                skimmed.error = Some(error);
+                break;
             }
-            at = end;
-            messages += 1;
-            payload_bytes += len as u64;
+            skimmed.len = end;
+            skimmed.messages += 1;
+            skimmed.payload_bytes += len as u64;
         }
-        Ok((at, messages, payload_bytes))
+        skimmed
     }
 
     /// Reads what starts `input`. Call again with the input advanced by the event's length.
-    pub(crate) fn next(&mut self, input: &[u8]) -> Result<Event, FrameError> {
+    /// A client's data frames are re-masked in `input` as they are read.
+    pub(crate) fn next(&mut self, input: &mut [u8]) -> Result<Event, FrameError> {
         if self.in_frame {
             return self.payload(input, 0, false);
         }
@@ -431,6 +569,10 @@ impl FrameReader {
                 if cost > self.max_message.saturating_sub(message_len) {
                     return Err(FrameError::TooBig);
                 }
+                let frame_len = header.header_len as u64 + header.len;
+                if frame_len <= self.whole_up_to && (input.len() as u64) < frame_len {
+                    return Ok(Event::NeedMore);
+                }
                 if message_start {
                     self.message = Some(header.opcode == opcode::TEXT);
                     self.message_len = 0;
@@ -438,8 +580,13 @@ impl FrameReader {
                 self.message_len += cost;
                 self.in_frame = true;
                 self.frame_fin = header.fin;
+                self.piece_opcode = header.opcode;
                 self.remaining = header.len;
                 self.mask = header.mask.unwrap_or([0; 4]);
+                if header.mask.is_some() {
+                    self.remask = mask_key();
+                    input[header.header_len - 4..header.header_len].copy_from_slice(&self.remask);
+                }
                 self.frame_offset = 0;
                 self.payload(input, header.header_len, message_start)
             }
@@ -450,7 +597,7 @@ impl FrameReader {
     /// The payload bytes of the current frame that `input` holds after `header_len` bytes.
     fn payload(
         &mut self,
-        input: &[u8],
+        input: &mut [u8],
         header_len: usize,
         message_start: bool,
     ) -> Result<Event, FrameError> {
@@ -458,37 +605,47 @@ impl FrameReader {
         let take = self.remaining.min(available) as usize;
         if take == 0 && self.remaining > 0 {
             return Ok(if header_len > 0 {
-                // The header alone is worth passing on: it is complete.
+                // The header is read; its frame goes on as fragments, as its payload arrives.
                 Event::Data {
                     len: header_len,
                     payload: 0,
                     message_start,
-                    frame_end: false,
                     message_end: false,
+                    piece: Some(PieceHeader::default()),
                 }
             } else {
                 Event::NeedMore
             });
         }
-        let bytes = &input[header_len..header_len + take];
-        if self.message == Some(true) {
-            if self.writer == Writer::Client {
-                let mut scratch = [0u8; 512];
-                let mut offset = self.frame_offset as usize;
-                for piece in bytes.chunks(scratch.len()) {
-                    let clear = &mut scratch[..piece.len()];
-                    clear.copy_from_slice(piece);
-                    apply_mask(clear, self.mask, offset);
-                    self.utf8.feed(clear)?;
-                    offset += piece.len();
-                }
+        let bytes = &mut input[header_len..header_len + take];
+        let text = self.message == Some(true);
+        if self.writer == Writer::Client {
+            let offset = self.frame_offset as usize;
+            if text {
+                remask_text(bytes, self.mask, self.remask, offset, &mut self.utf8)?;
             } else {
-                self.utf8.feed(bytes)?;
+                remask(bytes, self.mask, self.remask, offset, false)?;
             }
+        } else if text {
+            self.utf8.feed(bytes)?;
         }
+        let offset = self.frame_offset;
         self.remaining -= take as u64;
         self.frame_offset += take as u64;
         let frame_end = self.remaining == 0;
+        // A frame that arrived whole (its header in this event too) goes on as it is; a part
+        // of one goes on as a fragment of its own.
+        let piece = (header_len == 0 || !frame_end).then(|| {
+            let fin = frame_end && self.frame_fin;
+            let opcode = std::mem::replace(&mut self.piece_opcode, opcode::CONTINUATION);
+            // Masked from this fragment's first byte: the frame's key, turned by the offset.
+            let key = (self.writer == Writer::Client).then(|| {
+                let mut key = self.remask;
+                key.rotate_left((offset % 4) as usize);
+                key
+            });
+            PieceHeader::new(u8::from(fin) << 7 | opcode, take, key)
+        });
         let mut message_end = false;
         if frame_end {
             self.in_frame = false;
@@ -504,8 +661,8 @@ impl FrameReader {
             len: header_len + take,
             payload: take,
             message_start,
-            frame_end,
             message_end,
+            piece,
         })
     }
 }
@@ -545,12 +702,22 @@ mod tests {
             buffer.extend_from_slice(piece);
             let mut at = 0;
             loop {
-                match reader.next(&buffer[at..])? {
+                match reader.next(&mut buffer[at..])? {
                     Event::NeedMore => break,
                     Event::Data {
-                        len, message_end, ..
+                        len,
+                        payload,
+                        message_end,
+                        piece,
+                        ..
                     } => {
-                        passed.extend_from_slice(&buffer[at..at + len]);
+                        match piece {
+                            None => passed.extend_from_slice(&buffer[at..at + len]),
+                            Some(piece) => {
+                                passed.extend_from_slice(piece.bytes());
+                                passed.extend_from_slice(&buffer[at + len - payload..at + len]);
+                            }
+                        }
                         messages += usize::from(message_end);
                         at += len;
                     }
@@ -568,30 +735,103 @@ mod tests {
         Ok((passed, messages, controls))
     }
 
+    /// A frame read back: (first header byte, masking key, unmasked payload).
+    type Decoded = (u8, Option<[u8; 4]>, Vec<u8>);
+
+    /// The frames in `bytes`.
+    fn decode(mut bytes: &[u8]) -> Vec<Decoded> {
+        let mut frames = Vec::new();
+        while let Some(header) = parse_header(bytes).unwrap() {
+            let end = header.header_len + header.len as usize;
+            let mut payload = bytes[header.header_len..end].to_vec();
+            if let Some(key) = header.mask {
+                apply_mask(&mut payload, key, 0);
+            }
+            frames.push((bytes[0], header.mask, payload));
+            bytes = &bytes[end..];
+        }
+        assert!(bytes.is_empty(), "a frame cut short");
+        frames
+    }
+
     #[test]
-    fn data_frames_pass_through_unchanged_in_any_split() {
-        let key = Some([1, 2, 3, 4]);
-        let mut input = Vec::new();
-        input.extend(frame(true, opcode::TEXT, "héllo wörld ✓".as_bytes(), key));
-        input.extend(frame(false, opcode::BINARY, &[7; 300], key));
-        input.extend(frame(true, opcode::PING, b"hi", key));
-        input.extend(frame(true, opcode::CONTINUATION, &[9; 70_000], key));
-        let data = input;
-        for step in [1, 2, 3, 7, 13, 100, 4096, data.len()] {
+    fn data_frames_pass_on_in_any_split_as_whole_frames_with_the_edges_own_masking_keys() {
+        let key = [1, 2, 3, 4];
+        let input = [
+            frame(true, opcode::TEXT, "héllo wörld ✓".as_bytes(), Some(key)),
+            frame(false, opcode::BINARY, &[7; 300], Some(key)),
+            frame(true, opcode::PING, b"hi", Some(key)),
+            frame(true, opcode::CONTINUATION, &[9; 70_000], Some(key)),
+        ]
+        .concat();
+        let expected = vec![
+            (opcode::TEXT, "héllo wörld ✓".as_bytes().to_vec()),
+            (
+                opcode::BINARY,
+                [[7; 300].to_vec(), vec![9; 70_000]].concat(),
+            ),
+        ];
+        for step in [1, 2, 3, 7, 13, 100, 4096, input.len()] {
             let mut reader = FrameReader::new(Writer::Client, 1 << 20);
-            let (passed, messages, controls) = run(&mut reader, &data, step).unwrap();
-            let ping = frame(true, opcode::PING, b"hi", key);
-            let mut expected = data.clone();
-            let at = expected
-                .windows(ping.len())
-                .position(|w| w == ping.as_slice())
-                .unwrap();
-            expected.drain(at..at + ping.len());
-            assert_eq!(passed, expected, "step {step}");
+            let (passed, messages, controls) = run(&mut reader, &input, step).unwrap();
+            // Whole frames only (decode fails on a cut one), each with a key of the edge's.
+            let frames = decode(&passed);
+            let keys: Vec<_> = frames.iter().map(|(_, key, _)| key.unwrap()).collect();
+            assert!(
+                !keys.contains(&key),
+                "the client's key went on: step {step}"
+            );
+            assert!(
+                keys.windows(2).any(|w| w[0] != w[1]),
+                "one key for every frame"
+            );
+            assert_eq!(join_messages(&frames), expected, "step {step}");
             assert_eq!(messages, 2, "step {step}");
             assert_eq!(controls, vec![opcode::PING], "step {step}");
-            assert!(!reader.mid_frame() && !reader.mid_message());
+            assert!(!reader.mid_message());
+            if step == input.len() {
+                // All at once: every frame goes on as it was framed.
+                assert_eq!(frames.len(), 3);
+            }
         }
+        // A server's frames, each read whole, pass on byte for byte; one read in pieces goes
+        // on as fragments of the same message.
+        let input = [
+            frame(true, opcode::TEXT, "héllo".as_bytes(), None),
+            frame(true, opcode::BINARY, &[7; 300], None),
+        ]
+        .concat();
+        let mut reader = FrameReader::new(Writer::Server, 1 << 20);
+        assert_eq!(run(&mut reader, &input, input.len()).unwrap().0, input);
+        let mut reader = FrameReader::new(Writer::Server, 1 << 20);
+        let passed = run(&mut reader, &input, 100).unwrap().0;
+        assert_eq!(
+            join_messages(&decode(&passed)),
+            vec![
+                (opcode::TEXT, "héllo".as_bytes().to_vec()),
+                (opcode::BINARY, vec![7; 300])
+            ]
+        );
+    }
+
+    /// The messages whole frames make: (opcode, payload).
+    fn join_messages(frames: &[Decoded]) -> Vec<(u8, Vec<u8>)> {
+        let mut messages: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut open = false;
+        for (first, _, payload) in frames {
+            if open {
+                assert_eq!(first & 0x0f, opcode::CONTINUATION);
+                messages.last_mut().unwrap().1.extend_from_slice(payload);
+            } else {
+                messages.push((first & 0x0f, payload.clone()));
+            }
+            open = first & 0x80 == 0;
+        }
+        messages
+    }
+
+    fn whole_frame(mask: Option<[u8; 4]>) -> Vec<u8> {
+        frame(true, opcode::TEXT, b"fine", mask)
     }
 
     #[test]
@@ -611,17 +851,33 @@ mod tests {
             input.extend(frame(true, opcode::PING, b"", mask));
             input.extend(frame(true, opcode::TEXT, b"after", mask));
             let mut reader = FrameReader::new(writer, 1024);
-            let (len, messages, _) = reader.skim(&input).unwrap();
+            let mut skimmed = input.clone();
+            let result = reader.skim(&mut skimmed);
+            assert!(result.error.is_none());
+            let (len, messages) = (result.len, result.messages);
             assert_eq!(messages, 100);
+            let contents = |bytes: &[u8]| {
+                decode(bytes)
+                    .into_iter()
+                    .map(|(first, _, payload)| (first, payload))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(contents(&skimmed[..len]), contents(&input[..len]));
+            assert_eq!(skimmed[..len] == input[..len], writer == Writer::Server);
             let mut rest = FrameReader::new(writer, 1024);
             let (_, after, controls) = run(&mut rest, &input[len..], 1000).unwrap();
             assert_eq!((after, controls), (1, vec![opcode::PING]));
             // Invalid UTF-8 is caught by the skim too.
             let bad = frame(true, opcode::TEXT, &[b'a', 0xff], mask);
-            assert_eq!(reader.skim(&bad).unwrap_err().code(), 1007);
+            // ...and the good messages before it are passed over, to go on.
+            let mut two = [whole_frame(mask), bad.clone()].concat();
+            let result = reader.skim(&mut two);
+            assert_eq!(result.error.map(FrameError::code), Some(1007));
+            assert_eq!((result.len, result.messages), (whole_frame(mask).len(), 1));
             // A frame that is not all there is left for `next`.
             let whole = frame(true, opcode::TEXT, b"abc", mask);
-            assert_eq!(reader.skim(&whole[..whole.len() - 1]).unwrap().0, 0);
+            let cut = whole.len() - 1;
+            assert_eq!(reader.skim(&mut whole.clone()[..cut]).len, 0);
         }
     }
 
@@ -659,6 +915,9 @@ mod tests {
             ]
             .concat(),
             vec![0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 1],
+            // Lengths not minimally encoded (RFC 6455 §5.2).
+            vec![0x82, 126, 0, 125],
+            vec![0x82, 127, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
         ];
         for (i, case) in cases.iter().enumerate() {
             let mut reader = FrameReader::new(Writer::Server, 1 << 20);
@@ -686,7 +945,7 @@ mod tests {
         .concat();
         assert_eq!(run(&mut reader, &input, 1000).unwrap_err().code(), 1009);
         let mut reader = FrameReader::new(Writer::Server, 100);
-        match reader.next(&[0x82, 101]) {
+        match reader.next(&mut [0x82, 101]) {
             Err(e) => assert_eq!(e.code(), 1009),
             other => panic!("{other:?}"),
         }
@@ -733,7 +992,10 @@ mod tests {
         payload[10] = 0xff;
         let input = frame(true, opcode::TEXT, &payload, None);
         let mut reader = FrameReader::new(Writer::Server, 1 << 20);
-        assert_eq!(reader.next(&input[..100]).unwrap_err().code(), 1007);
+        assert_eq!(
+            reader.next(&mut input.clone()[..100]).unwrap_err().code(),
+            1007
+        );
         // A character cut off by the end of the message.
         let input = frame(true, opcode::TEXT, &"é".as_bytes()[..1], None);
         let mut reader = FrameReader::new(Writer::Server, 1024);

@@ -62,9 +62,8 @@ pub(crate) struct Ping {
     /// queued before it, since the peer cannot answer what it has not been sent (a slow link
     /// may take seconds to take a long stream's backlog).
     pub(crate) sent: Option<Instant>,
-    /// Where it ends in the stream of bytes written to this peer; `None` while it waits
-    /// behind a frame passing through, before it is queued.
-    ends_at: Option<u64>,
+    /// Where it ends in the stream of bytes written to this peer.
+    ends_at: u64,
 }
 
 pub(crate) struct Leg {
@@ -78,10 +77,6 @@ pub(crate) struct Leg {
     written: usize,
     /// Bytes written to this peer since the connection began.
     total_written: u64,
-    /// The edge's own control frames, waiting until `out` ends at a frame boundary.
-    deferred: Vec<u8>,
-    /// The data written to `out` so far ends inside a frame passed through from the other peer.
-    out_mid_frame: bool,
     /// The frames of a message from the other peer that is not complete yet, when only whole
     /// messages may be written to this peer (a resumable session's upstream: a client that
     /// drops mid-message must not leave half a message behind).
@@ -130,8 +125,6 @@ impl Leg {
             out: Vec::new(),
             written: 0,
             total_written: 0,
-            deferred: Vec::new(),
-            out_mid_frame: false,
             held: Vec::new(),
             masked,
             ping: None,
@@ -142,8 +135,8 @@ impl Leg {
     }
 
     /// The unread input and the reader, borrowed together for parsing.
-    pub(crate) fn parse_parts(&mut self) -> (&[u8], &mut FrameReader) {
-        (&self.input[self.consumed..], &mut self.reader)
+    pub(crate) fn parse_parts(&mut self) -> (&mut [u8], &mut FrameReader) {
+        (&mut self.input[self.consumed..], &mut self.reader)
     }
 
     pub(crate) fn consume(&mut self, n: usize) {
@@ -157,7 +150,8 @@ impl Leg {
     /// Reads more from the peer. `Ok(0)` is the end of its stream.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.consumed > 0 {
-            // Only a partial frame header or control frame is ever left over: a few bytes.
+            // Only the start of a frame is ever left over: a header, a control frame, or a data
+            // frame of at most `WHOLE_FRAME_LIMIT` bytes that waits to be whole.
             self.input.drain(..self.consumed);
             self.consumed = 0;
         }
@@ -171,7 +165,7 @@ impl Leg {
 
     /// Bytes waiting to go to the peer, the edge's own frames held for a boundary included.
     pub(crate) fn pending_out(&self) -> usize {
-        self.out.len() - self.written + self.deferred.len()
+        self.out.len() - self.written
     }
 
     /// Whether a write or a flush is still to be done.
@@ -188,20 +182,6 @@ impl Leg {
             self.out = take_chunk();
         }
         self.out.extend_from_slice(bytes);
-    }
-
-    /// The data pushed so far ends at a frame boundary (or inside a frame): deferred control
-    /// frames may go out now.
-    pub(crate) fn set_mid_frame(&mut self, mid_frame: bool) {
-        self.out_mid_frame = mid_frame;
-        if !mid_frame && !self.deferred.is_empty() {
-            self.out.extend_from_slice(&self.deferred);
-            self.deferred = Vec::new();
-            let queued_end = self.queued_end();
-            if let Some(ping) = self.ping.as_mut() {
-                ping.ends_at.get_or_insert(queued_end);
-            }
-        }
     }
 
     /// Keeps part of a message until the rest arrives; returns how much is held.
@@ -221,19 +201,10 @@ impl Leg {
         self.held = Vec::new();
     }
 
-    /// Whether the edge has frames of its own waiting for a frame boundary.
-    pub(crate) fn has_deferred(&self) -> bool {
-        !self.deferred.is_empty()
-    }
-
-    /// Queues a control or data frame written by the edge itself.
+    /// Queues a control or data frame written by the edge itself. (What is queued always ends
+    /// at a frame boundary: a frame not all read is passed on as fragments.)
     pub(crate) fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let target = if self.out_mid_frame {
-            &mut self.deferred
-        } else {
-            &mut self.out
-        };
-        frame::write_frame(target, opcode, payload, self.masked);
+        frame::write_frame(&mut self.out, opcode, payload, self.masked);
     }
 
     /// Where the bytes queued in `out` end, in the stream written to this peer.
@@ -247,17 +218,13 @@ impl Leg {
         self.ping = Some(Ping {
             payload,
             sent: None,
-            ends_at: (!self.out_mid_frame).then(|| self.queued_end()),
+            ends_at: self.queued_end(),
         });
     }
 
-    /// Queues a close frame; `false` when the output ends inside a frame, where no close can go.
-    pub(crate) fn send_close(&mut self, code: Option<u16>, reason: &str) -> bool {
-        if self.out_mid_frame {
-            return false;
-        }
+    /// Queues a close frame.
+    pub(crate) fn send_close(&mut self, code: Option<u16>, reason: &str) {
         frame::write_close(&mut self.out, code, reason, self.masked);
-        true
     }
 
     /// The edge's unanswered ping, if any.
@@ -286,14 +253,10 @@ impl Leg {
         self.read_held = true;
     }
 
-    /// Whether what this peer sent so far (and was passed on) ends inside a frame.
-    pub(crate) fn reading_mid_frame(&self) -> bool {
-        self.reader.mid_frame()
-    }
-
-    /// Whether what this peer sent so far ends inside a message.
+    /// Whether what this peer sent so far ends inside a message, or inside a frame (whose
+    /// start waits in the input to be whole).
     pub(crate) fn reading_mid_message(&self) -> bool {
-        self.reader.mid_message()
+        self.reader.mid_message() || self.consumed < self.input.len()
     }
 
     /// Writes everything queued, and keeps the clocks of a relayed peer: since when it has
@@ -309,7 +272,7 @@ impl Leg {
         if written > before
             && let Some(ping) = self.ping.as_mut()
             && ping.sent.is_none()
-            && ping.ends_at.is_some_and(|end| written >= end)
+            && written >= ping.ends_at
         {
             ping.sent = Some(now);
         }
@@ -382,15 +345,12 @@ impl Drop for Leg {
 /// `server`: the edge is the server on this leg (the client's), so it may close the TCP
 /// connection first once the close handshake is done (RFC 6455 §7.1.1).
 pub(crate) async fn close_leg(mut leg: Leg, how: Finish, wait: Duration, server: bool) {
-    let sent = match &how {
+    match &how {
         Finish::Gone => return,
         Finish::Answer(close) | Finish::PassOn(close) => leg.send_close(close.code, &close.reason),
         Finish::Send(close) => leg.send_close(Some(close.code()), close.reason()),
-    };
-    let expect_answer = !matches!(how, Finish::Answer(_));
-    if !sent {
-        return;
     }
+    let expect_answer = !matches!(how, Finish::Answer(_));
     let _ = tokio::time::timeout(wait, async {
         if poll_fn(|cx| leg.poll_drain(cx)).await.is_err() {
             return;
@@ -447,26 +407,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_ping_behind_a_frame_in_passing_is_timed_from_when_it_goes_out() {
-        let (mut leg, _peer) = leg_pair().await;
-        // Half a frame has been passed on: the ping must wait, and its clock with it.
-        leg.push_data(&[0x82, 10, 1, 2, 3]);
-        leg.set_mid_frame(true);
-        leg.send_ping(7);
-        assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
-        assert_eq!(leg.pending_out(), 5 + 10, "the ping counts as output");
-        leg.push_data(&[4, 5, 6, 7, 8, 9, 10]);
-        leg.set_mid_frame(false);
-        // The ping follows the frame's last byte.
-        assert_eq!(&leg.out[12..], &[0x89, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
-        // Queued is not sent: the clock starts when the socket has taken the ping.
-        assert!(leg.ping.is_some_and(|ping| ping.sent.is_none()));
-        let now = Instant::now();
-        poll_fn(|cx| leg.poll_write_out(cx, now)).await.unwrap();
-        assert!(leg.ping.is_some_and(|ping| ping.sent == Some(now)));
-    }
-
-    #[tokio::test]
     async fn a_ping_behind_a_backlog_is_timed_from_when_the_backlog_has_gone() {
         let (mut leg, mut peer) = leg_pair().await;
         // More than the socket buffers take: the peer has to read before the ping goes out.
@@ -511,14 +451,5 @@ mod tests {
         assert_eq!(reader.await.unwrap(), [0x89, 8, 0, 0, 0, 0, 0, 0, 0, 9]);
         assert!(leg.ping.is_some_and(|ping| ping.sent == Some(end)));
         assert_eq!(leg.write_blocked_since, None);
-    }
-
-    #[tokio::test]
-    async fn a_close_is_not_written_inside_a_frame() {
-        let (mut leg, _peer) = leg_pair().await;
-        leg.push_data(&[0x82, 10, 1, 2, 3]);
-        leg.set_mid_frame(true);
-        assert!(!leg.send_close(Some(1000), ""));
-        assert_eq!(leg.pending_out(), 5);
     }
 }

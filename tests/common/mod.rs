@@ -781,6 +781,11 @@ pub struct RawClient {
 pub struct RawWriter(tokio::net::tcp::OwnedWriteHalf);
 
 impl RawWriter {
+    /// Sends bytes as they are.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes).await
+    }
+
     /// Sends a final masked frame; false once the connection is gone.
     pub async fn send_frame(&mut self, opcode: u8, payload: &[u8]) -> bool {
         self.0.write_all(&masked(opcode, payload)).await.is_ok()
@@ -829,6 +834,15 @@ impl RawClient {
         socket.set_recv_buffer_size(receive_buffer).unwrap();
         let stream = socket.connect(addr).await.unwrap();
         Self::upgrade(stream, path_and_query, &[]).await
+    }
+
+    /// Performs the upgrade on a connection the test made.
+    pub async fn upgrade_stream(
+        stream: TcpStream,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Self {
+        Self::upgrade(stream, path_and_query, headers).await
     }
 
     async fn upgrade(
@@ -880,6 +894,11 @@ impl RawClient {
 
     fn writer(&mut self) -> &mut tokio::net::tcp::OwnedWriteHalf {
         self.writer.as_mut().expect("the writer was taken")
+    }
+
+    /// Sends bytes as they are: frames a test wrote by hand, right or wrong.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer().write_all(bytes).await.unwrap();
     }
 
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
@@ -974,6 +993,19 @@ impl RawClient {
             }
             return Some(frame);
         }
+    }
+
+    /// The next data message or close, answering pings on the way, fragments joined: the edge
+    /// passes a frame larger than 8 KiB on as it arrives, as fragments of its message.
+    pub async fn read_message(&mut self) -> Option<RawFrame> {
+        let mut message = self.read_answering_pings().await?;
+        while !message.fin && message.opcode != 8 {
+            let next = self.read_answering_pings().await?;
+            assert_eq!(next.opcode, 0, "a new message inside a fragmented one");
+            message.payload.extend_from_slice(&next.payload);
+            message.fin = next.fin;
+        }
+        Some(message)
     }
 
     /// Sends final masked frames in one write: the edge reads them together.
