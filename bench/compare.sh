@@ -36,29 +36,12 @@ MODES=${MODES:-stream rtt handshake idle http sse}
 SECRET=bench-secret-0123456789abcdef0123456789
 OUT=${OUT:-$(mktemp -d /tmp/wsedge-bench.XXXXXX)}
 
-# Each proxied connection costs the proxy two descriptors; the container allows 20,000.
-ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-
 if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null || ! command -v openssl >/dev/null; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx haproxy openssl
 fi
-cargo build --release --bins
-LOAD=$PWD/target/release/wsedge-load
-EDGE=$PWD/target/release/wsedge
-
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
+# The release binaries, PIDS and cleanup, wait_port, the descriptor limit.
+. scripts/common.sh
 
 # --- the upstream, shared by all: WebSockets on 19001, HTTP on 19011
 "$LOAD" upstream --listen 127.0.0.1:19001 --http-listen 127.0.0.1:19011 2>"$OUT/upstream.log" &

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 
 use http::header::{self, HeaderName, HeaderValue};
 
-use crate::auth::Identity;
 use crate::auth::token_source::{self, SUBPROTOCOL_PREFIX, TokenSource};
+use crate::auth::{self, Identity};
 use crate::config::settings::{
     CONVERSATION_PARAM, ConversationMode, PathMatch, RouteSettings, TargetSettings,
     is_reserved_header,
@@ -23,6 +23,9 @@ const IDENTITY_HEADERS: [&str; 3] = ["x-user-id", "x-tenant-id", "x-conversation
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a claim cannot be carried in a header")]
 pub(crate) struct ClaimNotAHeader;
+
+/// The longest header value a template may compose.
+const MAX_TEMPLATE_VALUE_LEN: usize = 1024;
 
 /// The request the edge sends to one target: what [`ShapedRequest::for_target`] makes.
 pub(crate) struct UpstreamRequest<'a> {
@@ -39,6 +42,12 @@ fn same_header(a: &str, b: &str) -> bool {
         && a.bytes().zip(b.bytes()).all(|(x, y)| {
             x.eq_ignore_ascii_case(&y) || (matches!(x, b'_' | b'-') && matches!(y, b'_' | b'-'))
         })
+}
+
+/// Headers the edge sets itself about the request's path to it: a client's copies are never
+/// trusted.
+fn is_forwarding_header(lower: &str) -> bool {
+    matches!(lower, "x-request-id" | "x-real-ip" | "forwarded") || lower.starts_with("x-forwarded-")
 }
 
 /// Builds what goes upstream: the client's headers minus handshake, hop-by-hop, identity and
@@ -87,15 +96,11 @@ pub(crate) fn shape<B>(
             || nominated.iter().any(|n| n == lower)
             || matches!(
                 lower,
-                "keep-alive"
-                    | "expect"
-                    | "proxy-connection"
-                    | "proxy-authorization"
-                    | "x-request-id"
-                    | "x-real-ip"
-                    | "forwarded"
+                "keep-alive" | "expect" | "proxy-connection" | "proxy-authorization"
             )
-            || lower.starts_with("x-forwarded-")
+            || is_forwarding_header(lower)
+            // `X_Forwarded_For` is `X-Forwarded-For` to CGI, WSGI and several web servers.
+            || (lower.contains('_') && is_forwarding_header(&lower.replace('_', "-")))
             || (strip_authorization && name == header::AUTHORIZATION)
             || (!token_cookies.is_empty() && name == header::COOKIE);
         if !dropped {
@@ -111,6 +116,11 @@ pub(crate) fn shape<B>(
 
     for (name, template) in &route.inject {
         if let Some(value) = template.render(identity) {
+            // Claims a template names are checked here, as the identity's own values were at
+            // admission: what an HTTP parser would not carry byte for byte is refused.
+            if value.len() > MAX_TEMPLATE_VALUE_LEN || !auth::reads_the_same(&value) {
+                return Err(ClaimNotAHeader);
+            }
             let value = HeaderValue::from_str(&value).map_err(|_| ClaimNotAHeader)?;
             out.push((name.clone(), value));
         }

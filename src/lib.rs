@@ -50,6 +50,9 @@ mod units;
 mod upstream;
 mod ws;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use config::{Config, ConfigError, LogFormat, LogSettings};
 pub use demo::run as run_demo;
 pub use server::{Edge, EdgeHandle};

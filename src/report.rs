@@ -69,6 +69,8 @@ struct ResumeRefusedDetails {
 struct DisconnectDetails<'a> {
     upstream: &'a str,
     reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'static str>,
     ended_by: Option<&'static str>,
     client_close: Option<u16>,
     upstream_close: Option<u16>,
@@ -110,7 +112,9 @@ pub(crate) fn refused(
     tracing::info!(
         request_id = %request_id,
         client = %conn.peer,
-        target = %redacted_target(target),
+        // A path may carry any byte above 0x7f (U+2028, NEL, bidi controls): recorded as a
+        // string, it is quoted and escaped in a text line.
+        target = redacted_target(target).as_str(),
         status,
         reason = refusal.reason(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -270,6 +274,7 @@ impl ConnectionReport {
             request_id = %self.request_id,
             route = %self.route,
             reason = report.reason,
+            detail = report.detail,
             client_close = report.client_close,
             upstream_close = report.upstream_close,
             messages_up = report.client_to_upstream.messages,
@@ -285,6 +290,7 @@ impl ConnectionReport {
         let details = DisconnectDetails {
             upstream: &upstream,
             reason: report.reason,
+            detail: report.detail,
             ended_by: report.ended_by.map(|side| side.name()),
             client_close: report.client_close,
             upstream_close: report.upstream_close,
@@ -428,7 +434,7 @@ impl HttpExchange {
             request_id = %noted.request_id,
             route = %self.route,
             method = %self.method,
-            path = %noted.path,
+            path = &*noted.path,
             status = self.status,
             complete,
             ended,

@@ -673,22 +673,39 @@ async fn a_port_another_process_holds_is_an_error_not_a_shared_port() {
 }
 
 #[tokio::test]
-async fn a_claim_cannot_forge_a_log_line() {
-    // CR and LF in a claim are refused (no header can carry them); the line breaks a header
-    // can carry (U+2028, NEL) must not reach the log raw either: a log reader may split on
-    // them, and what follows would read as a line of its own.
+async fn a_claim_or_a_path_cannot_forge_a_log_line() {
+    // The line breaks a header or a path can carry (U+2028, NEL) must not reach the log raw:
+    // a log reader may split on them, and what follows would read as a line of its own.
+    // A claim carrying one is refused (an identity must reach the upstream byte for byte);
+    // a path carrying one is logged quoted and escaped.
     let mut upstream = Upstream::start().await;
     let text = EdgeConfig::new(&upstream.url("/ws/chat")).build();
     let edge = EdgeProcess::start(&text, &[]).await;
     let sub = "mallory\u{2028}INFO wsedge: connected user=root\u{85}x";
     let token = hs256(&claims(sub, serde_json::json!({})));
-    let _ws = connect_ok(&edge.url(&format!("/ws/chat?token={token}")), &[]).await;
-    upstream.next_request().await;
-    edge.wait_log("connected").await;
+    let refused = connect_refused(&edge.url(&format!("/ws/chat?token={token}")), &[]).await;
+    assert_eq!(refused.status, 401);
+    let mut stream = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    let request = "GET /ws/chat\u{2028}INFO\u{85}x\"y HTTP/1.1\r\nHost: edge\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+    )
+    .await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 4"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    edge.wait_log("INFO\\u{85}").await;
     let log = edge.log();
     assert!(
         !log.contains('\u{2028}') && !log.contains('\u{85}'),
-        "a line break from a claim reached the log raw:\n{log}"
+        "a line break from a client reached the log raw:\n{log}"
     );
-    assert!(log.contains(r#"user="mallory\u{2028}INFO"#), "{log}");
+    assert_eq!(upstream.handshakes_so_far(), 0);
 }

@@ -134,8 +134,12 @@ async fn every_mode_runs_through_the_edge() {
     )
     .await;
     assert_eq!(
-        (idle["opened"].as_u64(), idle["errors"].as_u64()),
-        (Some(30), Some(0)),
+        (
+            idle["opened"].as_u64(),
+            idle["held"].as_u64(),
+            idle["errors"].as_u64()
+        ),
+        (Some(30), Some(30), Some(0)),
         "{idle}"
     );
 

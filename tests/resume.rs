@@ -364,6 +364,69 @@ async fn a_second_connection_takes_a_live_session_over() {
 }
 
 #[tokio::test]
+async fn two_takeovers_at_once_leave_one_connection_live_and_lose_nothing() {
+    let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
+    let mut first =
+        RawClient::connect(edge.addr, &path(&token_for("alice"), "phone", None), &[]).await;
+    upstream.next_request().await;
+    first.send_text("stream 2000").await;
+    expect_numbers(&mut first, 0, 300).await;
+    // Two resumes race for the session: each may win for a moment, but in the end one holds
+    // it and has every message once; the other is told 4003.
+    let again = path(&token_for("alice"), "phone", Some(300));
+    let (mut a, mut b) = tokio::join!(
+        RawClient::connect(edge.addr, &again, &[]),
+        RawClient::connect(edge.addr, &again, &[])
+    );
+    let (a_first, b_first) = tokio::join!(a.read_answering_pings(), b.read_answering_pings());
+    let mut live = Vec::new();
+    for (client, frame) in [(a, a_first), (b, b_first)] {
+        match frame {
+            Some(frame) if frame.opcode == 1 => live.push((client, frame)),
+            Some(frame) => assert_eq!(frame.close_code(), Some(4003)),
+            None => panic!("a connection ended without a close frame"),
+        }
+    }
+    // Each gets the messages from 300 in order until it is taken over (4003); the one that
+    // holds the session at the end has them all, and the upstream's one connection.
+    let mut winners = 0;
+    for (mut client, frame) in live {
+        assert_eq!(String::from_utf8(frame.payload).unwrap(), "300");
+        let mut next = 301;
+        let mut taken_over = false;
+        while next < 2000 {
+            match client.read_answering_pings().await {
+                Some(frame) if frame.opcode == 1 => {
+                    assert_eq!(String::from_utf8(frame.payload).unwrap(), next.to_string());
+                    next += 1;
+                }
+                Some(frame) => {
+                    assert_eq!(frame.close_code(), Some(4003));
+                    taken_over = true;
+                    break;
+                }
+                None => panic!("a connection ended without a close frame"),
+            }
+        }
+        if taken_over {
+            continue;
+        }
+        client.send_text("conn").await;
+        match client.read_answering_pings().await {
+            Some(frame) if frame.opcode == 1 => {
+                assert_eq!(frame.payload, b"conn 1");
+                winners += 1;
+            }
+            Some(frame) => assert_eq!(frame.close_code(), Some(4003)),
+            None => panic!("a connection ended without a close frame"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one connection holds the session");
+    assert_eq!(close_of(&mut first).await.0, 4003);
+    assert_eq!(upstream.handshakes_so_far(), 0);
+}
+
+#[tokio::test]
 async fn a_takeover_drops_what_the_old_connection_left_unfinished() {
     let (mut upstream, edge) = start_edge(|c| c.route(RESUME)).await;
     let mut first =
@@ -575,7 +638,9 @@ async fn malformed_session_parameters_are_refused_before_the_upgrade() {
         "session_id=a&session_id=b",
         "session_id=a&last_seq=-1",
         "session_id=a&last_seq=x",
+        "session_id=a&last_seq=18446744073709551616",
         "last_seq=3",
+        &format!("session_id={}", "a".repeat(10_000)),
     ] {
         let refused =
             connect_refused(&edge.url(&format!("/ws/chat?token={token}&{query}")), &[]).await;
@@ -712,7 +777,7 @@ async fn a_replay_that_takes_longer_than_the_close_timeout_still_arrives_whole()
     // 4 MiB read at about 1 MiB/s: longer than the edge waits for a closing peer.
     let expected = pattern(65536);
     for i in 0..64 {
-        let frame = back.read_answering_pings().await.expect("the replay");
+        let frame = back.read_message().await.expect("the replay");
         assert_eq!(frame.opcode, 2, "message {i}");
         assert!(frame.payload == expected, "message {i} corrupted");
         tokio::time::sleep(Duration::from_millis(70)).await;

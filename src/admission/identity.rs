@@ -2,7 +2,7 @@
 //! which conversation it opens.
 
 use super::refusal::Refusal;
-use crate::auth::Identity;
+use crate::auth::{Identity, is_passable};
 use crate::config::settings::{CONVERSATION_PARAM, ConversationMode, RouteSettings, TenantRule};
 use crate::query;
 
@@ -15,6 +15,11 @@ pub(super) fn query_conversation(query: Option<&str>) -> Result<Option<String>, 
     if named.next().is_some() {
         return Err(Refusal::BadHandshake("conversation_id may be given once"));
     }
+    if first.as_deref().is_some_and(|c| !is_passable(c)) {
+        return Err(Refusal::BadHandshake(
+            "conversation_id must be printable ASCII, at most 256 bytes",
+        ));
+    }
     Ok(first)
 }
 
@@ -26,6 +31,18 @@ pub(super) fn resolve(
     path: &str,
     query_conversation: Option<String>,
 ) -> Result<(), Refusal> {
+    // The token's values, before they are compared, counted or keyed on. (A route without a
+    // policy has no identity: nothing to check.)
+    let passable = |value: &Option<String>| value.as_deref().is_none_or(is_passable);
+    if route.auth.is_some()
+        && (!is_passable(&identity.user)
+            || !passable(&identity.tenant)
+            || !passable(&identity.conversation))
+    {
+        return Err(Refusal::TokenInvalid(
+            "an identity claim is not printable ASCII of at most 256 bytes",
+        ));
+    }
     resolve_tenant(route, identity, host, path)?;
     identity.conversation = match (
         route.conversation,
@@ -75,6 +92,12 @@ fn resolve_tenant(
             return Err(Refusal::TenantNotAllowed(
                 "the token's tenant is not allowed here",
             ));
+        }
+        // One tenant, one spelling: the per-user cap, the session key, a revocation and the
+        // upstream all see the tenant as the route names it.
+        // (A path's spelling is the client's to choose, so there the token's stays.)
+        (Some(bound), Some(_)) if !matches!(route.tenant, TenantRule::FromPath(_)) => {
+            identity.tenant = Some(bound)
         }
         // Only a pinned tenant comes from the config. Host and path are client input: a
         // token that names no tenant cannot be bound to whatever tenant the client asks for.

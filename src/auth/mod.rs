@@ -91,6 +91,27 @@ pub(crate) struct AuthPolicy {
     pub(crate) hmac_secret: Option<Vec<u8>>,
 }
 
+/// The longest user, tenant, conversation or claim value the edge passes on.
+pub(crate) const MAX_VALUE_LEN: usize = 256;
+
+/// Whether `value` reaches the upstream byte for byte as a header value or a query value, and
+/// reads the same to every HTTP parser: printable ASCII, spaces only inside. Parsers trim
+/// leading and trailing whitespace (so " alice" would arrive as "alice" while the edge counted,
+/// keyed and revoked it as another user), drop or refuse control bytes, and read bytes above
+/// 0x7f as Latin-1 or UTF-8 as they please.
+pub(crate) fn is_passable(value: &str) -> bool {
+    value.len() <= MAX_VALUE_LEN && reads_the_same(value)
+}
+
+/// [`is_passable`] but for the length: a header a template composes from several values.
+pub(crate) fn reads_the_same(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.iter().all(|&b| (0x20..0x7f).contains(&b))
+        && bytes[0] != b' '
+        && bytes[bytes.len() - 1] != b' '
+}
+
 /// Who is connecting, as established from a verified token.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Identity {

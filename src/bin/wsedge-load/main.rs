@@ -7,6 +7,9 @@
 //!   idle       hold C connections (source addresses spread over 127.0.0.x) for a while
 //!   http       C keep-alive connections each send R GETs; requests/s and latency percentiles
 //!   sse        C connections each read an event stream of N events; events/s
+//!   resume     C connections each lose their connection and resume their session R times
+//!              while reading N numbered messages; every number must arrive once, in order
+//!   slow       C connections each read N streamed messages slowly (a pause every B)
 //!   upstream   the matching upstream: echoes data, streams on `stream N SIZE`; with
 //!              `--http-listen`, answers GETs and streams SSE over HTTP
 //!
@@ -15,6 +18,7 @@
 //! and `jti`) in the query parameter `--token-param`.
 
 mod http;
+mod soak;
 mod upstream;
 mod websocket;
 
@@ -103,6 +107,35 @@ enum Mode {
         events: u64,
         #[arg(long, default_value_t = 32)]
         size: usize,
+    },
+    /// Connections that lose their connection and resume their session, reading numbered
+    /// messages (the route must be resumable).
+    Resume {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        #[arg(long, default_value_t = 2000)]
+        messages: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+    },
+    /// Connections that read a stream slowly.
+    Slow {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 5)]
+        connections: usize,
+        #[arg(long, default_value_t = 5000)]
+        messages: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Messages read between pauses.
+        #[arg(long, default_value_t = 100)]
+        batch: u64,
+        /// Each pause, like "20ms".
+        #[arg(long, default_value = "20ms")]
+        pause: String,
     },
     /// The upstream: echoes data messages; `stream N SIZE` pushes N texts of SIZE bytes. With
     /// `--http-listen`, also an HTTP upstream answering GETs and streaming SSE on
@@ -197,6 +230,27 @@ fn main() -> anyhow::Result<()> {
                 target.prepare()?;
                 http::requests(&target, connections, requests).await?
             }
+            Mode::Resume {
+                mut target,
+                connections,
+                messages,
+                rounds,
+            } => {
+                target.prepare()?;
+                soak::resume(&target, connections, messages, rounds).await?
+            }
+            Mode::Slow {
+                mut target,
+                connections,
+                messages,
+                size,
+                batch,
+                pause,
+            } => {
+                target.prepare()?;
+                let pause = wsedge::parse_duration(&pause)?;
+                soak::slow(&target, connections, messages, size, batch, pause).await?
+            }
             Mode::Sse {
                 mut target,
                 connections,
@@ -210,6 +264,12 @@ fn main() -> anyhow::Result<()> {
         println!("{result}");
         Ok(())
     })
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn now_secs() -> u64 {

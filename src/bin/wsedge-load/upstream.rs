@@ -77,6 +77,14 @@ async fn echo_and_stream(mut ws: Socket) -> anyhow::Result<()> {
                 }
                 ws.flush().await?;
             }
+            // Numbered texts `0`..`N-1`, so that a client can tell a lost or repeated one.
+            Message::Text(text) if text.starts_with("seq ") => {
+                let count: u64 = text[4..].trim().parse()?;
+                for i in 0..count {
+                    ws.feed(Message::text(i.to_string())).await?;
+                }
+                ws.flush().await?;
+            }
             message @ (Message::Text(_) | Message::Binary(_)) => ws.send(message).await?,
             Message::Close(_) => {
                 // Answer the close (tungstenite queues the answer; a flush sends it), as every

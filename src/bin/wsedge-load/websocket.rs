@@ -28,8 +28,19 @@ pub(crate) fn ws_config() -> WebSocketConfig {
 
 impl Target {
     pub(crate) async fn connect(&self, n: usize, source: Option<IpAddr>) -> anyhow::Result<Socket> {
-        let (authority, addr) = self.authority("ws")?;
+        self.connect_to(self.url_for(n)?, source).await
+    }
+
+    /// Connects with `extra` added to the query (after the token, if any).
+    pub(crate) async fn connect_with_query(&self, n: usize, extra: &str) -> anyhow::Result<Socket> {
         let url = self.url_for(n)?;
+        let separator = if url.contains('?') { '&' } else { '?' };
+        self.connect_to(format!("{url}{separator}{extra}"), None)
+            .await
+    }
+
+    async fn connect_to(&self, url: String, source: Option<IpAddr>) -> anyhow::Result<Socket> {
+        let (authority, addr) = self.authority("ws")?;
         let tcp = match source {
             None => TcpStream::connect(addr).await?,
             Some(ip) => {
@@ -219,28 +230,65 @@ pub(crate) async fn idle(
     } = gather(tasks).await;
     let open_seconds = started.elapsed().as_secs_f64();
     eprintln!("ready: {} open", sockets.len());
-    // Idle sockets still answer pings (a proxy's heartbeat), as a real client would.
+    // Idle sockets still answer pings (a proxy's heartbeat), as a real client would. One that
+    // the proxy ends before `hold` is noted with its close code and when it ended, so that a
+    // reload (none may end) and a drain (all end with 1001, inside the drain timeout) can be
+    // judged from the outside.
     let holders: Vec<_> = sockets
         .into_iter()
         .map(|mut ws| {
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(hold, async {
-                    while let Some(Ok(_)) = ws.next().await {}
+                let ended = tokio::time::timeout(hold, async {
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Close(frame))) => {
+                                let code = frame.map_or("no code".to_owned(), |f| {
+                                    u16::from(f.code).to_string()
+                                });
+                                // Answer the close, as a client's library does.
+                                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                    while ws.next().await.is_some() {}
+                                })
+                                .await;
+                                break code;
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break "lost".to_owned(),
+                        }
+                    }
                 })
                 .await;
-                ws
+                (ws, ended.ok(), crate::now_millis())
             })
         })
         .collect();
     let mut still_open = 0;
+    let mut ended_early = 0;
+    let mut close_codes: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut first_end, mut last_end) = (u64::MAX, 0);
     for holder in holders {
-        if let Ok(mut ws) = holder.await {
-            still_open += 1;
-            let _ = ws.close(None).await;
+        let Ok((mut ws, ended, at)) = holder.await else {
+            continue;
+        };
+        match ended {
+            None => {
+                still_open += 1;
+                let _ = ws.close(None).await;
+            }
+            Some(code) => {
+                ended_early += 1;
+                *close_codes.entry(code).or_default() += 1;
+                first_end = first_end.min(at);
+                last_end = last_end.max(at);
+            }
         }
     }
     Ok(json!({
-        "mode": "idle", "label": target.label, "connections": connections, "opened": still_open,
+        "mode": "idle", "label": target.label, "connections": connections,
+        "opened": still_open + ended_early, "held": still_open, "ended_early": ended_early,
+        "close_codes": close_codes,
+        "first_end_unix_ms": (ended_early > 0).then_some(first_end),
+        "last_end_unix_ms": (ended_early > 0).then_some(last_end),
         "errors": errors, "first_error": first_error, "open_seconds": open_seconds,
         "hold_seconds": hold.as_secs_f64(),
     }))

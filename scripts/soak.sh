@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Soak: DURATION (default 30m) of mixed load through a release edge — streams, echo round
+# trips, handshake churn, clients that lose their connection and resume, slow readers, and a
+# floor of idle connections — with the edge's RSS and open connections sampled every 10 s.
+# Prints a table of the samples and a summary line (RSS must stay flat: its growth over the
+# second half is the figure to watch). Not part of the test command.
+#
+#   scripts/soak.sh              # 30 minutes
+#   DURATION=2m scripts/soak.sh  # a quick look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-30m}
+IDLE=${IDLE:-2000}
+SECRET=soak-secret-0123456789abcdef0123456789
+OUT=${OUT:-$(mktemp -d /tmp/wsedge-soak.XXXXXX)}
+seconds=$(python3 -c "
+import re, sys
+n, unit = re.fullmatch(r'(\d+)([smh])', sys.argv[1]).groups()
+print(int(n) * {'s': 1, 'm': 60, 'h': 3600}[unit])" "$DURATION")
+
+. scripts/common.sh
+
+"$LOAD" upstream --listen 127.0.0.1:29201 2>"$OUT/upstream.log" &
+PIDS+=($!)
+cat >"$OUT/wsedge.toml" <<CONFIG
+[server]
+listen = ["127.0.0.1:29205"]
+max_connections_per_user = 0
+handshake_rate_per_ip = "off"
+[admin]
+listen = "127.0.0.1:29209"
+[log]
+level = "warn"
+[auth.main]
+kind = "jwt"
+algorithms = ["HS256"]
+secret = "$SECRET"
+[[route]]
+path = "/ws"
+upstream = "ws://127.0.0.1:29201/ws"
+auth = "main"
+message_rate = "off"
+[[route]]
+path = "/resume"
+upstream = "ws://127.0.0.1:29201/ws"
+auth = "main"
+message_rate = "off"
+resume = { window = "30s", max_messages = 5000, max_bytes = "4MiB" }
+CONFIG
+"$EDGE" --config "$OUT/wsedge.toml" 2>"$OUT/edge.log" &
+EDGE_PID=$!
+PIDS+=($EDGE_PID)
+wait_port 29209
+
+deadline=$(($(date +%s) + seconds))
+WS=(--url ws://127.0.0.1:29205/ws --jwt-secret "$SECRET")
+# Each kind of load in a loop of its own until the deadline; one JSON line per run.
+repeat() { # name, load arguments…
+    local name=$1
+    shift
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        "$LOAD" "$@" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.log" || echo '{"errors":"exit"}' >>"$OUT/$name.jsonl"
+        sleep 1
+    done
+}
+"$LOAD" idle "${WS[@]}" --connections "$IDLE" --hold "${seconds}s" --sources 8 >"$OUT/idle.jsonl" 2>"$OUT/idle.log" &
+PIDS+=($!)
+repeat stream stream "${WS[@]}" --connections 10 --messages 50000 --size 64 &
+PIDS+=($!)
+repeat rtt rtt "${WS[@]}" --connections 20 --round-trips 500 &
+PIDS+=($!)
+repeat handshake handshake "${WS[@]}" --count 2000 --concurrency 20 &
+PIDS+=($!)
+repeat resume resume --url ws://127.0.0.1:29205/resume --jwt-secret "$SECRET" --connections 20 --messages 3000 --rounds 3 &
+PIDS+=($!)
+repeat slow slow "${WS[@]}" --connections 5 --messages 20000 --size 512 --batch 200 --pause 20ms &
+PIDS+=($!)
+
+echo "elapsed_s,rss_kib,open_connections" >"$OUT/rss.csv"
+start=$(date +%s)
+while [ "$(date +%s)" -lt "$deadline" ]; do
+    rss=$(awk '/VmRSS/ { print $2 }' "/proc/$EDGE_PID/status")
+    open=$(open_connections 29209)
+    echo "$(($(date +%s) - start)),$rss,$open" >>"$OUT/rss.csv"
+    sleep 10
+done
+# The loops' last runs end within seconds of the deadline.
+sleep 5
+open_at_end=$(open_connections 29209)
+
+python3 - "$OUT" "$open_at_end" <<'PY'
+import csv, json, os, sys
+out, open_at_end = sys.argv[1], int(sys.argv[2])
+rows = list(csv.DictReader(open(os.path.join(out, "rss.csv"))))
+print("| elapsed | RSS (MiB) | open connections |")
+print("|---:|---:|---:|")
+step = max(1, len(rows) // 30)
+for row in rows[::step]:
+    print(f"| {int(row['elapsed_s']) // 60}:{int(row['elapsed_s']) % 60:02d} | {int(row['rss_kib']) / 1024:.1f} | {row['open_connections']} |")
+rss = [int(r["rss_kib"]) for r in rows]
+half = rss[len(rss) // 2:]
+runs, failed = {}, {}
+for name in ["stream", "rtt", "handshake", "resume", "slow"]:
+    path = os.path.join(out, f"{name}.jsonl")
+    lines = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    runs[name] = len(lines)
+    failed[name] = sum(1 for l in lines if l.get("errors") not in (0, None))
+print(json.dumps({
+    "samples": len(rss), "rss_first_mib": rss[0] / 1024, "rss_max_mib": max(rss) / 1024,
+    "rss_last_mib": rss[-1] / 1024,
+    "second_half_growth_mib": (half[-1] - half[0]) / 1024 if half else None,
+    "runs": runs, "runs_with_errors": failed, "open_at_end": open_at_end,
+    "out": out,
+}))
+PY
