@@ -1,6 +1,6 @@
 //! WebSocket conformance: the Autobahn test suite's cases (through the `kosoku` runner, pinned
 //! by `test.sh`) drive the edge as a server, with an echo upstream behind it. Every case must
-//! pass (OK, NON-STRICT or INFORMATIONAL, as Autobahn grades them). The compression cases
+//! be OK or INFORMATIONAL, as Autobahn grades them, but for the few NON-STRICT by design. The compression cases
 //! (12.*, 13.*) do not apply: no extension is negotiated through the edge.
 
 mod common;
@@ -9,6 +9,14 @@ use common::*;
 
 /// The Autobahn cases without compression.
 const CASES: usize = 301;
+
+/// The cases that may be NON-STRICT through the edge (README "What a client sees"): a good
+/// message, then a broken frame. An echo server answers the good one before it reads the
+/// broken one; the edge fails the client as soon as it reads the broken frame (RFC 6455
+/// §7.1.7), before the upstream's answer has come back. Every other case must be OK.
+const FAILED_AT_ONCE: &[&str] = &[
+    "3.2", "3.3", "3.4", "4.1.3", "4.1.4", "4.1.5", "4.2.3", "4.2.4", "4.2.5", "5.15",
+];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_autobahn_cases_pass_through_the_edge() {
@@ -59,7 +67,9 @@ async fn the_autobahn_cases_pass_through_the_edge() {
         };
         graded += 1;
         let close = report["behaviorClose"].as_str().unwrap_or("");
-        let passed = matches!(behavior, "OK" | "NON-STRICT" | "INFORMATIONAL")
+        let id = report["id"].as_str().unwrap_or_default();
+        let passed = (matches!(behavior, "OK" | "INFORMATIONAL")
+            || (behavior == "NON-STRICT" && FAILED_AT_ONCE.contains(&id)))
             && matches!(close, "OK" | "INFORMATIONAL");
         if !passed {
             failed.push(format!(

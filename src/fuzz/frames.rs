@@ -141,13 +141,20 @@ fn model(input: &[u8], writer: Writer, max_message: u64, whole_up_to: u64) -> Ou
         let body_start = at + h.header_len;
         let available = input.len() - body_start;
         let take = (h.len.min(available as u64)) as usize;
-        let small = h.header_len as u64 + h.len <= whole_up_to;
-        if h.opcode <= 2 && small && (take as u64) < h.len {
-            return outcome;
-        }
         let mut payload = input[body_start..body_start + take].to_vec();
         if let Some(key) = h.key {
             apply_mask(&mut payload, key, 0);
+        }
+        let small = h.header_len as u64 + h.len <= whole_up_to;
+        if h.opcode <= 2 && small && (take as u64) < h.len {
+            // Nothing of it passes on yet, but invalid text fails already.
+            let text = message.as_ref().map_or(h.opcode == 1, |m| m.0);
+            let so_far = message.as_ref().map_or(&[][..], |m| &m.1[..]);
+            let seen = [so_far, &payload[..]].concat();
+            if text && std::str::from_utf8(&seen).is_err_and(|e| e.error_len().is_some()) {
+                outcome.error = Some(1007);
+            }
+            return outcome;
         }
         if matches!(h.opcode, 8..=10) {
             if take < h.len as usize {

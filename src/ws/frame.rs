@@ -571,6 +571,27 @@ impl FrameReader {
                 }
                 let frame_len = header.header_len as u64 + header.len;
                 if frame_len <= self.whole_up_to && (input.len() as u64) < frame_len {
+                    // Invalid text fails as soon as it is read, even in a frame that waits.
+                    let text = if message_start {
+                        header.opcode == opcode::TEXT
+                    } else {
+                        self.message == Some(true)
+                    };
+                    if text {
+                        let mut utf8 = if message_start {
+                            Utf8Validator::default()
+                        } else {
+                            self.utf8.clone()
+                        };
+                        let mask = header.mask.unwrap_or([0; 4]);
+                        let mut scratch = [0u8; 512];
+                        for (i, piece) in input[header.header_len..].chunks(512).enumerate() {
+                            let clear = &mut scratch[..piece.len()];
+                            clear.copy_from_slice(piece);
+                            apply_mask(clear, mask, i * 512);
+                            utf8.feed(clear)?;
+                        }
+                    }
                     return Ok(Event::NeedMore);
                 }
                 if message_start {
@@ -996,6 +1017,14 @@ mod tests {
             reader.next(&mut input.clone()[..100]).unwrap_err().code(),
             1007
         );
+        // The same in a frame small enough to wait until it is whole, masked or not.
+        let mut payload = vec![b'a'; 50];
+        payload[3] = 0xff;
+        for (writer, mask) in [(Writer::Server, None), (Writer::Client, Some([5, 6, 7, 8]))] {
+            let mut input = frame(true, opcode::TEXT, &payload, mask);
+            let mut reader = FrameReader::new(writer, 1 << 20);
+            assert_eq!(reader.next(&mut input[..12]).unwrap_err().code(), 1007);
+        }
         // A character cut off by the end of the message.
         let input = frame(true, opcode::TEXT, &"é".as_bytes()[..1], None);
         let mut reader = FrameReader::new(Writer::Server, 1024);
