@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
@@ -394,50 +395,63 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
 /// after the 101 (`Io::from_upgraded`).
 async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: Pending) {
     let live = shared.live.load();
-    // What is left of the handshake timeout after TLS: a client has that long for its first
-    // request head, so that a silent one holds its slot one `handshake_timeout` in all.
-    let head_timeout = live
-        .config
-        .server
-        .handshake_timeout
-        .saturating_sub(pending.accepted_at.elapsed())
-        .max(Duration::from_millis(1));
+    let handshake_timeout = live.config.server.handshake_timeout;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout)
+        .header_read_timeout(handshake_timeout)
         .max_buf_size(live.config.server.max_header_size);
     drop(live);
+    // TLS and the first request head share one handshake_timeout: a silent client holds its
+    // pending slots that long in all. (hyper's header timeout covers each later request of a
+    // keep-alive connection on its own.)
+    let first_head_due = tokio::time::Instant::from_std(pending.accepted_at + handshake_timeout);
     let service_shared = shared.clone();
     // A client that has sent a whole request is no longer a pending handshake: its slot goes
     // back (an admitted one holds a connection slot instead), so that keep-alive HTTP clients
     // do not crowd out new ones.
     let pending = Cell::new(Some(pending));
+    let head_seen = Arc::new(AtomicBool::new(false));
+    let seen_in_service = head_seen.clone();
     // The connection's last verified token: a keep-alive client sending it again is not
     // verified again.
     let memo = Arc::new(TokenMemo::default());
     let service = service_fn(move |request| {
         drop(pending.take());
+        seen_in_service.store(true, Ordering::Relaxed);
         dispatch::handle(request, conn, service_shared.clone(), memo.clone())
     });
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                if error.is_timeout() {
-                    shared.metrics.limit_hit(Limit::HandshakeTimeout);
-                } else if error.is_parse_too_large() {
-                    shared.metrics.limit_hit(Limit::MaxHeaderSize);
+    let mut first_head_timer = true;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    if error.is_timeout() {
+                        shared.metrics.limit_hit(Limit::HandshakeTimeout);
+                    } else if error.is_parse_too_large() {
+                        shared.metrics.limit_hit(Limit::MaxHeaderSize);
+                    }
+                    tracing::debug!(client = %conn.peer, %error, "HTTP connection ended with an error");
                 }
-                tracing::debug!(client = %conn.peer, %error, "HTTP connection ended with an error");
+                return;
             }
-        }
-        () = shared.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+            () = tokio::time::sleep_until(first_head_due), if first_head_timer => {
+                if !head_seen.load(Ordering::Relaxed) {
+                    shared.metrics.limit_hit(Limit::HandshakeTimeout);
+                    tracing::debug!(client = %conn.peer, "no request within the handshake timeout");
+                    return;
+                }
+                first_head_timer = false;
+            }
+            () = shared.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+                return;
+            }
         }
     }
 }

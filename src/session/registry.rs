@@ -70,10 +70,9 @@ pub(crate) struct SessionEntry {
     /// times the size.
     mailbox: Mutex<Mailbox>,
     waker: AtomicWaker,
-    /// The oldest message still kept, and the number of upstream messages so far; kept
-    /// current by the session for handshakes to check `last_seq` against.
+    /// The oldest message still kept; kept current by the session for handshakes to check
+    /// `last_seq` against.
     first_seq: AtomicU64,
-    completed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -128,11 +127,14 @@ impl SessionEntry {
         mailbox.waiting.take()
     }
 
-    /// Whether a client that has received `last_seq` messages can be given all the rest.
+    /// Whether a client that has received `last_seq` messages may still be given all the rest,
+    /// as far as a handshake can tell. Only what the published state proves is refused here:
+    /// messages let go. A `last_seq` past the published count is not: the session publishes
+    /// after it writes, so a client can have read a message before the count shows it (a soak
+    /// found such false "ahead" refusals). The relay, which holds the
+    /// buffer itself, judges that one when the client attaches.
     pub(crate) fn check(&self, last_seq: u64) -> Result<(), NotResumable> {
-        if last_seq > self.completed.load(Ordering::Relaxed) {
-            Err(NotResumable::Ahead)
-        } else if last_seq + 1 < self.first_seq.load(Ordering::Relaxed) {
+        if last_seq.saturating_add(1) < self.first_seq.load(Ordering::Relaxed) {
             Err(NotResumable::Overflowed)
         } else {
             Ok(())
@@ -141,8 +143,6 @@ impl SessionEntry {
 
     pub(crate) fn publish(&self, buffer: &ReplayBuffer) {
         self.first_seq.store(buffer.first_seq(), Ordering::Relaxed);
-        self.completed
-            .store(buffer.completed_messages(), Ordering::Relaxed);
     }
 }
 
@@ -204,7 +204,6 @@ impl Registry {
             mailbox: Mutex::default(),
             waker: AtomicWaker::new(),
             first_seq: AtomicU64::new(1),
-            completed: AtomicU64::new(0),
         });
         inner.live.insert(key, entry.clone());
         Ok(entry)

@@ -8,10 +8,11 @@
 //! each a whole frame (RFC 6455 §5.4 lets an intermediary refragment when no extension is
 //! negotiated); a smaller one waits until it is all read. Either way what the edge has written
 //! to a peer always ends at a frame boundary, so a close can always follow at once, whatever
-//! the other side is in the middle of. What the edge must still know — where frames and messages begin and end, whether a text message is
-//! valid UTF-8, whether a message is over the size limit, and what a control frame says — is
-//! read here from the headers and, for text, from the payload as it streams past. Nothing waits
-//! for a whole message: a large frame goes through in pieces as it arrives.
+//! the other side is in the middle of. What the edge must still know — where frames and
+//! messages begin and end, whether a text message is valid UTF-8, whether a message is over the
+//! size limit, and what a control frame says — is read here from the headers and, for text,
+//! from the payload as it streams past. Nothing waits for a whole message, nor for a whole
+//! frame over 8 KiB.
 
 use std::fmt;
 
@@ -406,6 +407,9 @@ pub(crate) struct FrameReader {
     max_message: u64,
     /// [`WHOLE_FRAME_LIMIT`], but for tests.
     whole_up_to: u64,
+    /// A text frame waiting to be whole: how much of its payload has been checked, and the
+    /// UTF-8 state after it.
+    waiting: Option<(usize, Utf8Validator)>,
     /// Payload bytes of the current data frame not read yet.
     remaining: u64,
     /// Whether a data frame's payload is being read (its header is behind us).
@@ -432,6 +436,7 @@ impl FrameReader {
             writer,
             max_message: max_message as u64,
             whole_up_to: WHOLE_FRAME_LIMIT as u64,
+            waiting: None,
             remaining: 0,
             in_frame: false,
             frame_fin: false,
@@ -458,8 +463,8 @@ impl FrameReader {
     }
 
     /// Passes over the whole single-frame data messages that start `input` — what a stream of
-    /// LLM tokens is made of — and returns (bytes, messages, payload bytes) passed over. It
-    /// stops at anything else (a fragment, a control frame, a frame not all read yet), which
+    /// LLM tokens is made of — and says what it passed over (and the violation it stopped at,
+    /// if any: what is before it is good). It stops at anything else (a fragment, a control frame, a frame not all read yet), which
     /// [`FrameReader::next`] then reads.
     pub(crate) fn skim(&mut self, input: &mut [u8]) -> Skimmed {
         let mut skimmed = Skimmed::default();
@@ -505,6 +510,8 @@ impl FrameReader {
             skimmed.len = end;
             skimmed.messages += 1;
             skimmed.payload_bytes += len as u64;
+            // A frame that waited to be whole is read now.
+            self.waiting = None;
         }
         skimmed
     }
@@ -571,29 +578,36 @@ impl FrameReader {
                 }
                 let frame_len = header.header_len as u64 + header.len;
                 if frame_len <= self.whole_up_to && (input.len() as u64) < frame_len {
-                    // Invalid text fails as soon as it is read, even in a frame that waits.
+                    // Invalid text fails as soon as it is read, even in a frame that waits
+                    // (what was checked at an earlier read is not checked again).
                     let text = if message_start {
                         header.opcode == opcode::TEXT
                     } else {
                         self.message == Some(true)
                     };
                     if text {
-                        let mut utf8 = if message_start {
-                            Utf8Validator::default()
-                        } else {
-                            self.utf8.clone()
-                        };
+                        let (checked, mut utf8) = self.waiting.take().unwrap_or_else(|| {
+                            let utf8 = if message_start {
+                                Utf8Validator::default()
+                            } else {
+                                self.utf8.clone()
+                            };
+                            (0, utf8)
+                        });
                         let mask = header.mask.unwrap_or([0; 4]);
+                        let arrived = &input[header.header_len + checked..];
                         let mut scratch = [0u8; 512];
-                        for (i, piece) in input[header.header_len..].chunks(512).enumerate() {
+                        for (i, piece) in arrived.chunks(512).enumerate() {
                             let clear = &mut scratch[..piece.len()];
                             clear.copy_from_slice(piece);
-                            apply_mask(clear, mask, i * 512);
+                            apply_mask(clear, mask, checked + i * 512);
                             utf8.feed(clear)?;
                         }
+                        self.waiting = Some((checked + arrived.len(), utf8));
                     }
                     return Ok(Event::NeedMore);
                 }
+                self.waiting = None;
                 if message_start {
                     self.message = Some(header.opcode == opcode::TEXT);
                     self.message_len = 0;
@@ -1039,6 +1053,24 @@ mod tests {
             let split = v.feed(&bad[..1]).and_then(|()| v.feed(&bad[1..]));
             assert!(split.and_then(|()| v.finish()).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_frame_that_waited_and_was_then_skimmed_leaves_nothing_behind() {
+        // Found by the frame fuzz target: the UTF-8 check of a waiting text frame kept its
+        // progress after skim() had read the frame, and the next waiting frame sliced past
+        // its input.
+        let key = Some([1, 2, 3, 4]);
+        let first = frame(true, opcode::TEXT, &[b'a'; 40], key);
+        let second = frame(true, opcode::TEXT, b"bc", key);
+        let mut reader = FrameReader::new(Writer::Client, 1024);
+        let mut input = first.clone();
+        assert!(matches!(reader.next(&mut input[..30]), Ok(Event::NeedMore)));
+        let skimmed = reader.skim(&mut input);
+        assert_eq!((skimmed.len, skimmed.messages), (first.len(), 1));
+        let mut input = second.clone();
+        assert!(matches!(reader.next(&mut input[..7]), Ok(Event::NeedMore)));
+        assert_eq!(run(&mut reader, &second, 64).unwrap().1, 1);
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl Leg {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.input)
     }
 
-    /// Bytes waiting to go to the peer, the edge's own frames held for a boundary included.
+    /// Bytes waiting to go to the peer.
     pub(crate) fn pending_out(&self) -> usize {
         self.out.len() - self.written
     }
@@ -253,10 +253,10 @@ impl Leg {
         self.read_held = true;
     }
 
-    /// Whether what this peer sent so far ends inside a message, or inside a frame (whose
-    /// start waits in the input to be whole).
+    /// Whether what this peer sent so far ends inside a message. (A frame that waits in the
+    /// input to be whole has not been passed on: reading may stop before it.)
     pub(crate) fn reading_mid_message(&self) -> bool {
-        self.reader.mid_message() || self.consumed < self.input.len()
+        self.reader.mid_message()
     }
 
     /// Writes everything queued, and keeps the clocks of a relayed peer: since when it has
