@@ -1,6 +1,7 @@
 //! Hostile requests, as a table: what a client gets and what the upstream sees (nothing, for
-//! a refused request). The first rows of issue 15's matrix — the request line and headers
-//! (RFC 9112 / RFC 9110) and path spellings an upstream server would resolve.
+//! a refused request). The attack matrix's request rows — the request line and headers (RFC
+//! 9112 / RFC 9110) and path spellings an upstream server would resolve; tokens and identities
+//! are in attacks_auth.rs, frames and floods in attacks_frames.rs.
 
 mod common;
 
