@@ -314,7 +314,13 @@ async fn one_address_cannot_take_every_pending_handshake_slot() {
         socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         silent.push(socket.connect(edge.addr).await.unwrap());
     }
-    // Past its eight, the edge closes them on arrival.
+    // Past its eight, the edge closes them on arrival: once it has counted 32, each of those
+    // has its end of stream waiting, and the eight it holds have nothing to read.
+    edge.wait_metric(
+        "wsedge_limit_hits_total{kind=\"max_pending_handshakes_per_ip\"}",
+        32.0,
+    )
+    .await;
     let mut closed = 0;
     for stream in &mut silent {
         let mut byte = [0u8; 1];
@@ -325,11 +331,6 @@ async fn one_address_cannot_take_every_pending_handshake_slot() {
         }
     }
     assert_eq!(closed, 32, "connections closed beyond the address's share");
-    edge.wait_metric(
-        "wsedge_limit_hits_total{kind=\"max_pending_handshakes_per_ip\"}",
-        32.0,
-    )
-    .await;
     // Another address is served meanwhile.
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();

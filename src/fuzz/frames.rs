@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 
-use crate::ws::frame::{Event, FrameReader, Utf8Validator, Writer, apply_mask};
+use crate::ws::frame::{Event, FrameReader, Utf8Validator, Writer, apply_mask, outgoing};
 
 /// A data message as passed on so far: (opcode, payload, whether it ended).
 type Message = (u8, Vec<u8>, bool);
@@ -291,13 +291,9 @@ fn read(
                     piece,
                     ..
                 }) => {
-                    match piece {
-                        None => passed.extend_from_slice(&buffer[at..at + len]),
-                        Some(piece) => {
-                            passed.extend_from_slice(piece.bytes());
-                            passed.extend_from_slice(&buffer[at + len - payload..at + len]);
-                        }
-                    }
+                    let (header, bytes) = outgoing(&buffer[at..], len, payload, &piece);
+                    passed.extend_from_slice(header);
+                    passed.extend_from_slice(bytes);
                     outcome.messages += usize::from(message_end);
                     at += len;
                 }

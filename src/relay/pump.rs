@@ -10,7 +10,7 @@ use crate::config::settings::RateLimit;
 use crate::metrics::DirectionCounters;
 use crate::session::replay::ReplayBuffer;
 use crate::ws::close::{Close, End, FrameError};
-use crate::ws::frame::{Event, opcode};
+use crate::ws::frame::{self, Event, opcode};
 use crate::ws::leg::Leg;
 
 /// Unwritten bytes at which a destination stops its source from being read.
@@ -174,10 +174,7 @@ impl Pump<'_> {
                     }
                     // What goes on: the bytes as they are (a whole frame), or a fragment cut
                     // from a frame not all here (its own header, then the payload among them).
-                    let (header, bytes) = match &piece {
-                        None => (&[][..], &input[at..at + len]),
-                        Some(piece) => (piece.bytes(), &input[at + len - payload..at + len]),
-                    };
+                    let (header, bytes) = frame::outgoing(&input[at..], len, payload, &piece);
                     if let Some(replay) = self.replay.as_deref_mut() {
                         replay.push(header);
                         replay.push(bytes);

@@ -267,22 +267,7 @@ impl fmt::Debug for Control {
 
 /// Appends a frame header: `first` is the FIN bit and opcode, `len` the payload's length.
 fn write_header(out: &mut Vec<u8>, first: u8, len: usize, mask: Option<[u8; 4]>) {
-    out.push(first);
-    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    match len {
-        0..=125 => out.push(mask_bit | len as u8),
-        126..=0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    if let Some(key) = mask {
-        out.extend_from_slice(&key);
-    }
+    out.extend_from_slice(PieceHeader::encode(first, len, mask).bytes());
 }
 
 /// Appends a final frame with `payload` to `out`; masked with a fresh key when `masked`
@@ -332,38 +317,58 @@ pub(crate) struct PieceHeader {
 
 impl PieceHeader {
     fn new(first: u8, payload: usize, key: Option<[u8; 4]>) -> Self {
-        let mut header = PieceHeader::default();
         if payload == 0 {
-            return header;
+            return PieceHeader::default();
         }
+        Self::encode(first, payload, key)
+    }
+
+    /// A frame header: `first` is the FIN bit and opcode, `len` the payload's length.
+    fn encode(first: u8, len: usize, key: Option<[u8; 4]>) -> Self {
+        let mut header = PieceHeader::default();
         let mask_bit = if key.is_some() { 0x80 } else { 0 };
         header.bytes[0] = first;
-        let mut len = match payload {
+        let mut end = match len {
             0..=125 => {
-                header.bytes[1] = mask_bit | payload as u8;
+                header.bytes[1] = mask_bit | len as u8;
                 2
             }
             126..=0xffff => {
                 header.bytes[1] = mask_bit | 126;
-                header.bytes[2..4].copy_from_slice(&(payload as u16).to_be_bytes());
+                header.bytes[2..4].copy_from_slice(&(len as u16).to_be_bytes());
                 4
             }
             _ => {
                 header.bytes[1] = mask_bit | 127;
-                header.bytes[2..10].copy_from_slice(&(payload as u64).to_be_bytes());
+                header.bytes[2..10].copy_from_slice(&(len as u64).to_be_bytes());
                 10
             }
         };
         if let Some(key) = key {
-            header.bytes[len..len + 4].copy_from_slice(&key);
-            len += 4;
+            header.bytes[end..end + 4].copy_from_slice(&key);
+            end += 4;
         }
-        header.len = len as u8;
+        header.len = end as u8;
         header
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// What goes on for a data event whose bytes start `input`: (a header the edge wrote, the bytes
+/// that follow it) — nothing and the bytes as they are for a whole frame, a fragment's own
+/// header and the payload among them for a piece.
+pub(crate) fn outgoing<'a>(
+    input: &'a [u8],
+    len: usize,
+    payload: usize,
+    piece: &'a Option<PieceHeader>,
+) -> (&'a [u8], &'a [u8]) {
+    match piece {
+        None => (&[], &input[..len]),
+        Some(piece) => (piece.bytes(), &input[len - payload..len]),
     }
 }
 
@@ -578,33 +583,7 @@ impl FrameReader {
                 }
                 let frame_len = header.header_len as u64 + header.len;
                 if frame_len <= self.whole_up_to && (input.len() as u64) < frame_len {
-                    // Invalid text fails as soon as it is read, even in a frame that waits
-                    // (what was checked at an earlier read is not checked again).
-                    let text = if message_start {
-                        header.opcode == opcode::TEXT
-                    } else {
-                        self.message == Some(true)
-                    };
-                    if text {
-                        let (checked, mut utf8) = self.waiting.take().unwrap_or_else(|| {
-                            let utf8 = if message_start {
-                                Utf8Validator::default()
-                            } else {
-                                self.utf8.clone()
-                            };
-                            (0, utf8)
-                        });
-                        let mask = header.mask.unwrap_or([0; 4]);
-                        let arrived = &input[header.header_len + checked..];
-                        let mut scratch = [0u8; 512];
-                        for (i, piece) in arrived.chunks(512).enumerate() {
-                            let clear = &mut scratch[..piece.len()];
-                            clear.copy_from_slice(piece);
-                            apply_mask(clear, mask, checked + i * 512);
-                            utf8.feed(clear)?;
-                        }
-                        self.waiting = Some((checked + arrived.len(), utf8));
-                    }
+                    self.check_waiting_text(input, &header, message_start)?;
                     return Ok(Event::NeedMore);
                 }
                 self.waiting = None;
@@ -627,6 +606,43 @@ impl FrameReader {
             }
             _ => Err(FrameError::Protocol("reserved opcode")),
         }
+    }
+
+    /// Invalid text fails as soon as it is read, even in a frame that waits to be whole; what
+    /// was checked at an earlier read is not checked again.
+    fn check_waiting_text(
+        &mut self,
+        input: &[u8],
+        header: &Header,
+        message_start: bool,
+    ) -> Result<(), FrameError> {
+        let text = if message_start {
+            header.opcode == opcode::TEXT
+        } else {
+            self.message == Some(true)
+        };
+        if !text {
+            return Ok(());
+        }
+        let (checked, mut utf8) = self.waiting.take().unwrap_or_else(|| {
+            let utf8 = if message_start {
+                Utf8Validator::default()
+            } else {
+                self.utf8.clone()
+            };
+            (0, utf8)
+        });
+        let mask = header.mask.unwrap_or([0; 4]);
+        let arrived = &input[header.header_len + checked..];
+        let mut scratch = [0u8; 512];
+        for (i, piece) in arrived.chunks(512).enumerate() {
+            let clear = &mut scratch[..piece.len()];
+            clear.copy_from_slice(piece);
+            apply_mask(clear, mask, checked + i * 512);
+            utf8.feed(clear)?;
+        }
+        self.waiting = Some((checked + arrived.len(), utf8));
+        Ok(())
     }
 
     /// The payload bytes of the current frame that `input` holds after `header_len` bytes.

@@ -40,13 +40,9 @@ fn run(
                     piece,
                     ..
                 } => {
-                    match piece {
-                        None => passed.extend_from_slice(&buffer[at..at + len]),
-                        Some(piece) => {
-                            passed.extend_from_slice(piece.bytes());
-                            passed.extend_from_slice(&buffer[at + len - payload..at + len]);
-                        }
-                    }
+                    let (header, bytes) = outgoing(&buffer[at..], len, payload, &piece);
+                    passed.extend_from_slice(header);
+                    passed.extend_from_slice(bytes);
                     messages += usize::from(message_end);
                     at += len;
                 }
