@@ -5,7 +5,8 @@
 # Beyond Rust the tests need systemd-analyze (to verify the unit file), the Autobahn runner
 # kosoku (pinned), python-socketio with aiohttp (pinned in tests/socketio/requirements.txt), and
 # for the browser test Chromium, node with playwright-core (pinned in
-# tests/browser/package-lock.json) and ss. Everything else they use (upstream chat cores,
+# tests/browser/package-lock.json), ss, and redis-server (the cluster tests start their own, on
+# a Unix socket of each test's). Everything else they use (upstream chat cores,
 # clients, certificates, keys) is made inside the tests, on loopback.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,6 +32,7 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v ss >/dev/null || missing+=(iproute2)
 command -v pip3 >/dev/null || missing+=(python3-pip)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}" >&2
     as_root apt-get update

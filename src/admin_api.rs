@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::audit::Who;
+use crate::cluster::events::Told;
 use crate::connections::Selector;
 use crate::revocation::{RevocationError, Revoked};
 use crate::state::Shared;
@@ -206,17 +207,22 @@ async fn call(request: Request<Incoming>, shared: &Arc<Shared>) -> Answer {
                 "name at least one of user, tenant, conversation, session, jti",
             ),
             Ok(selectors) => {
-                let closed = disconnect(shared, &selectors.selector());
-                Answer::ok(json!({ "closed": closed })).asked(&selectors)
+                let selector = selectors.selector();
+                let closed = disconnect(shared, &selector);
+                let mut body = json!({ "closed": closed });
+                if let Some(cluster) = &shared.cluster {
+                    told(&mut body, cluster.disconnect(selector).await);
+                }
+                Answer::ok(body).asked(&selectors)
             }
             Err(answer) => answer,
         },
         (Method::POST, "/admin/revoke") => match body::<Revocation>(request).await {
-            Ok(revocation) => revoke(shared, &revocation).asked(&revocation),
+            Ok(revocation) => revoke(shared, &revocation).await.asked(&revocation),
             Err(answer) => answer,
         },
         (Method::DELETE, "/admin/revoke") => match body::<Revocation>(request).await {
-            Ok(revocation) => lift(shared, &revocation).asked(&revocation),
+            Ok(revocation) => lift(shared, &revocation).await.asked(&revocation),
             Err(answer) => answer,
         },
         (_, "/admin/connections" | "/admin/disconnect" | "/admin/revoke") => Answer::error(
@@ -287,7 +293,20 @@ fn now() -> u64 {
         .map_or(0, |since| since.as_secs())
 }
 
-fn revoke(shared: &Shared, revocation: &Revocation) -> Answer {
+/// What the other edges were told, in an answer's body: `"cluster": "published"` (with how
+/// many edges listened, this one included) or `"pending"` (Redis is down: a revocation is
+/// written when it is back, a disconnect reaches only this edge).
+fn told(body: &mut serde_json::Value, told: Told) {
+    match told {
+        Told::Published(edges) => {
+            body["cluster"] = json!("published");
+            body["edges"] = json!(edges);
+        }
+        Told::Pending => body["cluster"] = json!("pending"),
+    }
+}
+
+async fn revoke(shared: &Shared, revocation: &Revocation) -> Answer {
     let (revoked, selector) = match revocation.target() {
         Ok(target) => target,
         Err(message) => return Answer::error(StatusCode::BAD_REQUEST, "bad_request", message),
@@ -333,14 +352,18 @@ fn revoke(shared: &Shared, revocation: &Revocation) -> Answer {
             "until is beyond the year 3000",
         );
     }
-    let stored = shared.revocations.revoke(revoked, until);
+    let stored = shared.revocations.revoke(revoked.clone(), until);
     if let Err(RevocationError::Full) = stored {
         return stored_error(&RevocationError::Full);
     }
     // In effect whether or not it could be written: its sockets go now.
     let closed = disconnect(shared, &selector);
+    let cluster = match &shared.cluster {
+        Some(cluster) => Some(cluster.revoke(revoked, until, selector).await),
+        None => None,
+    };
     let until = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(until));
-    match stored {
+    let mut answer = match stored {
         Ok(()) => Answer::ok(json!({ "until": until.to_string(), "closed": closed })),
         Err(error) => {
             let mut answer = stored_error(&error);
@@ -348,18 +371,31 @@ fn revoke(shared: &Shared, revocation: &Revocation) -> Answer {
             answer.body["until"] = json!(until.to_string());
             answer
         }
+    };
+    if let Some(cluster) = cluster {
+        told(&mut answer.body, cluster);
     }
+    answer
 }
 
-fn lift(shared: &Shared, revocation: &Revocation) -> Answer {
+async fn lift(shared: &Shared, revocation: &Revocation) -> Answer {
     let (revoked, _) = match revocation.target() {
         Ok(target) => target,
         Err(message) => return Answer::error(StatusCode::BAD_REQUEST, "bad_request", message),
     };
-    match shared.revocations.lift(&revoked) {
+    let lifted = shared.revocations.lift(&revoked);
+    let cluster = match &shared.cluster {
+        Some(cluster) => Some(cluster.lift(revoked).await),
+        None => None,
+    };
+    let mut answer = match lifted {
         Ok(lifted) => Answer::ok(json!({ "lifted": lifted })),
         Err(error) => stored_error(&error),
+    };
+    if let Some(cluster) = cluster {
+        told(&mut answer.body, cluster);
     }
+    answer
 }
 
 fn stored_error(error: &RevocationError) -> Answer {

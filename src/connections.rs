@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::shutdown::Switch;
 
@@ -51,7 +51,7 @@ pub(crate) struct Connection {
 }
 
 /// Which connections an operator means: every field given must match.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Selector {
     pub(crate) user: Option<String>,
     pub(crate) tenant: Option<String>,

@@ -12,12 +12,13 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::admission::{self, Admitted, ClientConn, Kind, Pass, Rejected};
+use crate::admission::{self, Admitted, ClientConn, Kind, Pass, Rejected, SessionPlan};
 use crate::auth::jwks::UNKNOWN_KID_WAIT;
 use crate::auth::memo::TokenMemo;
 use crate::cors;
 use crate::forward::header_value;
-use crate::handshake::{self, WebSocket};
+use crate::handoff::{self, Elsewhere};
+use crate::handshake::{self, Reply, WebSocket};
 use crate::passthrough::body::ResponseBody;
 use crate::passthrough::{self, Proxy};
 use crate::report;
@@ -64,7 +65,7 @@ impl Body for EdgeBody {
 }
 
 pub(crate) async fn handle(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     conn: ClientConn,
     shared: Arc<Shared>,
     memo: Arc<TokenMemo>,
@@ -87,7 +88,7 @@ pub(crate) async fn handle(
         live = shared.live.load_full();
         admitted = admission::admit(&request, conn, &shared, &live, &memo, Pass::Again);
     }
-    let admitted = match admitted {
+    let mut admitted = match admitted {
         Ok(admitted) => admitted,
         Err(rejected) => {
             let response =
@@ -95,6 +96,26 @@ pub(crate) async fn handle(
             return Ok(response.map(EdgeBody::Full));
         }
     };
+    // A resume of a session this edge does not know: another edge of the cluster may hold it.
+    // When none does, the handshake is judged as one of this edge's own.
+    if let Kind::WebSocket {
+        session: SessionPlan::Elsewhere { .. },
+        ..
+    } = &admitted.kind
+    {
+        if let Some(response) = carry(&mut request, &shared, conn, &request_id, admitted).await {
+            return Ok(response.map(EdgeBody::Full));
+        }
+        admitted = match admission::admit(&request, conn, &shared, &live, &memo, Pass::NotElsewhere)
+        {
+            Ok(admitted) => admitted,
+            Err(rejected) => {
+                let response =
+                    report::refused(&shared, &request_id, conn, request.uri(), started, rejected);
+                return Ok(response.map(EdgeBody::Full));
+            }
+        };
+    }
     let Admitted {
         route,
         identity,
@@ -162,4 +183,48 @@ pub(crate) async fn handle(
         }
     };
     Ok(response)
+}
+
+/// Carries a resume to the edge that holds its session, if another does.
+async fn carry(
+    request: &mut Request<Incoming>,
+    shared: &Arc<Shared>,
+    conn: ClientConn,
+    request_id: &str,
+    admitted: Admitted<'_>,
+) -> Option<Response<Full<Bytes>>> {
+    let Admitted {
+        route,
+        identity,
+        token,
+        kind:
+            Kind::WebSocket {
+                websocket_key,
+                session:
+                    SessionPlan::Elsewhere {
+                        key,
+                        last_seq,
+                        conversation,
+                    },
+            },
+        ..
+    } = admitted
+    else {
+        return None;
+    };
+    let elsewhere = Elsewhere {
+        conn,
+        route,
+        identity: &identity,
+        key,
+        last_seq,
+        conversation,
+        reply: Reply {
+            websocket_key: &websocket_key,
+            token: token.as_ref(),
+            request_id,
+            forward_token: route.forward_token,
+        },
+    };
+    handoff::carry(request, shared, elsewhere).await
 }

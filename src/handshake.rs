@@ -20,6 +20,7 @@ use crate::admission::{self, ClientConn, Held, NewSession, Rejected, SessionPlan
 use crate::auth::Identity;
 use crate::auth::claims::claim_string;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
+use crate::cluster::leases::NoLease;
 use crate::connections::{Holder, Selector, TokenFacts};
 use crate::forward::{self, header_value};
 use crate::metrics::GaugeGuard;
@@ -75,15 +76,12 @@ pub(crate) async fn upgrade(
     match session {
         SessionPlan::Resume { entry, last_seq } => {
             // The session's registry entry holds the token its client holds now.
-            let token = token_facts(&identity);
-            let selector = Selector {
-                session: Some(entry.key.id.clone()),
-                user: Some(identity.user.clone()),
-                ..Selector::default()
-            };
-            for connection in shared.connections.select(&selector) {
-                connection.set_token(token.clone());
-            }
+            resumed_with_token(
+                shared,
+                &entry.key.id,
+                &identity.user,
+                token_facts(&identity),
+            );
             resume(
                 &mut request,
                 shared,
@@ -97,6 +95,16 @@ pub(crate) async fn upgrade(
         SessionPlan::Refuse(why) => {
             not_resumable(&mut request, shared, route, why, &identity, conn, &reply)
         }
+        // Asked of the cluster before the upgrade (`handoff`); what reaches here is unknown.
+        SessionPlan::Elsewhere { .. } => not_resumable(
+            &mut request,
+            shared,
+            route,
+            NotResumable::Unknown,
+            &identity,
+            conn,
+            &reply,
+        ),
         SessionPlan::Connect { held, session } => {
             let upgrade = Upgrade {
                 conn,
@@ -125,11 +133,11 @@ pub(crate) async fn upgrade(
 }
 
 /// What every 101 of a handshake is built from.
-struct Reply<'a> {
-    websocket_key: &'a str,
-    token: Option<&'a FoundToken>,
-    request_id: &'a str,
-    forward_token: bool,
+pub(crate) struct Reply<'a> {
+    pub(crate) websocket_key: &'a str,
+    pub(crate) token: Option<&'a FoundToken>,
+    pub(crate) request_id: &'a str,
+    pub(crate) forward_token: bool,
 }
 
 /// An admitted connection on its way upstream.
@@ -145,7 +153,10 @@ struct Upgrade<'a> {
 
 /// The client's leg once hyper hands its socket over after the 101; `None` when the client
 /// vanished in between.
-fn client_leg(upgraded: Result<Upgraded, hyper::Error>, max_message: usize) -> Option<Leg> {
+pub(crate) fn client_leg(
+    upgraded: Result<Upgraded, hyper::Error>,
+    max_message: usize,
+) -> Option<Leg> {
     match upgraded {
         Ok(upgraded) => {
             let (io, initial) = Io::from_upgraded(upgraded);
@@ -172,9 +183,25 @@ async fn connect(
         identity,
         token_expires_at,
         affinity,
-        held,
+        mut held,
         session,
     } = upgrade;
+    // Across the cluster's edges the user's count is a lease in Redis (this edge's own count
+    // was taken at admission and holds as well).
+    let max_per_user = shared.live.load().config.server.max_connections_per_user;
+    if let (Some(cluster), Some(max)) = (&shared.cluster, max_per_user)
+        && !identity.user.is_empty()
+    {
+        let tenant = identity.tenant.as_deref().unwrap_or("");
+        let lease = cluster
+            .lease(tenant, &identity.user, max)
+            .await
+            .map_err(|no_lease| match no_lease {
+                NoLease::Full => Refusal::TooManyConnections,
+                NoLease::Unavailable => Refusal::ClusterUnavailable,
+            })?;
+        held.lease = Some(lease);
+    }
     let session_id = session
         .as_ref()
         .and_then(|session| session.reservation.entry())
@@ -187,15 +214,16 @@ async fn connect(
         conn.tls,
         reply.request_id,
     )?;
-    // Registered for the admin API when it exists: without it nobody could find the entry,
-    // and every idle connection would carry it.
-    let api = shared
-        .live
-        .load()
-        .config
-        .admin
-        .as_ref()
-        .is_some_and(|admin| admin.token.is_some());
+    // Registered for the admin API when it exists (or another edge's, through the cluster):
+    // without it nobody could find the entry, and every idle connection would carry it.
+    let api = shared.cluster.is_some()
+        || shared
+            .live
+            .load()
+            .config
+            .admin
+            .as_ref()
+            .is_some_and(|admin| admin.token.is_some());
     let registered = api.then(|| {
         let holder = Holder {
             request_id: reply.request_id.to_owned(),
@@ -235,6 +263,9 @@ async fn connect(
     let (resume, announce) = match (kept, &route.resume) {
         (Some((entry, announce)), Some(settings)) => {
             let _ = entry.protocol.set(upstream.protocol.clone());
+            if let Some(cluster) = &shared.cluster {
+                cluster.announce_session(&entry.key);
+            }
             let resumable = Resumable::new(
                 settings.clone(),
                 entry,
@@ -320,32 +351,54 @@ fn resume(
             token_expires_at,
             request_id,
         };
-        match entry.deliver(Box::new(attach)) {
-            Delivery::Delivered => {}
-            // Two reconnects raced: this one takes the session, the earlier one is told.
-            Delivery::Replaced(earlier) => {
-                let taken_over = Finish::Send(EdgeClose::TakenOver);
-                close_leg(earlier.leg, taken_over, CLOSE_TIMEOUT, true).await;
-            }
-            // The session ended between the check and now; the registry knows how.
-            Delivery::Ended(returned) => {
-                let why = shared_in_task
-                    .sessions
-                    .registry
-                    .find(&entry.key)
-                    .err()
-                    .unwrap_or(NotResumable::Expired);
-                shared_in_task.metrics.resume(&route_label, why.label());
-                close_not_resumable(returned.leg, why).await;
-            }
-        }
+        hand_to_session(&shared_in_task, &entry, attach, &route_label).await;
     });
     response
 }
 
+/// Gives a client coming back to its session, or tells it why the session cannot have it.
+pub(crate) async fn hand_to_session(
+    shared: &Shared,
+    entry: &SessionEntry,
+    attach: Attach,
+    route_label: &str,
+) {
+    match entry.deliver(Box::new(attach)) {
+        Delivery::Delivered => {}
+        // Two reconnects raced: this one takes the session, the earlier one is told.
+        Delivery::Replaced(earlier) => {
+            let taken_over = Finish::Send(EdgeClose::TakenOver);
+            close_leg(earlier.leg, taken_over, CLOSE_TIMEOUT, true).await;
+        }
+        // The session ended between the check and now; the registry knows how.
+        Delivery::Ended(returned) => {
+            let why = shared
+                .sessions
+                .registry
+                .find(&entry.key)
+                .err()
+                .unwrap_or(NotResumable::Expired);
+            shared.metrics.resume(route_label, why.label());
+            close_not_resumable(returned.leg, why).await;
+        }
+    }
+}
+
+/// The token a resumed session's client holds now, for the admin API's listing.
+pub(crate) fn resumed_with_token(shared: &Shared, session_id: &str, user: &str, token: TokenFacts) {
+    let selector = Selector {
+        session: Some(session_id.to_owned()),
+        user: Some(user.to_owned()),
+        ..Selector::default()
+    };
+    for connection in shared.connections.select(&selector) {
+        connection.set_token(token.clone());
+    }
+}
+
 /// A session that cannot be resumed: upgraded, then closed with 4002 and the reason. A close
 /// code is what a browser can read; an HTTP refusal would reach its script as a bare 1006.
-fn not_resumable(
+pub(crate) fn not_resumable(
     request: &mut Request<Incoming>,
     shared: &Arc<Shared>,
     route: &Route,
@@ -371,7 +424,10 @@ fn not_resumable(
     response
 }
 
-fn switching_protocols(reply: &Reply<'_>, chosen: Option<&HeaderValue>) -> Response<Full<Bytes>> {
+pub(crate) fn switching_protocols(
+    reply: &Reply<'_>,
+    chosen: Option<&HeaderValue>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -406,7 +462,7 @@ fn switching_protocols(reply: &Reply<'_>, chosen: Option<&HeaderValue>) -> Respo
 }
 
 /// The token a connection's identity came from, for the registry.
-fn token_facts(identity: &Identity) -> TokenFacts {
+pub(crate) fn token_facts(identity: &Identity) -> TokenFacts {
     TokenFacts {
         jti: claim_string(&identity.claims, "jti"),
         expires_at: identity.expires_at,

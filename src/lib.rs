@@ -6,9 +6,9 @@
 //! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
 //! HTTP) → `admin` (and `admin_api`) → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
 //! (every request: admitted, then upgraded or proxied) → `handshake` (the upgrade) →
-//! `passthrough` (plain HTTP passed through) → `report` (log, audit and metrics of a request)
+//! `handoff` (a resuming client carried between edges over the cluster's link) → `passthrough` (plain HTTP passed through) → `report` (log, audit and metrics of a request)
 //! → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a running edge
-//! shares) → `route` (routes at run time) → `upstream` (targets, affinity, failover, the
+//! shares) → `cluster` (several edges through Redis) → `route` (routes at run time) → `upstream` (targets, affinity, failover, the
 //! upstream's handshake, pooled HTTP, the edge's own fetches) → `forward` (the request shaped
 //! for the upstream) → `relay` (the state machine over two legs) → `session` (registry, replay
 //! buffer, detach and attach) → `ws` (frames, legs, closes). Beside them, using none of them:
@@ -21,12 +21,14 @@ mod admin_api;
 mod admission;
 mod audit;
 mod auth;
+mod cluster;
 mod config;
 mod connections;
 mod cors;
 mod demo;
 mod dispatch;
 mod forward;
+mod handoff;
 mod handshake;
 mod jwks_refresh;
 mod limits;

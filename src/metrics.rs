@@ -113,6 +113,35 @@ pub(crate) struct PolicyLabels {
     pub(crate) policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OpLabels {
+    pub(crate) op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    pub(crate) kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SideLabels {
+    /// "in": another edge's client relayed to a session here; "out": a client here relayed to
+    /// its session on another edge.
+    pub(crate) side: &'static str,
+}
+
+/// What several edges sharing Redis (`[cluster]`) count.
+#[derive(Default)]
+pub(crate) struct ClusterMetrics {
+    pub(crate) redis_up: Gauge,
+    pub(crate) redis_errors: Family<OpLabels, Counter>,
+    /// Handshakes decided by `on_redis_down` ("open" let through, "closed" refused).
+    pub(crate) redis_down_decisions: Family<ResultLabels, Counter>,
+    pub(crate) events: Family<KindLabels, Counter>,
+    pub(crate) links: Family<SideLabels, Gauge>,
+    pub(crate) remote_resumes: Family<ResultLabels, Counter>,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub(crate) struct Metrics {
@@ -138,6 +167,7 @@ pub(crate) struct Metrics {
     pub(crate) first_response_seconds: HistogramFamily<RouteLabels>,
     pub(crate) turn_messages: HistogramFamily<RouteLabels>,
     pub(crate) turn_seconds: HistogramFamily<RouteLabels>,
+    pub(crate) cluster: ClusterMetrics,
 }
 
 /// A route's chat-turn histograms (see `relay::turns`).
@@ -261,6 +291,7 @@ impl Metrics {
             ),
             turn_messages: Family::new_with_constructor(turn_message_buckets as fn() -> Histogram),
             turn_seconds: Family::new_with_constructor(turn_buckets as fn() -> Histogram),
+            cluster: ClusterMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -367,6 +398,37 @@ impl Metrics {
             "jwks_keys",
             "Usable keys in each policy's key set",
             metrics.jwks_keys.clone(),
+        );
+        let cluster = &metrics.cluster;
+        registry.register(
+            "cluster_redis_up",
+            "1 while the cluster's Redis answers, 0 while it does not",
+            cluster.redis_up.clone(),
+        );
+        registry.register(
+            "cluster_redis_errors",
+            "Redis calls that failed or timed out, by what they were for",
+            cluster.redis_errors.clone(),
+        );
+        registry.register(
+            "cluster_redis_down_decisions",
+            "Handshakes that on_redis_down decided while Redis was down: let through (open) or refused (closed)",
+            cluster.redis_down_decisions.clone(),
+        );
+        registry.register(
+            "cluster_events",
+            "Disconnects, revocations and lifts received from other edges",
+            cluster.events.clone(),
+        );
+        registry.register(
+            "cluster_links",
+            "Clients relayed between this edge and the edge holding their session, open now",
+            cluster.links.clone(),
+        );
+        registry.register(
+            "cluster_remote_resumes",
+            "Resumes of sessions held by another edge, by result",
+            cluster.remote_resumes.clone(),
         );
         Metrics {
             registry,

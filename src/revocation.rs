@@ -22,7 +22,8 @@ const MAX_ENTRIES: usize = 100_000;
 const STATE_FILE: &str = "revocations.json";
 
 /// What a revocation names.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Revoked {
     Jti(String),
     /// A user of a tenant (the empty tenant for users without one).
@@ -203,6 +204,31 @@ impl Revocations {
             Ok(())
         })?;
         Ok(lifted)
+    }
+
+    /// Makes the set exactly `entries` (what the cluster's Redis holds), a later `until` for
+    /// the same entry winning.
+    pub(crate) fn replace(&self, entries: Vec<(Revoked, u64)>) -> Result<(), RevocationError> {
+        self.change(|set| {
+            *set = Set::default();
+            for (revoked, until) in entries {
+                let slot = match revoked {
+                    Revoked::Jti(jti) => set.jtis.entry(jti).or_insert(0),
+                    Revoked::User { tenant, user } => set
+                        .users
+                        .entry(tenant)
+                        .or_default()
+                        .entry(user)
+                        .or_insert(0),
+                };
+                *slot = (*slot).max(until);
+                if set.len() > MAX_ENTRIES {
+                    return Err(RevocationError::Full);
+                }
+            }
+            set.drop_expired(now());
+            Ok(())
+        })
     }
 
     /// Until when `revoked` holds, if it does.

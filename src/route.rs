@@ -67,6 +67,11 @@ impl Router {
         Self { routes }
     }
 
+    /// The route whose label is `label` (what another edge names a session's route by).
+    pub(crate) fn by_label(&self, label: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| &*route.label == label)
+    }
+
     pub(crate) fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         self.routes.iter().find(|route| {
             route.path.matches(path) && route.host.as_ref().is_none_or(|h| h.matches(host))

@@ -37,6 +37,8 @@ pub struct Edge {
     listeners: Vec<Vec<std::net::TcpListener>>,
     local_addrs: Vec<SocketAddr>,
     admin: Option<TcpListener>,
+    /// Where the other edges of the cluster hand this edge's sessions their clients.
+    link: Option<TcpListener>,
 }
 
 /// Controls a running edge from outside: stats, reload, shutdown.
@@ -71,6 +73,11 @@ impl EdgeHandle {
         {
             tracing::warn!(
                 "the admin state_dir changed; it takes effect on restart, not on reload"
+            );
+        }
+        if cluster_changed(old, &config) {
+            tracing::warn!(
+                "[cluster] changed; it takes effect on restart, not on reload (this edge stays in the cluster it joined)"
             );
         }
         if config.server.max_connections != old.server.max_connections
@@ -120,6 +127,24 @@ impl EdgeHandle {
     }
 }
 
+/// Whether `[cluster]` differs between two configs (its secret compared too, not printed).
+fn cluster_changed(old: &Config, new: &Config) -> bool {
+    match (&old.cluster, &new.cluster) {
+        (None, None) => false,
+        (Some(old), Some(new)) => {
+            old.node != new.node
+                || old.secret != new.secret
+                || old.node_ttl != new.node_ttl
+                || old.on_redis_down != new.on_redis_down
+                || old.redis_timeout != new.redis_timeout
+                || old.link != new.link
+                || old.advertise != new.advertise
+                || old.redis.addr() != new.redis.addr()
+        }
+        _ => true,
+    }
+}
+
 impl Edge {
     /// Binds every listen address of the config.
     pub async fn bind(config: Config) -> io::Result<Edge> {
@@ -160,18 +185,45 @@ impl Edge {
                 )
             })?),
         };
-        let shared = Arc::new(Shared::new(config)?);
+        let link = match &config.cluster {
+            None => None,
+            Some(cluster) => Some(TcpListener::bind(cluster.link).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} (cluster link): {e}", cluster.link),
+                )
+            })?),
+        };
+        let link_port = match &link {
+            Some(link) => Some(link.local_addr()?.port()),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(config, link_port)?);
+        // Whether Redis answers decides the first handshakes; an edge starts either way.
+        if let Some(cluster) = &shared.cluster
+            && !cluster.probe().await
+        {
+            tracing::warn!(
+                "cluster: Redis cannot be reached at start; serving under on_redis_down"
+            );
+        }
         Ok(Edge {
             shared,
             listeners,
             local_addrs,
             admin,
+            link,
         })
     }
 
     /// The bound addresses (with real ports where the config said 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs.clone()
+    }
+
+    /// The cluster link's address, when the edge is one of several.
+    pub fn link_addr(&self) -> Option<SocketAddr> {
+        self.link.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The admin listener's address, when the config has one.
@@ -200,6 +252,16 @@ impl Edge {
                 shared.clone(),
                 admin_stop.clone(),
             ));
+        }
+        if let Some(link) = self.link {
+            tokio::spawn(crate::handoff::serve_link(
+                link,
+                shared.clone(),
+                admin_stop.clone(),
+            ));
+        }
+        if let Some(cluster) = &shared.cluster {
+            tokio::spawn(cluster.clone().run(shared.shutdown.clone()));
         }
         let workers_stop = CancellationToken::new();
         let mut workers_done = Vec::new();

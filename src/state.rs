@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::limits::{HandshakeRate, PendingByAddress, UserConnections};
@@ -34,8 +35,9 @@ impl Live {
 
 impl Shared {
     /// The state for serving `config`: revocations read back from its state folder, the audit
-    /// log started.
-    pub(crate) fn new(config: Config) -> io::Result<Self> {
+    /// log started, the cluster joined when there is one (`link_port`: where its link
+    /// listener was bound).
+    pub(crate) fn new(config: Config, link_port: Option<u16>) -> io::Result<Self> {
         let state_dir = config
             .admin
             .as_ref()
@@ -49,12 +51,29 @@ impl Shared {
             metrics: metrics.clone(),
             audit: audit.clone(),
         });
+        let revocations = Arc::new(revocations);
+        let connections = Arc::new(Connections::default());
+        let cluster = match &config.cluster {
+            None => None,
+            Some(settings) => Some(Arc::new(
+                Cluster::new(
+                    settings.clone(),
+                    link_port.unwrap_or(settings.link.port()),
+                    metrics.clone(),
+                    revocations.clone(),
+                    connections.clone(),
+                    sessions.clone(),
+                )
+                .map_err(|error| io::Error::other(format!("cluster: {}", error.category())))?,
+            )),
+        };
         Ok(Self {
+            cluster,
             metrics,
             audit,
             sessions,
-            connections: Arc::default(),
-            revocations: Arc::new(revocations),
+            connections,
+            revocations,
             connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
             handshake_slots: Arc::new(Semaphore::new(config.server.max_pending_handshakes)),
             pending_by_address: Arc::default(),
@@ -94,4 +113,6 @@ pub(crate) struct Shared {
     pub(crate) connections: Arc<Connections>,
     /// Revoked tokens and users.
     pub(crate) revocations: Arc<Revocations>,
+    /// The other edges, when this one is one of several.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }

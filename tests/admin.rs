@@ -10,51 +10,20 @@ use std::net::SocketAddr;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
-/// An admin call: (status, JSON body).
-async fn call(
-    admin: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    let body = body.map(|body| body.to_string()).unwrap_or_default();
-    let authorization = token
-        .map(|token| format!("Authorization: Bearer {token}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
-        .await
-        .expect("an admin answer in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let status = text[9..12].parse().unwrap();
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
 async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Value) {
-    call(admin, "GET", path, Some(ADMIN_TOKEN), None).await
+    admin_call(admin, "GET", path, Some(ADMIN_TOKEN), None).await
 }
 
 async fn admin_post(admin: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    call(admin, "POST", path, Some(ADMIN_TOKEN), Some(body)).await
+    admin_call(admin, "POST", path, Some(ADMIN_TOKEN), Some(body)).await
 }
 
 async fn admin_delete(admin: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    call(admin, "DELETE", path, Some(ADMIN_TOKEN), Some(body)).await
+    admin_call(admin, "DELETE", path, Some(ADMIN_TOKEN), Some(body)).await
 }
 
 fn with_api(config: EdgeConfig) -> EdgeConfig {
@@ -88,7 +57,7 @@ async fn the_api_is_absent_without_its_token_and_refuses_a_wrong_one() {
     let (_upstream, edge) = start_edge(with_api).await;
     let admin = edge.admin.unwrap();
     for token in [None, Some("wrong"), Some("admin-token-0123456789abcdeX")] {
-        let (status, body) = call(admin, "GET", "/admin/connections", token, None).await;
+        let (status, body) = admin_call(admin, "GET", "/admin/connections", token, None).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (401, Some("unauthorized"))

@@ -26,11 +26,12 @@ use crate::auth::jwks::JwksKeys;
 use crate::auth::memo::TokenMemo;
 use crate::auth::token_source::{self, FoundToken};
 use crate::auth::{Identity, Presented, Verifier};
+use crate::cluster::leases::Lease;
 use crate::config::settings::Affinity;
 use crate::cors;
 use crate::limits::UserSlot;
 use crate::route::Route;
-use crate::session::registry::{Reservation, SessionEntry};
+use crate::session::registry::{Reservation, SessionEntry, SessionKey};
 use crate::state::{Live, Shared};
 use crate::upstream::targets::user_key;
 use crate::ws::close::NotResumable;
@@ -83,6 +84,12 @@ pub(crate) enum SessionPlan<'a> {
         entry: Arc<SessionEntry>,
         last_seq: u64,
     },
+    /// A session this edge does not know, which another edge may hold: asked of the cluster.
+    Elsewhere {
+        key: SessionKey,
+        last_seq: u64,
+        conversation: Option<String>,
+    },
     /// A session that cannot be resumed (or started): the client is told so after the upgrade.
     Refuse(NotResumable),
 }
@@ -98,6 +105,8 @@ pub(crate) struct NewSession<'a> {
 pub(crate) struct Held {
     pub(crate) _connection: OwnedSemaphorePermit,
     pub(crate) _user: Option<UserSlot>,
+    /// The user's place in the count across the cluster's edges.
+    pub(crate) lease: Option<Lease>,
 }
 
 /// A refused request, and what was learned of it before (for the refusal's report).
@@ -152,6 +161,8 @@ struct Known<'a> {
 pub(crate) enum Pass {
     First,
     Again,
+    /// Once more after the cluster said no other edge holds the session asked for.
+    NotElsewhere,
 }
 
 /// Runs the checks in order.
@@ -190,7 +201,7 @@ fn checks<'a, B>(
     // A plain HTTP request is counted only when its token needs verifying (below): a
     // keep-alive client sends the same token with every request, and verifies it once.
     let rate_allows = || {
-        pass == Pass::Again
+        pass != Pass::First
             || shared
                 .handshake_rate
                 .as_ref()
@@ -280,6 +291,16 @@ fn checks<'a, B>(
     if route.auth.is_some() && revoked(shared, identity) {
         return Err(Refusal::TokenRevoked);
     }
+    // With Redis down and on_redis_down = "closed", neither revocations nor limits can be
+    // vouched for across the edges.
+    if route.auth.is_some()
+        && shared
+            .cluster
+            .as_ref()
+            .is_some_and(|cluster| cluster.refuses_while_down())
+    {
+        return Err(Refusal::ClusterUnavailable);
+    }
     // Membership: a policy that names a conversations claim lets a token open only those.
     if let (Some(policy), Some(conversation)) = (&route.auth, &identity.conversation)
         && !policy.may_open(&identity.claims, conversation)
@@ -301,6 +322,7 @@ fn checks<'a, B>(
         let held = Held {
             _connection: connection,
             _user: None,
+            lease: None,
         };
         return Ok(Admitted {
             route,
@@ -320,11 +342,21 @@ fn checks<'a, B>(
             identity,
             query,
             conversation_named,
+            shared.cluster.is_some() && pass != Pass::NotElsewhere,
         )?,
     };
     let session = match planned {
         Planned::Resume { entry, last_seq } => SessionPlan::Resume { entry, last_seq },
         Planned::Refuse(why) => SessionPlan::Refuse(why),
+        Planned::Elsewhere {
+            key,
+            last_seq,
+            conversation,
+        } => SessionPlan::Elsewhere {
+            key,
+            last_seq,
+            conversation,
+        },
         Planned::Plain => SessionPlan::Connect {
             held: hold(shared, live, identity, connection)?,
             session: None,
@@ -389,6 +421,7 @@ fn hold(
     Ok(Held {
         _connection: connection,
         _user: user,
+        lease: None,
     })
 }
 

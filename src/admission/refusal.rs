@@ -41,6 +41,8 @@ pub(crate) enum Refusal {
     AuthUnavailable,
     /// The token, or its user, was revoked by an operator.
     TokenRevoked,
+    /// Redis cannot be reached and the cluster's `on_redis_down` is "closed".
+    ClusterUnavailable,
     TenantRequired,
     /// The tenant rule refused; the message says which way.
     TenantNotAllowed(&'static str),
@@ -150,6 +152,13 @@ impl Refusal {
                 S::SERVICE_UNAVAILABLE,
                 "auth_unavailable",
                 "the identity provider's keys are not loaded yet",
+                None,
+                Extra::RetryAfter,
+            ),
+            Self::ClusterUnavailable => (
+                S::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                "the edges' shared state cannot be reached",
                 None,
                 Extra::RetryAfter,
             ),

@@ -24,6 +24,13 @@ pub(super) enum Planned {
         entry: Arc<SessionEntry>,
         last_seq: u64,
     },
+    /// A session this edge does not know, which another edge of the cluster may hold.
+    Elsewhere {
+        key: SessionKey,
+        last_seq: u64,
+        /// The conversation the client named, if it named one.
+        conversation: Option<String>,
+    },
     /// A session that cannot be resumed (or started).
     Refuse(NotResumable),
 }
@@ -60,7 +67,9 @@ fn session_params(query: Option<&str>) -> Result<(Option<String>, Option<u64>), 
 }
 
 /// `conversation_named`: the token or the query named the conversation (one the edge made up
-/// cannot be asked for again, so a resume takes the session's).
+/// cannot be asked for again, so a resume takes the session's). `ask_cluster`: a session this
+/// edge does not know may be held by another edge.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan(
     sessions: &Sessions,
     route: &str,
@@ -68,6 +77,7 @@ pub(super) fn plan(
     identity: &Identity,
     query: Option<&str>,
     conversation_named: bool,
+    ask_cluster: bool,
 ) -> Result<Planned, Refusal> {
     let (id, last_seq) = session_params(query)?;
     let id = match id {
@@ -93,6 +103,14 @@ pub(super) fn plan(
         });
         match found {
             Ok(entry) => return Ok(Planned::Resume { entry, last_seq }),
+            Err(NotResumable::Unknown) if ask_cluster => {
+                let conversation = identity.conversation.clone().filter(|_| conversation_named);
+                return Ok(Planned::Elsewhere {
+                    key,
+                    last_seq,
+                    conversation,
+                });
+            }
             // Told, then started afresh: never silently.
             Err(why) if settings.announce => failed = Some(why),
             Err(why) => return Ok(Planned::Refuse(why)),

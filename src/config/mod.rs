@@ -7,6 +7,7 @@
 //! Every error carries the TOML span of the value it is about, reported as `file:line:col`.
 
 mod auth;
+mod cluster;
 mod raw;
 mod route;
 pub(crate) mod settings;
@@ -53,6 +54,7 @@ fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
     let server = ctx.server(raw.server);
     let admin = raw.admin.and_then(|admin| ctx.admin(admin));
     let log = ctx.log(raw.log);
+    let cluster = raw.cluster.and_then(|cluster| ctx.cluster(cluster));
 
     let mut policies = BTreeMap::new();
     let mut jwks = Vec::new();
@@ -97,6 +99,7 @@ fn validate(ctx: &mut Ctx, raw: RawConfig) -> Option<Config> {
         server: server?,
         admin,
         log,
+        cluster: cluster.map(Arc::new),
         policies,
         routes,
         jwks,

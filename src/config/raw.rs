@@ -43,6 +43,7 @@ pub(super) struct RawConfig {
     pub(super) server: RawServer,
     pub(super) admin: Option<RawAdmin>,
     pub(super) log: Option<RawLog>,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     pub(super) auth: BTreeMap<String, Spanned<RawAuth>>,
     #[serde(default, rename = "route")]
@@ -115,6 +116,20 @@ pub(super) struct RawAdmin {
     pub(super) token: Option<Spanned<RawSecret>>,
     /// Where revocations are kept across restarts.
     pub(super) state_dir: Option<Spanned<String>>,
+}
+
+/// `[cluster]`: several edges sharing limits, revocations and sessions through Redis.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis: Spanned<String>,
+    pub(super) node: Spanned<String>,
+    pub(super) secret: Spanned<RawSecret>,
+    pub(super) node_ttl: Option<Spanned<String>>,
+    pub(super) on_redis_down: Option<Spanned<String>>,
+    pub(super) redis_timeout: Option<Spanned<String>>,
+    pub(super) link: Option<Spanned<String>>,
+    pub(super) advertise: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -20,6 +20,8 @@ pub struct Config {
     pub(crate) server: ServerSettings,
     pub(crate) admin: Option<AdminSettings>,
     pub log: LogSettings,
+    /// `None`: this edge stands alone.
+    pub(crate) cluster: Option<Arc<ClusterSettings>>,
     pub(crate) policies: BTreeMap<String, Arc<AuthPolicy>>,
     pub(crate) routes: Vec<Arc<RouteSettings>>,
     /// The key sets fetched from identity providers, one per policy with `jwks = { url }`.
@@ -82,6 +84,35 @@ pub(crate) struct AdminSettings {
     pub(crate) token: Option<Vec<u8>>,
     /// Where revocations survive a restart; `None`: in memory only.
     pub(crate) state_dir: Option<PathBuf>,
+}
+
+/// `[cluster]`: the edges that share one Redis.
+pub(crate) struct ClusterSettings {
+    /// Where Redis is (its URL may hold a password: never logged).
+    pub(crate) redis: redis::ConnectionInfo,
+    /// This edge's name among the others (logs, the session directory).
+    pub(crate) node: String,
+    /// Signs what one edge asks of another over the link.
+    pub(crate) secret: Vec<u8>,
+    /// How long an edge's leases and sessions outlive its last renewal: a dead edge stops
+    /// counting after this.
+    pub(crate) node_ttl: Duration,
+    pub(crate) on_redis_down: RedisDown,
+    /// How long a handshake waits on Redis before `on_redis_down` decides.
+    pub(crate) redis_timeout: Duration,
+    /// Where this edge listens for other edges' resumes.
+    pub(crate) link: SocketAddr,
+    /// Where the other edges reach that listener (`host:port`); `None`: the link address.
+    pub(crate) advertise: Option<String>,
+}
+
+/// What per-user limits and revocation checks do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RedisDown {
+    /// Limits hold per edge, revocations as last known: handshakes go on.
+    Open,
+    /// Handshakes on authenticated routes are refused with 503 until Redis is back.
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

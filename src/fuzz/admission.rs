@@ -55,7 +55,7 @@ fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
         let config = Config::from_toml(CONFIG, "fuzz.toml", Path::new("."))
             .unwrap_or_else(|error| panic!("{error}"));
-        Shared::new(config).unwrap()
+        Shared::new(config, None).unwrap()
     })
 }
 

@@ -222,6 +222,11 @@ impl Registry {
             .map_or(NotResumable::Unknown, |(why, _)| *why))
     }
 
+    /// The sessions live now (for the cluster's directory).
+    pub(crate) fn live_keys(&self) -> Vec<Arc<SessionKey>> {
+        self.lock().live.keys().cloned().collect()
+    }
+
     /// The session behind `entry` is over; a late client will be told `why`.
     pub(crate) fn end(&self, entry: &SessionEntry, why: NotResumable) {
         let mut inner = self.lock();

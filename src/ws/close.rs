@@ -145,6 +145,21 @@ impl NotResumable {
             Self::Conversation => "conversation",
         }
     }
+
+    /// The case a label names (as another edge sends it over the link).
+    pub(crate) fn from_label(label: &str) -> Option<Self> {
+        [
+            Self::Unknown,
+            Self::Expired,
+            Self::Overflowed,
+            Self::Ahead,
+            Self::Closed,
+            Self::InUse,
+            Self::Conversation,
+        ]
+        .into_iter()
+        .find(|why| why.label() == label)
+    }
 }
 
 /// Every close the edge sends of its own accord, with its code and reason.

@@ -27,6 +27,7 @@ use wsedge::{Config, Edge, EdgeHandle};
 pub mod config;
 pub mod plain;
 pub mod process;
+pub mod redis_server;
 
 pub use config::EdgeConfig;
 
@@ -468,6 +469,38 @@ impl TestEdge {
             .expect("edge did not stop")
             .unwrap();
     }
+}
+
+/// A call to the admin API: (status, JSON body).
+pub async fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let body = body.map(|body| body.to_string()).unwrap_or_default();
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("an admin answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let status = text[9..12].parse().unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// An upstream at /ws/chat and an edge in front of it, configured by `configure` (which gets

@@ -119,6 +119,9 @@ enum Mode {
         messages: u64,
         #[arg(long, default_value_t = 3)]
         rounds: u64,
+        /// Resume through this URL (another edge of a cluster) instead of `--url`.
+        #[arg(long)]
+        resume_url: Option<String>,
     },
     /// Connections that read a stream slowly.
     Slow {
@@ -235,9 +238,18 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 messages,
                 rounds,
+                resume_url,
             } => {
                 target.prepare()?;
-                soak::resume(&target, connections, messages, rounds).await?
+                let mut resume_target = target.clone();
+                if let Some(url) = resume_url {
+                    resume_target.url = url;
+                }
+                let targets = soak::ResumeTargets {
+                    first: &target,
+                    resume: &resume_target,
+                };
+                soak::resume(targets, connections, messages, rounds).await?
             }
             Mode::Slow {
                 mut target,
@@ -370,7 +382,7 @@ async fn gather<T>(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<T>>>) -> Ga
     gathered
 }
 
-fn percentiles(mut samples: Vec<u64>) -> serde_json::Value {
+pub(crate) fn percentiles(mut samples: Vec<u64>) -> serde_json::Value {
     if samples.is_empty() {
         return json!(null);
     }

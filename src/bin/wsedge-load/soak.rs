@@ -1,7 +1,7 @@
 //! The modes a soak mixes in besides the benchmark's: clients that lose their connection and
 //! resume their session, and clients that read slowly while the upstream streams.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
@@ -9,20 +9,28 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::websocket::Socket;
-use crate::{Gathered, Target, gather};
+use crate::{Gathered, Target, gather, percentiles};
+
+/// Where sessions start, and where they are resumed (another edge of a cluster, or the same).
+pub(crate) struct ResumeTargets<'a> {
+    pub(crate) first: &'a Target,
+    pub(crate) resume: &'a Target,
+}
 
 /// Connections each ask for `messages` numbered texts, read some, lose the connection (no
 /// close frame, as a phone going into a tunnel does), resume with `last_seq`, and so on
-/// `rounds` times: every number must arrive once, in order.
+/// `rounds` times: every number must arrive once, in order. Each resume is timed from its
+/// connect to the first message it receives.
 pub(crate) async fn resume(
-    target: &Target,
+    targets: ResumeTargets<'_>,
     connections: usize,
     messages: u64,
     rounds: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let mut tasks = Vec::new();
     for n in 0..connections {
-        let target = target.clone();
+        let target = targets.first.clone();
+        let resume_target = targets.resume.clone();
         tasks.push(tokio::spawn(async move {
             let session = uuid::Uuid::new_v4().simple().to_string();
             let mut ws = target
@@ -30,19 +38,25 @@ pub(crate) async fn resume(
                 .await?;
             ws.send(Message::text(format!("seq {messages}"))).await?;
             let mut next = 0u64;
+            let mut took = Vec::new();
             for round in 1..=rounds {
                 // Lose the connection somewhere in the stream, a little further each round.
                 let cut_at = messages * round / (rounds + 1);
                 next = read_numbers(&mut ws, next, cut_at).await?;
                 drop(ws);
-                ws = target
+                let started = Instant::now();
+                ws = resume_target
                     .connect_with_query(n, &format!("session_id={session}&last_seq={next}"))
                     .await
                     .with_context(|| format!("resume at {next}"))?;
+                if next < messages {
+                    next = read_numbers(&mut ws, next, next + 1).await?;
+                    took.push(started.elapsed().as_micros() as u64);
+                }
             }
             next = read_numbers(&mut ws, next, messages).await?;
             let _ = ws.close(None).await;
-            anyhow::Ok(next)
+            anyhow::Ok((next, took))
         }));
     }
     let Gathered {
@@ -50,10 +64,13 @@ pub(crate) async fn resume(
         errors,
         first_error,
     } = gather(tasks).await;
+    let received: u64 = results.iter().map(|(received, _)| received).sum();
+    let took: Vec<u64> = results.into_iter().flat_map(|(_, took)| took).collect();
     Ok(json!({
-        "mode": "resume", "label": target.label, "connections": connections,
-        "messages": messages, "rounds": rounds, "received": results.iter().sum::<u64>(),
-        "resumed": results.len() as u64 * rounds, "errors": errors, "first_error": first_error,
+        "mode": "resume", "label": targets.first.label, "connections": connections,
+        "messages": messages, "rounds": rounds, "received": received,
+        "resumed": took.len(), "resume_to_first_message_us": percentiles(took),
+        "errors": errors, "first_error": first_error,
     }))
 }
 

@@ -1,0 +1,106 @@
+//! Which edge holds each resumable session: `session → instance and link address`, written when
+//! a session starts and renewed with the leases, so that an entry outlives a dead edge by at
+//! most `node_ttl`. An ended session's entry is left to lapse: a client that comes back through
+//! another edge meanwhile is carried to the owner, which tells it why the session is gone.
+
+use std::sync::Arc;
+
+use redis::AsyncCommands;
+
+use super::{Cluster, PREFIX, Unreachable};
+use crate::session::registry::SessionKey;
+
+const BATCH: usize = 500;
+
+/// The directory key of a session. Lengths first: a tenant or user may hold any byte.
+fn entry_key(key: &SessionKey) -> String {
+    format!(
+        "{PREFIX}session:{}:{}:{}:{}:{}:{}:{}",
+        key.route.len(),
+        key.route,
+        key.tenant.len(),
+        key.tenant,
+        key.user.len(),
+        key.user,
+        key.id
+    )
+}
+
+/// The edge that holds a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub(crate) instance: String,
+    /// Where its link listens (`host:port`).
+    pub(crate) link: String,
+}
+
+impl Cluster {
+    fn entry_value(&self) -> String {
+        format!("{} {}", self.instance, self.advertise)
+    }
+
+    /// Writes that this edge holds the session `key` (in the background: the 101 does not
+    /// wait for it).
+    pub(crate) fn announce_session(self: &Arc<Self>, key: &SessionKey) {
+        if !self.is_up() {
+            // Written at the next renewal that reaches Redis.
+            return;
+        }
+        let cluster = self.clone();
+        let entry = entry_key(key);
+        tokio::spawn(async move {
+            let ttl = cluster.settings.node_ttl.as_millis() as u64;
+            let mut redis = cluster.redis();
+            let value = cluster.entry_value();
+            let _ = cluster
+                .call("session", async {
+                    redis.pset_ex::<_, _, ()>(entry, value, ttl).await
+                })
+                .await;
+        });
+    }
+
+    /// The other edge that holds the session `key`, if one does.
+    pub(crate) async fn find_session(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<Owner>, Unreachable> {
+        if !self.is_up() {
+            return Err(Unreachable);
+        }
+        let mut redis = self.redis();
+        let entry = entry_key(key);
+        let value: Option<String> = self
+            .call("find_session", async { redis.get(entry).await })
+            .await?;
+        Ok(value.and_then(|value| {
+            let (instance, link) = value.split_once(' ')?;
+            (instance != self.instance).then(|| Owner {
+                instance: instance.to_owned(),
+                link: link.to_owned(),
+            })
+        }))
+    }
+
+    /// Renews the entries of every session this edge holds.
+    pub(super) async fn renew_sessions(&self) -> bool {
+        let keys = self.sessions.registry.live_keys();
+        let ttl = self.settings.node_ttl.as_millis() as u64;
+        let value = self.entry_value();
+        for batch in keys.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.pset_ex(entry_key(key), &value, ttl).ignore();
+            }
+            let mut redis = self.redis();
+            if self
+                .call("renew_sessions", pipe.query_async::<()>(&mut redis))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+}

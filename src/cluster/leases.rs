@@ -1,0 +1,208 @@
+//! `max_connections_per_user` across edges: each connection of a user holds a lease, a member
+//! of the user's sorted set scored by when it lapses. Taking one is a script (drop the lapsed,
+//! count, add only under the limit), so two edges never both take the last place. Each edge
+//! renews its own leases every third of `node_ttl`; an edge that dies stops counting when its
+//! leases lapse, and the set itself expires with its last lease.
+//!
+//! A lease taken while Redis was down (under "open") is written at the first renewal that
+//! reaches it, so a user's count is whole again once Redis is back. A renewal that finds a
+//! lease gone (Redis restarted empty) writes it again: a live connection always counts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use redis::Script;
+use tokio::sync::mpsc;
+
+use super::{Cluster, PREFIX};
+use crate::config::settings::RedisDown;
+
+/// How many leases one renewal script takes: a few hundred keep one call short for Redis.
+const RENEW_BATCH: usize = 500;
+
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS: the users' sets; ARGV[1] the lease time, then one member per key. Each lease's new
+/// end is the latest of its set, so the set's expiry moves with it.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl)
+end
+return #KEYS
+";
+
+/// The key of a user's leases. Lengths first: a tenant or user may hold any printable byte.
+pub(crate) fn user_key(tenant: &str, user: &str) -> String {
+    format!(
+        "{PREFIX}user:{}:{tenant}:{}:{user}",
+        tenant.len(),
+        user.len()
+    )
+}
+
+/// The leases this edge holds, for renewal, and those given back, for release.
+pub(crate) struct LeaseBook {
+    instance: String,
+    next: AtomicU64,
+    held: Mutex<HashMap<u64, (String, String)>>,
+    released: mpsc::UnboundedSender<(String, String)>,
+    to_release: Mutex<mpsc::UnboundedReceiver<(String, String)>>,
+}
+
+/// Why no lease was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoLease {
+    /// The user holds the most across the edges.
+    Full,
+    /// Redis is down and `on_redis_down` is "closed".
+    Unavailable,
+}
+
+/// One connection's place in its user's count, until dropped.
+pub(crate) struct Lease {
+    book: Arc<LeaseBook>,
+    id: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let removed = self
+            .book
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.id);
+        if let Some(lease) = removed {
+            // Given back at the next call to Redis; if that never comes, it lapses.
+            let _ = self.book.released.send(lease);
+        }
+    }
+}
+
+impl LeaseBook {
+    pub(super) fn new(instance: String) -> Self {
+        let (released, to_release) = mpsc::unbounded_channel();
+        Self {
+            instance,
+            next: AtomicU64::new(0),
+            held: Mutex::default(),
+            released,
+            to_release: Mutex::new(to_release),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, String)>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn member(&self) -> (u64, String) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        (id, format!("{}:{id}", self.instance))
+    }
+
+    fn keep(self: &Arc<Self>, id: u64, key: String, member: String) -> Lease {
+        self.held().insert(id, (key, member));
+        Lease {
+            book: self.clone(),
+            id,
+        }
+    }
+}
+
+impl Cluster {
+    /// A lease for one more connection of the user, unless they hold `max` across the edges.
+    /// With Redis down, `on_redis_down` decides: "open" takes a lease to be written later
+    /// (the edge's own count still holds), "closed" refuses with 503.
+    pub(crate) async fn lease(&self, tenant: &str, user: &str, max: u32) -> Result<Lease, NoLease> {
+        let key = user_key(tenant, user);
+        let (id, member) = self.leases.member();
+        if self.is_up() {
+            let ttl = self.settings.node_ttl.as_millis() as u64;
+            let mut redis = self.redis();
+            let taken: Result<i64, _> = self
+                .call("lease", async {
+                    Script::new(ACQUIRE)
+                        .key(&key)
+                        .arg(&member)
+                        .arg(max)
+                        .arg(ttl)
+                        .invoke_async(&mut redis)
+                        .await
+                })
+                .await;
+            match taken {
+                Ok(1) => return Ok(self.leases.keep(id, key, member)),
+                Ok(_) => return Err(NoLease::Full),
+                Err(_) => {}
+            }
+        }
+        // Redis is down (the handshake's admission counted the decision).
+        match self.settings.on_redis_down {
+            RedisDown::Open => Ok(self.leases.keep(id, key, member)),
+            RedisDown::Closed => Err(NoLease::Unavailable),
+        }
+    }
+
+    /// Gives back the leases released since the last call, then renews the rest.
+    pub(super) async fn renew_leases(&self) -> bool {
+        let released: Vec<(String, String)> = {
+            let mut to_release = self
+                .leases
+                .to_release
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            std::iter::from_fn(|| to_release.try_recv().ok()).collect()
+        };
+        if !released.is_empty() {
+            let mut pipe = redis::pipe();
+            for (key, member) in &released {
+                pipe.zrem(key, member).ignore();
+            }
+            let mut redis = self.redis();
+            if self
+                .call("release", pipe.query_async::<()>(&mut redis))
+                .await
+                .is_err()
+            {
+                // They lapse within node_ttl: they are no longer renewed.
+                return false;
+            }
+        }
+        let held: Vec<(String, String)> = self.leases.held().values().cloned().collect();
+        let ttl = self.settings.node_ttl.as_millis() as u64;
+        for batch in held.chunks(RENEW_BATCH) {
+            let script = Script::new(RENEW);
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(ttl);
+            for (key, member) in batch {
+                invocation.key(key).arg(member);
+            }
+            let mut redis = self.redis();
+            if self
+                .call("renew", invocation.invoke_async::<i64>(&mut redis))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,280 @@
+//! Several edges sharing one Redis (`[cluster]`): per-user connection limits held across all of
+//! them ([`leases`]), disconnects and revocations that reach every edge ([`events`]), and the
+//! directory of which edge holds each resumable session ([`directory`]), so that a client
+//! coming back through another edge is carried to its session over the edge-to-edge link
+//! ([`wire`]).
+//!
+//! Nothing here is on the path of an edge that stands alone, and nothing a handshake needs
+//! waits on Redis longer than `redis_timeout`: revocations are checked against a local copy,
+//! and while Redis is down `on_redis_down` decides at once. Live sockets never depend on it.
+
+pub(crate) mod directory;
+pub(crate) mod events;
+pub(crate) mod leases;
+pub(crate) mod wire;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ProtocolVersion, PushInfo};
+use tokio::sync::mpsc;
+
+use crate::config::settings::{ClusterSettings, RedisDown};
+use crate::connections::Connections;
+use crate::metrics::{Metrics, OpLabels, ResultLabels};
+use crate::revocation::Revocations;
+use crate::session::registry::Sessions;
+use crate::shutdown::Shutdown;
+use leases::LeaseBook;
+
+/// Every key the edges write starts with this.
+const PREFIX: &str = "wsedge:";
+/// While Redis is down, how often it is tried again.
+const PROBE_WHILE_DOWN: Duration = Duration::from_secs(1);
+/// How often the revocations are read back whole (besides after every reconnect): what a
+/// published event that an edge missed costs at most.
+const RESYNC_EVERY: Duration = Duration::from_secs(60);
+
+pub(crate) struct Cluster {
+    pub(crate) settings: Arc<ClusterSettings>,
+    redis: ConnectionManager,
+    /// Receives the other edges' events (re-subscribing after each reconnect).
+    subscriber: ConnectionManager,
+    /// This process among the edges: the node's name and a random part, so that the leases
+    /// and sessions of an edge that restarted under the same name are not taken for its own.
+    pub(crate) instance: String,
+    /// Where the other edges reach this edge's link (`host:port`).
+    pub(crate) advertise: String,
+    up: AtomicBool,
+    /// Redis dropped the connection: published events may have been missed meanwhile.
+    missed: AtomicBool,
+    leases: Arc<LeaseBook>,
+    pushes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    pub(crate) metrics: Arc<Metrics>,
+    revocations: Arc<Revocations>,
+    connections: Arc<Connections>,
+    sessions: Arc<Sessions>,
+    /// Revocations and lifts made here while Redis was down, written when it is back.
+    pending: std::sync::Mutex<Vec<events::Event>>,
+}
+
+/// What a Redis call came to, for the caller that must decide without it.
+#[derive(Debug)]
+pub(crate) struct Unreachable;
+
+impl Cluster {
+    /// The cluster as `settings` describe it; Redis is reached lazily (an edge starts, and
+    /// serves under `on_redis_down`, while Redis is down). `link_port` is where the link
+    /// listener was bound.
+    pub(crate) fn new(
+        settings: Arc<ClusterSettings>,
+        link_port: u16,
+        metrics: Arc<Metrics>,
+        revocations: Arc<Revocations>,
+        connections: Arc<Connections>,
+        sessions: Arc<Sessions>,
+    ) -> redis::RedisResult<Self> {
+        let patience = Some(settings.redis_timeout.max(Duration::from_secs(1)));
+        let config = || {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(patience)
+                .set_response_timeout(patience)
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1))
+        };
+        let redis = ConnectionManager::new_lazy_with_config(
+            redis::Client::open(settings.redis.clone())?,
+            config(),
+        )?;
+        // The subscription has a connection of its own: on a subscribed RESP3 connection this
+        // edge's own publications come back as pushes between the answers of its calls.
+        let info = settings.redis.clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let subscriber = ConnectionManager::new_lazy_with_config(
+            redis::Client::open(info.set_redis_settings(resp3))?,
+            config()
+                .set_push_sender(push_tx)
+                .set_automatic_resubscription(),
+        )?;
+        let advertise = settings
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("{}:{link_port}", settings.link.ip()));
+        let instance = format!(
+            "{}.{}",
+            settings.node,
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        Ok(Self {
+            leases: Arc::new(LeaseBook::new(instance.clone())),
+            settings,
+            redis,
+            subscriber,
+            instance,
+            advertise,
+            up: AtomicBool::new(false),
+            missed: AtomicBool::new(false),
+            pushes: std::sync::Mutex::new(Some(push_rx)),
+            metrics,
+            revocations,
+            connections,
+            sessions,
+            pending: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Whether Redis answered the last call made to it.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether a handshake on an authenticated route is refused now: Redis is down and the
+    /// policy is "closed" (counted; the log said so when Redis went down).
+    pub(crate) fn refuses_while_down(&self) -> bool {
+        if self.is_up() {
+            return false;
+        }
+        let result = match self.settings.on_redis_down {
+            RedisDown::Open => "open",
+            RedisDown::Closed => "closed",
+        };
+        self.metrics
+            .cluster
+            .redis_down_decisions
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.settings.on_redis_down == RedisDown::Closed
+    }
+
+    fn mark(&self, up: bool) {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        self.metrics.cluster.redis_up.set(i64::from(up));
+        if was != up {
+            if up {
+                tracing::info!(node = %self.settings.node, "cluster: Redis answers again");
+            } else {
+                let policy = match self.settings.on_redis_down {
+                    RedisDown::Open => {
+                        "open: per-user limits hold per edge, revocations as last known"
+                    }
+                    RedisDown::Closed => {
+                        "closed: handshakes on authenticated routes get 503 until it is back"
+                    }
+                };
+                tracing::warn!(node = %self.settings.node, on_redis_down = policy, "cluster: Redis cannot be reached; live connections are not touched");
+            }
+        }
+    }
+
+    /// Runs a Redis call within `redis_timeout`, keeping track of whether Redis answers.
+    pub(crate) async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unreachable> {
+        match tokio::time::timeout(self.settings.redis_timeout, call).await {
+            Ok(Ok(value)) => {
+                self.mark(true);
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                self.failed(op);
+                // A script error is ours, not Redis being away: say what it was.
+                if !(error.is_io_error() || error.is_connection_dropped() || error.is_timeout()) {
+                    tracing::error!(op, error = %error, "cluster: Redis refused a call");
+                }
+                Err(Unreachable)
+            }
+            Err(_) => {
+                self.failed(op);
+                Err(Unreachable)
+            }
+        }
+    }
+
+    fn failed(&self, op: &'static str) {
+        self.metrics
+            .cluster
+            .redis_errors
+            .get_or_create(&OpLabels { op })
+            .inc();
+        self.mark(false);
+    }
+
+    fn redis(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
+    /// The cluster's housekeeping until the edge shuts down: renews this edge's leases and
+    /// sessions, receives the other edges' events, writes what waited for Redis, and reads
+    /// the revocations back after a reconnect and every minute.
+    pub(crate) async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let pushes = self
+            .pushes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(pushes) = pushes else {
+            return;
+        };
+        let listener = tokio::spawn(self.clone().listen(pushes));
+        let renew_every = self.settings.node_ttl / 3;
+        let mut since_resync = RESYNC_EVERY;
+        let mut subscribed = false;
+        loop {
+            let was_up = self.is_up();
+            if self.probe().await {
+                if !subscribed {
+                    subscribed = self
+                        .call("subscribe", async {
+                            self.subscriber.clone().subscribe(events::CHANNEL).await
+                        })
+                        .await
+                        .is_ok();
+                }
+                let missed = self.missed.swap(false, Ordering::Relaxed);
+                let renewed = self.renew().await;
+                if renewed && (!was_up || missed || since_resync >= RESYNC_EVERY) {
+                    self.write_pending().await;
+                    self.resync_revocations().await;
+                    since_resync = Duration::ZERO;
+                }
+            }
+            let wait = if self.is_up() {
+                renew_every
+            } else {
+                PROBE_WHILE_DOWN
+            };
+            since_resync += wait;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        listener.abort();
+    }
+
+    /// Whether Redis answers a PING now.
+    pub(crate) async fn probe(&self) -> bool {
+        let mut redis = self.redis();
+        self.call("ping", async {
+            redis::cmd("PING").query_async::<()>(&mut redis).await
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Renews every lease and session this edge holds; whether Redis took them all.
+    async fn renew(&self) -> bool {
+        let leases = self.renew_leases().await;
+        let sessions = self.renew_sessions().await;
+        leases && sessions
+    }
+}

@@ -1,0 +1,386 @@
+//! Several edges sharing one real Redis (`[cluster]`): a user's connection limit holds across
+//! them and frees when a socket closes or an edge dies; a disconnect or revocation made on one
+//! edge acts on the others; a stream cut on one edge is resumed through another, exactly once,
+//! over the upstream connection it had; and Redis going away cuts no live socket while
+//! `on_redis_down` decides new handshakes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::process::EdgeProcess;
+use common::redis_server::RedisServer;
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+const CLUSTER_SECRET: &str = "cluster-secret-0123456789abcdef-0123456789";
+const NODE_TTL_SECS: u64 = 3;
+
+/// An edge of the cluster on `redis`, in front of `upstream`, with the admin API and resume.
+fn member(upstream: &Upstream, redis: &RedisServer, node: &str, extra: &str) -> EdgeConfig {
+    EdgeConfig::new(&upstream.url("/ws/chat"))
+        .without_admin()
+        .server("max_connections_per_user = 2")
+        .section(&format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\""
+        ))
+        .section(&format!(
+            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlink = \"127.0.0.1:0\"\nnode_ttl = \"{NODE_TTL_SECS}s\"\n{extra}",
+            redis.url()
+        ))
+        .route(r#"resume = { window = "10s", max_messages = 50000, max_bytes = "4MiB" }"#)
+}
+
+async fn start_member(upstream: &Upstream, redis: &RedisServer, node: &str) -> TestEdge {
+    TestEdge::start(&member(upstream, redis, node, "").build()).await
+}
+
+fn token(sub: &str, jti: &str) -> String {
+    hs256(&claims(sub, json!({ "jti": jti, "tenant_id": "acme" })))
+}
+
+fn chat(edge_addr: std::net::SocketAddr, token: &str) -> String {
+    format!("ws://{edge_addr}/ws/chat?token={token}")
+}
+
+async fn admin_post(edge: &TestEdge, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let admin = edge.admin.expect("an admin listener");
+    let (status, body) = admin_call(admin, "POST", path, Some(ADMIN_TOKEN), Some(body)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Connects `user`, expecting the edge to let them in, and waits for the upstream to see it.
+async fn connect_user(edge: std::net::SocketAddr, upstream: &mut Upstream, user: &str) -> Client {
+    let client = connect_ok(&chat(edge, &token(user, user)), &[]).await;
+    upstream.next_request().await;
+    client
+}
+
+async fn refused_user(edge: std::net::SocketAddr, user: &str) -> Refused {
+    connect_refused(&chat(edge, &token(user, user)), &[]).await
+}
+
+#[tokio::test]
+async fn a_users_limit_holds_across_edges_and_frees_when_a_socket_closes() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+
+    let mut on_a = connect_user(a.addr, &mut upstream, "alice").await;
+    let _on_b = connect_user(b.addr, &mut upstream, "alice").await;
+    // Each edge holds one of alice's two: a third is refused on either.
+    for edge in [&a, &b] {
+        let refused = refused_user(edge.addr, "alice").await;
+        assert_eq!(
+            (refused.status, refused.body["error"].as_str()),
+            (429, Some("too_many_connections"))
+        );
+    }
+    // Another user is counted apart.
+    let _bob = connect_user(b.addr, &mut upstream, "bob").await;
+    let leases: usize = redis
+        .query(redis::cmd("ZCARD").arg("wsedge:user:4:acme:5:alice"))
+        .await;
+    assert_eq!(leases, 2, "alice's leases in Redis");
+
+    // A socket that closes gives its place back, on the other edge too.
+    on_a.close(None).await.unwrap();
+    upstream.next_close().await;
+    eventually(WAIT, "alice's lease given back", || async {
+        redis
+            .query::<usize>(redis::cmd("ZCARD").arg("wsedge:user:4:acme:5:alice"))
+            .await
+            == 1
+    })
+    .await;
+    let _again = connect_user(b.addr, &mut upstream, "alice").await;
+    assert_eq!(refused_user(a.addr, "alice").await.status, 429);
+}
+
+#[tokio::test]
+async fn a_killed_edges_connections_stop_counting_within_node_ttl() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let doomed = EdgeProcess::start(&member(&upstream, &redis, "edge-a", "").build(), &[]).await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_user(doomed.addr, &mut upstream, "alice").await);
+    }
+    assert_eq!(refused_user(b.addr, "alice").await.status, 429);
+
+    // Killed outright: nothing is given back, its leases just stop being renewed.
+    doomed.signal("KILL");
+    let killed = Instant::now();
+    let mut allowed = None;
+    while killed.elapsed() < Duration::from_secs(NODE_TTL_SECS) + WAIT {
+        if let Ok((client, _)) = connect(&chat(b.addr, &token("alice", "x")), &[]).await {
+            allowed = Some((client, killed.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_client, after) = allowed.expect("alice was never let in again");
+    assert!(
+        after <= Duration::from_secs(NODE_TTL_SECS) + Duration::from_secs(2),
+        "a dead edge counted for {after:?}, node_ttl is {NODE_TTL_SECS}s"
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_disconnect_or_revocation_on_one_edge_acts_on_the_others() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    let mut alice = RawClient::connect(
+        b.addr,
+        &format!("/ws/chat?token={}", token("alice", "a1")),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    let mut bob = RawClient::connect(
+        b.addr,
+        &format!("/ws/chat?token={}", token("bob", "b1")),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+
+    // Asked of edge A, done on edge B.
+    let answer = admin_post(&a, "/admin/disconnect", json!({ "user": "alice" })).await;
+    assert_eq!(answer["closed"], 0, "A holds none of alice's sockets");
+    assert_eq!(answer["cluster"], "published");
+    assert_eq!(answer["edges"], 2);
+    assert_eq!(alice.read_close_code().await, Some(4004));
+    assert_eq!(upstream.next_close().await, Some((1000, "revoked".into())));
+
+    let answer = admin_post(&a, "/admin/revoke", json!({ "jti": "b1" })).await;
+    assert_eq!(answer["cluster"], "published");
+    assert_eq!(bob.read_close_code().await, Some(4004));
+    assert_eq!(upstream.next_close().await, Some((1000, "revoked".into())));
+    for edge in [&a, &b] {
+        let refused = connect_refused(&chat(edge.addr, &token("bob", "b1")), &[]).await;
+        assert_eq!(
+            (refused.status, refused.body["error"].as_str()),
+            (401, Some("token_revoked"))
+        );
+    }
+    b.wait_metric("wsedge_cluster_events_total{kind=\"revoke\"}", 1.0)
+        .await;
+    // An edge that joins later reads the revocation from Redis.
+    let c = start_member(&upstream, &redis, "edge-c").await;
+    eventually(WAIT, "the revocation read back by a new edge", || async {
+        connect(&chat(c.addr, &token("bob", "b1")), &[])
+            .await
+            .is_err_and(|refused| refused.status == 401)
+    })
+    .await;
+    // A lift on one edge lets bob in on every edge.
+    let admin = b.admin.unwrap();
+    let (status, lifted) = admin_call(
+        admin,
+        "DELETE",
+        "/admin/revoke",
+        Some(ADMIN_TOKEN),
+        Some(json!({ "jti": "b1" })),
+    )
+    .await;
+    assert_eq!((status, &lifted["lifted"]), (200, &json!(true)));
+    eventually(WAIT, "the lift reaching edge A", || async {
+        connect(&chat(a.addr, &token("bob", "b1")), &[])
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_on_one_edge_is_resumed_on_another_exactly_once() {
+    const TOTAL: usize = 20_000;
+    const CUT: usize = 7_000;
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    let alice = token("alice", "a1");
+    let mut first = RawClient::connect(
+        a.addr,
+        &format!("/ws/chat?token={alice}&session_id=s-1"),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    first.send_text(&format!("stream {TOTAL}")).await;
+    for expected in 0..CUT {
+        assert_eq!(read_text(&mut first).await, expected.to_string());
+    }
+    first.vanish();
+    a.wait_metric("wsedge_sessions_detached", 1.0).await;
+
+    let resumed_at = Instant::now();
+    let mut second = RawClient::connect(
+        b.addr,
+        &format!("/ws/chat?token={alice}&session_id=s-1&last_seq={CUT}"),
+        &[],
+    )
+    .await;
+    for expected in CUT..TOTAL {
+        assert_eq!(read_text(&mut second).await, expected.to_string());
+    }
+    let replayed_in = resumed_at.elapsed();
+    // Live again, on the upstream connection the session has had all along.
+    second.send_text("conn").await;
+    assert_eq!(read_text(&mut second).await, "conn 1");
+    assert_eq!(
+        upstream.handshakes_so_far(),
+        0,
+        "the upstream saw a new handshake"
+    );
+    assert_eq!(
+        upstream.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    a.wait_metric("wsedge_cluster_remote_resumes_total{result=\"taken\"}", 1.0)
+        .await;
+    b.wait_metric(
+        "wsedge_cluster_remote_resumes_total{result=\"carried\"}",
+        1.0,
+    )
+    .await;
+    a.wait_metric("wsedge_sessions_detached", 0.0).await;
+    b.wait_metric("wsedge_cluster_links{side=\"out\"}", 1.0)
+        .await;
+    println!(
+        "cross-edge resume: {} messages replayed in {replayed_in:?}",
+        TOTAL - CUT
+    );
+
+    // A clean close from the client reaches the upstream through both edges.
+    second.send_frame(true, 8, &1000u16.to_be_bytes()).await;
+    assert_eq!(upstream.next_close().await, Some((1000, String::new())));
+    a.wait_idle().await;
+    b.wait_metric("wsedge_cluster_links{side=\"out\"}", 0.0)
+        .await;
+    // The session is over: a further resume through B is told why, by its owner.
+    let mut late = RawClient::connect(
+        b.addr,
+        &format!("/ws/chat?token={alice}&session_id=s-1&last_seq={TOTAL}"),
+        &[],
+    )
+    .await;
+    assert_eq!(late.read_close_code().await, Some(4002));
+}
+
+#[tokio::test]
+async fn another_user_cannot_resume_a_session_held_by_another_edge() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    let mut alice = RawClient::connect(
+        a.addr,
+        &format!("/ws/chat?token={}&session_id=s-2", token("alice", "a1")),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    alice.send_text("hello").await;
+    assert_eq!(read_text(&mut alice).await, "hello");
+    // Mallory names alice's session through the other edge: it is no session of hers.
+    let mut mallory = RawClient::connect(
+        b.addr,
+        &format!(
+            "/ws/chat?token={}&session_id=s-2&last_seq=0",
+            token("mallory", "m1")
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(mallory.read_close_code().await, Some(4002));
+    assert_eq!(
+        b.metric("wsedge_cluster_remote_resumes_total{result=\"carried\"}")
+            .await,
+        None
+    );
+    // Alice's stream is untouched.
+    alice.send_text("still mine").await;
+    assert_eq!(read_text(&mut alice).await, "still mine");
+}
+
+#[tokio::test]
+async fn redis_going_away_cuts_no_live_socket_and_on_redis_down_decides() {
+    let mut redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let open = start_member(&upstream, &redis, "edge-open").await;
+    let closed = TestEdge::start(
+        &member(
+            &upstream,
+            &redis,
+            "edge-closed",
+            "on_redis_down = \"closed\"",
+        )
+        .build(),
+    )
+    .await;
+    let mut on_open = connect_user(open.addr, &mut upstream, "alice").await;
+    let mut on_closed = connect_user(closed.addr, &mut upstream, "bob").await;
+
+    redis.kill().await;
+    for edge in [&open, &closed] {
+        edge.wait_metric("wsedge_cluster_redis_up", 0.0).await;
+    }
+    // Live sockets go on, on both edges.
+    for client in [&mut on_open, &mut on_closed] {
+        client.send(Message::text("still here")).await.unwrap();
+        assert_eq!(next_text(client).await, "still here");
+    }
+    // "open": new handshakes go on, limited per edge (alice's second of two is let in, her
+    // third is not).
+    let _second = connect_user(open.addr, &mut upstream, "alice").await;
+    assert_eq!(refused_user(open.addr, "alice").await.status, 429);
+    // "closed": refused while Redis is away.
+    let refused = refused_user(closed.addr, "carol").await;
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (503, Some("cluster_unavailable"))
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+
+    // Back (empty, as after a restart): the edges find it, and write their leases again.
+    redis.restart().await;
+    closed.wait_metric("wsedge_cluster_redis_up", 1.0).await;
+    let _carol = connect_user(closed.addr, &mut upstream, "carol").await;
+    eventually(WAIT, "alice's two leases written again", || async {
+        redis
+            .query::<usize>(redis::cmd("ZCARD").arg("wsedge:user:4:acme:5:alice"))
+            .await
+            == 2
+    })
+    .await;
+    assert_eq!(refused_user(closed.addr, "alice").await.status, 429);
+    on_open.send(Message::text("after")).await.unwrap();
+    assert_eq!(next_text(&mut on_open).await, "after");
+}
+
+/// The next text frame (answering pings on the way).
+async fn read_text(client: &mut RawClient) -> String {
+    let frame = client
+        .read_answering_pings()
+        .await
+        .expect("a frame, not the end of the connection");
+    assert_eq!(
+        frame.opcode,
+        1,
+        "{:?}",
+        String::from_utf8_lossy(&frame.payload)
+    );
+    String::from_utf8(frame.payload).unwrap()
+}
