@@ -6,7 +6,7 @@
 #   - handshakes per second with [cluster] on and off (max_connections_per_user set: each
 #     handshake takes a lease in Redis),
 #   - the time from a resume's connect to its first replayed message, resumed on the same edge
-#     and on another one.
+#     and on another one, one session at a time and fifty at once.
 # Prints one JSON line per run; BENCHMARKS.md has the figures.
 #
 #   scripts/cluster.sh              # the demonstration
@@ -82,7 +82,7 @@ for n in 1 2 3; do start_edge "$n" cluster; done
 
 cat >"$OUT/haproxy.cfg" <<CONFIG
 global
-  maxconn 20000
+  maxconn 9000
 defaults
   mode http
   timeout connect 5s
@@ -116,6 +116,12 @@ done
 [ "${MEASURE:-0}" = 1 ] || exit 0
 
 for rep in $(seq 1 "$REPS"); do
+    # One session at a time: what a resume costs by itself.
+    "$LOAD" resume --url ws://127.0.0.1:29211/ws --jwt-secret "$SECRET" --label same-edge-alone \
+        --connections 1 --messages 5000 --rounds 100
+    "$LOAD" resume --url ws://127.0.0.1:29211/ws --resume-url ws://127.0.0.1:29212/ws \
+        --jwt-secret "$SECRET" --label cross-edge-alone --connections 1 --messages 5000 --rounds 100
+    # Fifty at once, each streaming.
     "$LOAD" resume --url ws://127.0.0.1:29211/ws --jwt-secret "$SECRET" --label same-edge \
         --connections 50 --messages 2000 --rounds 4
     "$LOAD" resume --url ws://127.0.0.1:29211/ws --resume-url ws://127.0.0.1:29212/ws \

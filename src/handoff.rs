@@ -203,8 +203,17 @@ async fn take_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared
         wire::read_request(&mut stream, &cluster.settings.secret),
     )
     .await;
+    let read = read.map(|read| {
+        read.and_then(|received| {
+            if cluster.taken_links.first_use(&received.signature) {
+                Ok(received)
+            } else {
+                Err(wire::BadRequest::Replayed)
+            }
+        })
+    });
     let (asked, from_client) = match read {
-        Ok(Ok(read)) => read,
+        Ok(Ok(received)) => (received.request, received.rest),
         Ok(Err(error)) => {
             count(&shared, "bad_request");
             tracing::warn!(client = %peer, %error, "cluster link: refused a request");

@@ -57,6 +57,8 @@ pub(crate) struct Cluster {
     revocations: Arc<Revocations>,
     connections: Arc<Connections>,
     sessions: Arc<Sessions>,
+    /// The link requests this edge took lately, so that none is taken twice.
+    pub(crate) taken_links: wire::TakenRequests,
     /// Revocations and lifts made here while Redis was down, written when it is back.
     pending: std::sync::Mutex<Vec<events::Event>>,
 }
@@ -126,6 +128,7 @@ impl Cluster {
             revocations,
             connections,
             sessions,
+            taken_links: wire::TakenRequests::default(),
             pending: std::sync::Mutex::default(),
         })
     }

@@ -68,6 +68,8 @@ pub(crate) enum BadRequest {
     Signature,
     #[error("it is too old, or from the future (are the edges' clocks set?)")]
     Stale,
+    #[error("it was taken before: a copy")]
+    Replayed,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -152,11 +154,19 @@ pub(crate) async fn ask(
         .map_err(|_| LinkError::TimedOut)?
 }
 
+/// A request as the owner read it: what it asks, its signature (each is taken once) and the
+/// client's bytes that came behind it.
+pub(crate) struct Received {
+    pub(crate) request: LinkRequest,
+    pub(crate) signature: String,
+    pub(crate) rest: Bytes,
+}
+
 /// The owner's side: the request on a link connection, verified, and the bytes after it.
 pub(crate) async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     secret: &[u8],
-) -> Result<(LinkRequest, Bytes), BadRequest> {
+) -> Result<Received, BadRequest> {
     let Some((lines, rest)) = read_lines(stream, 2).await? else {
         return Err(BadRequest::NotARequest);
     };
@@ -174,7 +184,31 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(
     if now_ms().abs_diff(request.sent_at) > MAX_AGE.as_millis() as u64 {
         return Err(BadRequest::Stale);
     }
-    Ok((request, rest))
+    Ok(Received {
+        request,
+        signature: mac.to_owned(),
+        rest,
+    })
+}
+
+/// The signatures of the requests taken within `MAX_AGE` (and a little more): a request copied
+/// off the network cannot be sent again while it is young enough to be taken.
+#[derive(Default)]
+pub(crate) struct TakenRequests {
+    taken: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl TakenRequests {
+    /// Whether `signature` is taken for the first time (and now it is).
+    pub(crate) fn first_use(&self, signature: &str) -> bool {
+        let mut taken = self
+            .taken
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = std::time::Instant::now();
+        taken.retain(|_, at| now.duration_since(*at) <= 2 * MAX_AGE);
+        taken.insert(signature.to_owned(), now).is_none()
+    }
 }
 
 /// The owner's answer: the session takes the client (with its subprotocol), or why not.
@@ -230,9 +264,12 @@ mod tests {
         let secret = b"0123456789abcdef0123456789abcdef";
         let request = request();
         let bytes = sent(secret, &request, b"\x81\x85frame").await;
-        let (read, rest) = read_request(&mut bytes.as_slice(), secret).await.unwrap();
-        assert_eq!(read, request);
-        assert_eq!(&rest[..], b"\x81\x85frame");
+        let received = read_request(&mut bytes.as_slice(), secret).await.unwrap();
+        assert_eq!(received.request, request);
+        assert_eq!(&received.rest[..], b"\x81\x85frame");
+        let taken = TakenRequests::default();
+        assert!(taken.first_use(&received.signature));
+        assert!(!taken.first_use(&received.signature), "a copy is refused");
     }
 
     #[tokio::test]

@@ -630,6 +630,11 @@ impl Relay {
                     continue;
                 }
             };
+            let mut attach = *attach;
+            if let Err(error) = attach.leg.rehome() {
+                // Its socket now fails like a vanished client's: the session waits on.
+                tracing::debug!(%error, "a resuming client's socket could not be moved to its session's thread");
+            }
             let old = self.let_client_go();
             let took_over = old.is_some();
             if let Some(old) = old {
@@ -646,7 +651,7 @@ impl Relay {
             };
             // (What the upstream is in the middle of reaches the new client as whole
             // frames: a message cut mid-frame goes on as fragments.)
-            let attached = resume.attach(*attach, start, received, took_over);
+            let attached = resume.attach(attach, start, received, took_over);
             self.client = Some(attached.leg);
             self.token_deadline = self.lifecycle.token_deadline(attached.token_expires_at);
             self.bucket = self.lifecycle.message_rate.map(TokenBucket::new);

@@ -20,6 +20,9 @@ pub(crate) enum Io {
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Upgraded(Box<TokioIo<Upgraded>>),
+    /// What is left where a socket was moved away from ([`Io::rehome`]) and could not be put
+    /// back: it fails every read and write, as a vanished peer's socket does.
+    Moved,
     /// An in-memory pipe: the relay's unit tests drive both legs without sockets.
     #[cfg(test)]
     Memory(tokio::io::DuplexStream),
@@ -39,6 +42,21 @@ impl Io {
     }
 }
 
+impl Io {
+    /// Moves the socket to the event loop of the task that calls this: a client that comes
+    /// back through another worker's listener, or over the cluster's link, is then served by
+    /// its session's thread without a hop through the thread that accepted it. (A TLS socket
+    /// stays where it is.)
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
+        if let Io::Tcp(_) = self
+            && let Io::Tcp(tcp) = std::mem::replace(self, Io::Moved)
+        {
+            *self = Io::Tcp(TcpStream::from_std(tcp.into_std()?)?);
+        }
+        Ok(())
+    }
+}
+
 macro_rules! each {
     ($self:expr, $io:ident => $body:expr) => {
         match $self.get_mut() {
@@ -46,6 +64,7 @@ macro_rules! each {
             Io::ServerTls($io) => $body,
             Io::ClientTls($io) => $body,
             Io::Upgraded($io) => $body,
+            Io::Moved => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
             #[cfg(test)]
             Io::Memory($io) => $body,
         }

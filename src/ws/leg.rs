@@ -106,6 +106,11 @@ impl Leg {
         )
     }
 
+    /// Moves its socket to the calling task's event loop (see [`Io::rehome`]).
+    pub(crate) fn rehome(&mut self) -> io::Result<()> {
+        self.io.rehome()
+    }
+
     /// The upstream's leg: it writes unmasked frames, the edge masks what it writes to it.
     pub(crate) fn upstream(io: Io, initial: &[u8], max_message: usize) -> Self {
         Self::new(
