@@ -50,10 +50,10 @@ impl Cluster {
         let entry = entry_key(key);
         tokio::spawn(async move {
             let ttl = cluster.settings.node_ttl.as_millis() as u64;
-            let mut redis = cluster.redis();
-            let value = cluster.entry_value();
+            let value = &cluster.entry_value();
+            let entry = &entry;
             let _ = cluster
-                .call("session", async {
+                .call("session", |mut redis| async move {
                     redis.pset_ex::<_, _, ()>(entry, value, ttl).await
                 })
                 .await;
@@ -68,10 +68,12 @@ impl Cluster {
         if !self.is_up() {
             return Err(Unreachable);
         }
-        let mut redis = self.redis();
-        let entry = entry_key(key);
+        let entry = &entry_key(key);
         let value: Option<String> = self
-            .call("find_session", async { redis.get(entry).await })
+            .call(
+                "find_session",
+                |mut redis| async move { redis.get(entry).await },
+            )
             .await?;
         Ok(value.and_then(|value| {
             let (instance, link) = value.split_once(' ')?;
@@ -92,9 +94,11 @@ impl Cluster {
             for key in batch {
                 pipe.pset_ex(entry_key(key), &value, ttl).ignore();
             }
-            let mut redis = self.redis();
+            let pipe = &pipe;
             if self
-                .call("renew_sessions", pipe.query_async::<()>(&mut redis))
+                .call("renew_sessions", |mut redis| async move {
+                    pipe.query_async::<()>(&mut redis).await
+                })
                 .await
                 .is_err()
             {

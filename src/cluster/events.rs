@@ -150,8 +150,12 @@ impl Cluster {
             What::Disconnect { .. } => {}
         }
         pipe.publish(CHANNEL, payload);
-        let mut redis = self.redis();
-        let (listening,): (u64,) = self.call("publish", pipe.query_async(&mut redis)).await?;
+        let pipe = &pipe;
+        let (listening,): (u64,) = self
+            .call("publish", |mut redis| async move {
+                pipe.query_async(&mut redis).await
+            })
+            .await?;
         Ok(listening)
     }
 
@@ -180,9 +184,8 @@ impl Cluster {
 
     /// Makes the local revocations what Redis holds (plus what still waits to be written).
     pub(super) async fn resync_revocations(&self) {
-        let mut redis = self.redis();
         let keys: Result<Vec<String>, _> = self
-            .call("resync", async {
+            .call("resync", |mut redis| async move {
                 let mut keys = Vec::new();
                 let mut iter: redis::AsyncIter<String> =
                     redis.scan_match(format!("{REVOKED_PREFIX}*")).await?;
@@ -195,9 +198,9 @@ impl Cluster {
         let Ok(keys) = keys else { return };
         let mut entries = Vec::with_capacity(keys.len());
         for batch in keys.chunks(500) {
-            let mut redis = self.redis();
-            let values: Result<Vec<Option<u64>>, _> =
-                self.call("resync", async { redis.mget(batch).await }).await;
+            let values: Result<Vec<Option<u64>>, _> = self
+                .call("resync", |mut redis| async move { redis.mget(batch).await })
+                .await;
             let Ok(values) = values else { return };
             for (key, until) in batch.iter().zip(values) {
                 if let (Some(revoked), Some(until)) = (parse_revoked_key(key), until) {

@@ -135,16 +135,13 @@ impl Cluster {
         let (id, member) = self.leases.member();
         if self.is_up() {
             let ttl = self.settings.node_ttl.as_millis() as u64;
-            let mut redis = self.redis();
+            let script = Script::new(ACQUIRE);
+            let mut invocation = script.key(&key);
+            invocation.arg(&member).arg(max).arg(ttl);
+            let invocation = &invocation;
             let taken: Result<i64, _> = self
-                .call("lease", async {
-                    Script::new(ACQUIRE)
-                        .key(&key)
-                        .arg(&member)
-                        .arg(max)
-                        .arg(ttl)
-                        .invoke_async(&mut redis)
-                        .await
+                .call("lease", |mut redis| async move {
+                    invocation.invoke_async(&mut redis).await
                 })
                 .await;
             match taken {
@@ -175,9 +172,11 @@ impl Cluster {
             for (key, member) in &released {
                 pipe.zrem(key, member).ignore();
             }
-            let mut redis = self.redis();
+            let pipe = &pipe;
             if self
-                .call("release", pipe.query_async::<()>(&mut redis))
+                .call("release", |mut redis| async move {
+                    pipe.query_async::<()>(&mut redis).await
+                })
                 .await
                 .is_err()
             {
@@ -194,9 +193,11 @@ impl Cluster {
             for (key, member) in batch {
                 invocation.key(key).arg(member);
             }
-            let mut redis = self.redis();
+            let invocation = &invocation;
             if self
-                .call("renew", invocation.invoke_async::<i64>(&mut redis))
+                .call("renew", |mut redis| async move {
+                    invocation.invoke_async::<i64>(&mut redis).await
+                })
                 .await
                 .is_err()
             {

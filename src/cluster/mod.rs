@@ -40,7 +40,11 @@ const RESYNC_EVERY: Duration = Duration::from_secs(60);
 
 pub(crate) struct Cluster {
     pub(crate) settings: Arc<ClusterSettings>,
+    /// The connection of the thread that made the cluster (its housekeeping).
     redis: ConnectionManager,
+    /// What each worker thread's own connection is made from.
+    client: redis::Client,
+    manager: ConnectionManagerConfig,
     /// Receives the other edges' events (re-subscribing after each reconnect).
     subscriber: ConnectionManager,
     /// This process among the edges: the node's name and a random part, so that the leases
@@ -61,6 +65,13 @@ pub(crate) struct Cluster {
     pub(crate) taken_links: wire::TakenRequests,
     /// Revocations and lifts made here while Redis was down, written when it is back.
     pending: std::sync::Mutex<Vec<events::Event>>,
+}
+
+thread_local! {
+    /// Each thread's connections to Redis, by the cluster instance they belong to (one in a
+    /// running edge; tests run several edges in one process).
+    static THREAD_REDIS: std::cell::RefCell<Vec<(String, ConnectionManager)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What a Redis call came to, for the caller that must decide without it.
@@ -87,10 +98,8 @@ impl Cluster {
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1))
         };
-        let redis = ConnectionManager::new_lazy_with_config(
-            redis::Client::open(settings.redis.clone())?,
-            config(),
-        )?;
+        let client = redis::Client::open(settings.redis.clone())?;
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), config())?;
         // The subscription has a connection of its own: on a subscribed RESP3 connection this
         // edge's own publications come back as pushes between the answers of its calls.
         let info = settings.redis.clone();
@@ -117,6 +126,8 @@ impl Cluster {
         Ok(Self {
             leases: Arc::new(LeaseBook::new(instance.clone())),
             settings,
+            client,
+            manager: config(),
             redis,
             subscriber,
             instance,
@@ -176,13 +187,24 @@ impl Cluster {
         }
     }
 
-    /// Runs a Redis call within `redis_timeout`, keeping track of whether Redis answers.
-    pub(crate) async fn call<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, Unreachable> {
-        match tokio::time::timeout(self.settings.redis_timeout, call).await {
+    /// Runs a Redis call on this thread's connection within `redis_timeout`, keeping track of
+    /// whether Redis answers. A call that finds its connection dropped (Redis restarted, or
+    /// this thread has not used it since) is made once more, on the connection the manager
+    /// makes again meanwhile.
+    pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, Unreachable>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match call(self.redis()).await {
+                Err(error) if error.is_connection_dropped() || error.is_io_error() => {
+                    call(self.redis()).await
+                }
+                done => done,
+            }
+        };
+        match tokio::time::timeout(self.settings.redis_timeout, attempts).await {
             Ok(Ok(value)) => {
                 self.mark(true);
                 Ok(value)
@@ -211,8 +233,28 @@ impl Cluster {
         self.mark(false);
     }
 
+    /// A connection to Redis driven by the calling thread's event loop: a handshake's call
+    /// does not wait for another thread to send it and to hand its answer back.
     fn redis(&self) -> ConnectionManager {
-        self.redis.clone()
+        THREAD_REDIS.with(|connections| {
+            let mut connections = connections.borrow_mut();
+            if let Some((_, connection)) = connections
+                .iter()
+                .find(|(instance, _)| *instance == self.instance)
+            {
+                return connection.clone();
+            }
+            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone())
+            {
+                Ok(connection) => {
+                    connections.push((self.instance.clone(), connection.clone()));
+                    connection
+                }
+                // Made the same way as the first one, which was made: it cannot fail; if it
+                // ever did, that one serves.
+                Err(_) => self.redis.clone(),
+            }
+        })
     }
 
     /// The cluster's housekeeping until the edge shuts down: renews this edge's leases and
@@ -236,7 +278,7 @@ impl Cluster {
             if self.probe().await {
                 if !subscribed {
                     subscribed = self
-                        .call("subscribe", async {
+                        .call("subscribe", |_| async {
                             self.subscriber.clone().subscribe(events::CHANNEL).await
                         })
                         .await
@@ -266,8 +308,7 @@ impl Cluster {
 
     /// Whether Redis answers a PING now.
     pub(crate) async fn probe(&self) -> bool {
-        let mut redis = self.redis();
-        self.call("ping", async {
+        self.call("ping", |mut redis| async move {
             redis::cmd("PING").query_async::<()>(&mut redis).await
         })
         .await
