@@ -384,3 +384,37 @@ async fn read_text(client: &mut RawClient) -> String {
     );
     String::from_utf8(frame.payload).unwrap()
 }
+
+#[tokio::test]
+async fn a_revocation_made_while_redis_is_away_reaches_it_when_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    redis.kill().await;
+    a.wait_metric("wsedge_cluster_redis_up", 0.0).await;
+    // In effect on this edge at once; written to Redis when it answers again.
+    let answer = admin_post(&a, "/admin/revoke", json!({ "jti": "b1" })).await;
+    assert_eq!(answer["cluster"], "pending");
+    assert_eq!(
+        connect_refused(&chat(a.addr, &token("bob", "b1")), &[])
+            .await
+            .status,
+        401
+    );
+    redis.restart().await;
+    eventually(WAIT, "the pending revocation written to Redis", || async {
+        redis
+            .query::<Option<u64>>(redis::cmd("GET").arg("wsedge:revoked:jti:b1"))
+            .await
+            .is_some()
+    })
+    .await;
+    // An edge that starts now reads it back.
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    eventually(WAIT, "the revocation read back by a new edge", || async {
+        connect(&chat(b.addr, &token("bob", "b1")), &[])
+            .await
+            .is_err_and(|refused| refused.status == 401)
+    })
+    .await;
+}
