@@ -445,3 +445,49 @@ async fn a_token_never_brings_its_own_key() {
     assert_eq!(refused.status, 401);
     assert_eq!(attacker.fetches(), 0);
 }
+
+#[tokio::test]
+async fn a_withdrawn_key_stops_working_on_a_keep_alive_connection_too() {
+    let ca = TestCa::new();
+    let old = SigningKey::new("2026-11");
+    let provider = Provider::start(&ca, key_set(&[&old])).await;
+    let upstream = common::plain::HttpUpstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.ca_pem).unwrap();
+    let keys = format!(
+        "algorithms = [\"ES256\"]\njwks = {{ url = \"{}\", ca = {{ file = \"ca.pem\" }} }}",
+        provider.url()
+    );
+    let config = EdgeConfig::new(&upstream.url("/api"))
+        .keys(&keys)
+        .path("/api")
+        .route("match = \"prefix\"\nhttp = \"proxy\"");
+    let edge = TestEdge::start_in(&config.build(), dir).await;
+    wait_ready(&edge).await;
+    let token = old.token("alice");
+    let authorization = bearer(&token);
+    let mut client = common::plain::HttpClient::connect(edge.addr).await;
+    let request = || common::plain::get("/api/echo", &[("authorization", &authorization)]);
+    assert_eq!(client.fetch(request()).await.status, 200);
+    // The connection's next request with the same token is not verified again: unless the
+    // set has changed since.
+    assert_eq!(client.fetch(request()).await.status, 200);
+
+    // The provider withdraws the key (a leak) and publishes another; a token naming the new
+    // one makes the edge fetch the set at once.
+    let new = SigningKey::new("2026-12");
+    provider.publish(key_set(&[&new]));
+    let bob = bearer(&new.token("bob"));
+    let mut another = common::plain::HttpClient::connect(edge.addr).await;
+    let accepted = another
+        .fetch(common::plain::get("/api/echo", &[("authorization", &bob)]))
+        .await;
+    assert_eq!(accepted.status, 200);
+    assert_eq!(provider.fetches(), 2);
+    // The same keep-alive connection, the same token: refused now.
+    let refused = client.fetch(request()).await;
+    assert_eq!(
+        (refused.status, refused.json()["error"].as_str()),
+        (401, Some("token_invalid"))
+    );
+}

@@ -1,11 +1,13 @@
 //! What the last token a connection presented proved: a keep-alive client sends its bearer
 //! token with every request, and the same bytes under the same policy verify the same way, so
 //! only the first is verified. What time changes is checked every time: a token that has
-//! expired since is refused as expired.
+//! expired since is refused as expired. So is what a key set's refresh changes: a token
+//! verified with a JWK set is verified again once the set has been replaced (its key may have
+//! been withdrawn).
 
 use std::sync::{Arc, Mutex};
 
-use super::{AuthPolicy, Identity};
+use super::{AuthPolicy, Identity, Verifier};
 
 /// One connection's memo (empty until a token verifies).
 #[derive(Default)]
@@ -17,6 +19,17 @@ struct Memo {
     policy: Arc<AuthPolicy>,
     token: Box<str>,
     identity: Identity,
+    /// The generation of the policy's JWK set the token was verified with.
+    keys: Option<u64>,
+}
+
+/// Which JWK set a policy verifies with now, when it verifies with one (read before a token
+/// is verified: a set replaced meanwhile must not vouch for it).
+pub(super) fn key_generation(policy: &AuthPolicy) -> Option<u64> {
+    match &policy.verifier {
+        Verifier::Jwks(keys) => Some(keys.generation()),
+        Verifier::Jwt(_) | Verifier::SignedParams(_) => None,
+    }
 }
 
 impl TokenMemo {
@@ -24,15 +37,27 @@ impl TokenMemo {
     pub(super) fn recall(&self, policy: &Arc<AuthPolicy>, token: &str) -> Option<Identity> {
         let memo = self.0.lock().ok()?;
         let memo = memo.as_ref()?;
-        (Arc::ptr_eq(&memo.policy, policy) && *memo.token == *token).then(|| memo.identity.clone())
+        (Arc::ptr_eq(&memo.policy, policy)
+            && *memo.token == *token
+            && memo.keys == key_generation(policy))
+        .then(|| memo.identity.clone())
     }
 
-    pub(super) fn remember(&self, policy: &Arc<AuthPolicy>, token: &str, identity: &Identity) {
+    /// Remembers what `token` proved under `policy`, verified with the JWK set of generation
+    /// `keys` (see [`key_generation`]).
+    pub(super) fn remember(
+        &self,
+        policy: &Arc<AuthPolicy>,
+        token: &str,
+        identity: &Identity,
+        keys: Option<u64>,
+    ) {
         if let Ok(mut memo) = self.0.lock() {
             *memo = Some(Memo {
                 policy: policy.clone(),
                 token: token.into(),
                 identity: identity.clone(),
+                keys,
             });
         }
     }
@@ -139,7 +164,7 @@ mod tests {
             .unwrap()
             .0;
         Arc::make_mut(&mut identity.claims).insert("exp".into(), json!(now().saturating_sub(5)));
-        memo.remember(&policy, &token, &identity);
+        memo.remember(&policy, &token, &identity, None);
         assert!(matches!(
             policy.authenticate(&bearer(&token), None, Some(&memo)),
             Err(AuthError::Expired)

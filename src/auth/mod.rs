@@ -195,6 +195,7 @@ impl AuthPolicy {
         found: FoundToken,
         memo: Option<&TokenMemo>,
     ) -> Result<(Identity, FoundToken), AuthError> {
+        let keys = memo::key_generation(self);
         let claims = self.verifier.verify(&found.token, &self.claims)?;
         let user = claim_string(&claims, &self.claims.user)
             .ok_or(AuthError::Invalid("token has no user claim"))?;
@@ -208,7 +209,7 @@ impl AuthPolicy {
             claims: Arc::new(claims),
         };
         if let Some(memo) = memo {
-            memo.remember(self, &found.token, &identity);
+            memo.remember(self, &found.token, &identity, keys);
         }
         Ok((identity, found))
     }
