@@ -205,6 +205,7 @@ async fn carry(
                         key,
                         last_seq,
                         conversation,
+                        connection,
                     },
             },
         ..
@@ -219,6 +220,7 @@ async fn carry(
         key,
         last_seq,
         conversation,
+        connection,
         reply: Reply {
             websocket_key: &websocket_key,
             token: token.as_ref(),

@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::ClientConn;
@@ -40,6 +41,8 @@ pub(crate) struct Elsewhere<'a> {
     pub(crate) key: SessionKey,
     pub(crate) last_seq: u64,
     pub(crate) conversation: Option<String>,
+    /// Its `max_connections` slot here, held while its bytes pass through.
+    pub(crate) connection: OwnedSemaphorePermit,
     pub(crate) reply: Reply<'a>,
 }
 
@@ -68,6 +71,7 @@ pub(crate) async fn carry(
         key,
         last_seq,
         conversation,
+        connection,
         reply,
     } = elsewhere;
     let owner = cluster.find_session(&key).await.ok()??;
@@ -131,7 +135,7 @@ pub(crate) async fn carry(
             // The client vanished: the owner's session finds its link closed, and waits.
             return;
         };
-        let _open = GaugeGuard::new(gauge);
+        let _held = (GaugeGuard::new(gauge), connection);
         let (client, from_client) = Io::from_upgraded(upgraded);
         pipe(client, from_client, link, from_owner, shutdown).await;
     });

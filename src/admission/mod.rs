@@ -89,6 +89,8 @@ pub(crate) enum SessionPlan<'a> {
         key: SessionKey,
         last_seq: u64,
         conversation: Option<String>,
+        /// The connection slot the client holds here while it is carried to that edge.
+        connection: OwnedSemaphorePermit,
     },
     /// A session that cannot be resumed (or started): the client is told so after the upgrade.
     Refuse(NotResumable),
@@ -356,6 +358,7 @@ fn checks<'a, B>(
             key,
             last_seq,
             conversation,
+            connection,
         },
         Planned::Plain => SessionPlan::Connect {
             held: hold(shared, live, identity, connection)?,
