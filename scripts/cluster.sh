@@ -10,6 +10,7 @@
 # Prints one JSON line per run; BENCHMARKS.md has the figures.
 #
 #   scripts/cluster.sh              # the demonstration
+#   SESSIONS=2000 ROUNDS=5 scripts/cluster.sh   # a heavier one
 #   MEASURE=1 scripts/cluster.sh    # and the figures (REPS=3 runs each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ cd "$(dirname "$0")/.."
 SECRET=cluster-demo-secret-0123456789abcdef0123
 CLUSTER_SECRET=cluster-link-secret-0123456789abcdef0123
 REPS=${REPS:-3}
+SESSIONS=${SESSIONS:-200}
+ROUNDS=${ROUNDS:-3}
+MESSAGES=${MESSAGES:-3000}
 OUT=$(mktemp -d /tmp/wsedge-cluster.XXXXXX)
 
 for tool in redis-server haproxy curl; do
@@ -106,9 +110,9 @@ counted() { # admin port, metric name prefix
     curl -s "http://127.0.0.1:$1/metrics" | awk -v name="$2" 'index($1, name) == 1 { printf "%s=%s ", $1, $2 }'
 }
 
-echo "# through HAProxy, round robin, no affinity: 200 sessions, each cut and resumed 3 times" >&2
+echo "# through HAProxy, round robin, no affinity: $SESSIONS sessions, each cut and resumed $ROUNDS times" >&2
 "$LOAD" resume --url ws://127.0.0.1:29200/ws --jwt-secret "$SECRET" --label haproxy-3-edges \
-    --connections 200 --messages 3000 --rounds 3
+    --connections "$SESSIONS" --messages "$MESSAGES" --rounds "$ROUNDS"
 for n in 1 2 3; do
     echo "edge-$n: $(counted "2922$n" wsedge_cluster_remote_resumes)$(counted "2922$n" 'wsedge_resumes_total')" >&2
 done

@@ -51,6 +51,23 @@ fn weight(key: u64, seed: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+/// The order to try a route's targets in.
+pub(crate) enum Order {
+    One(Option<usize>),
+    Many(std::vec::IntoIter<usize>),
+}
+
+impl Iterator for Order {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Order::One(one) => one.take(),
+            Order::Many(many) => many.next(),
+        }
+    }
+}
+
 impl Targets {
     pub(crate) fn new(targets: &[TargetSettings]) -> Self {
         Self {
@@ -66,8 +83,12 @@ impl Targets {
     /// Target indices in the order to try them: the healthy ones first — for a key the one
     /// that draws it most and then the others by weight, without a key from the round-robin
     /// position — then those cooling down: a last resort is better than refusing untried.
-    pub(crate) fn in_order(&self, key: Option<u64>) -> Vec<usize> {
+    /// A route with one target (most) is tried without an allocation.
+    pub(crate) fn in_order(&self, key: Option<u64>) -> Order {
         let count = self.down_until.len();
+        if count == 1 {
+            return Order::One(Some(0));
+        }
         let mut order: Vec<usize> = match key {
             Some(key) => {
                 let mut order: Vec<usize> = (0..count).collect();
@@ -86,7 +107,7 @@ impl Targets {
         let now = clock_ms();
         // A stable sort: the order above holds within the healthy and within the cooling.
         order.sort_by_key(|&i| self.down_until[i].load(Ordering::Relaxed) > now);
-        order
+        Order::Many(order.into_iter())
     }
 
     /// Passes target `i` over for `cooldown` after it failed.
@@ -120,12 +141,16 @@ mod tests {
         Targets::new(&settings)
     }
 
+    fn order(t: &Targets, key: Option<u64>) -> Vec<usize> {
+        t.in_order(key).collect()
+    }
+
     #[test]
     fn round_robin_starts_one_further_each_time() {
         let t = targets(3);
-        assert_eq!(t.in_order(None), [0, 1, 2]);
-        assert_eq!(t.in_order(None), [1, 2, 0]);
-        assert_eq!(t.in_order(None), [2, 0, 1]);
+        assert_eq!(order(&t, None), [0, 1, 2]);
+        assert_eq!(order(&t, None), [1, 2, 0]);
+        assert_eq!(order(&t, None), [2, 0, 1]);
     }
 
     #[test]
@@ -134,13 +159,13 @@ mod tests {
         let users: Vec<u64> = (0..300)
             .map(|i| user_key(Some("acme"), &format!("u{i}")))
             .collect();
-        let first: Vec<usize> = users.iter().map(|&key| t.in_order(Some(key))[0]).collect();
+        let first: Vec<usize> = users.iter().map(|&key| order(&t, Some(key))[0]).collect();
         // Stable, and spread over all three.
         assert_eq!(
             first,
             users
                 .iter()
-                .map(|&key| t.in_order(Some(key))[0])
+                .map(|&key| order(&t, Some(key))[0])
                 .collect::<Vec<_>>()
         );
         for target in 0..3 {
@@ -153,7 +178,7 @@ mod tests {
         // Target 1 goes down: its users move, nobody else does.
         t.mark_down(1, Duration::from_secs(60));
         for (&key, &before) in users.iter().zip(&first) {
-            let now = t.in_order(Some(key))[0];
+            let now = order(&t, Some(key))[0];
             if before == 1 {
                 assert_ne!(now, 1);
             } else {
@@ -161,7 +186,7 @@ mod tests {
             }
         }
         t.mark_up(1);
-        assert_eq!(t.in_order(Some(users[0]))[0], first[0]);
+        assert_eq!(order(&t, Some(users[0]))[0], first[0]);
         // Tenants are apart: the same user name in another tenant is another key.
         assert_ne!(user_key(Some("acme"), "u1"), user_key(Some("globex"), "u1"));
         assert_ne!(user_key(Some("ab"), "c"), user_key(Some("a"), "bc"));
@@ -171,8 +196,9 @@ mod tests {
     fn targets_cooling_down_come_last() {
         let t = targets(3);
         t.mark_down(0, Duration::from_secs(60));
-        let order = t.in_order(None);
-        assert_eq!(order.last(), Some(&0));
-        assert_eq!(order.len(), 3);
+        let tried = order(&t, None);
+        assert_eq!(tried.last(), Some(&0));
+        assert_eq!(tried.len(), 3);
+        assert_eq!(order(&targets(1), None), [0]);
     }
 }
