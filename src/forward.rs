@@ -81,7 +81,6 @@ pub(crate) fn shape<B>(
     let nominated: Vec<String> = token_source::header_list(headers, header::CONNECTION)
         .map(str::to_ascii_lowercase)
         .collect();
-    let injected: Vec<&HeaderName> = route.inject.iter().map(|(name, _)| name).collect();
 
     let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(headers.len() + 6);
     for (name, value) in headers {
@@ -90,9 +89,10 @@ pub(crate) fn shape<B>(
             || IDENTITY_HEADERS
                 .iter()
                 .any(|identity| same_header(identity, lower))
-            || injected
+            || route
+                .inject
                 .iter()
-                .any(|injected| same_header(injected.as_str(), lower))
+                .any(|(injected, _)| same_header(injected.as_str(), lower))
             || nominated.iter().any(|n| n == lower)
             || matches!(
                 lower,
@@ -121,7 +121,9 @@ pub(crate) fn shape<B>(
             if value.len() > MAX_TEMPLATE_VALUE_LEN || !auth::reads_the_same(&value) {
                 return Err(ClaimNotAHeader);
             }
-            let value = HeaderValue::from_str(&value).map_err(|_| ClaimNotAHeader)?;
+            // The rendered text becomes the header's bytes as they are, not a copy.
+            let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+                .map_err(|_| ClaimNotAHeader)?;
             out.push((name.clone(), value));
         }
     }
