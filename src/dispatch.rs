@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use crate::admission::{self, Admitted, ClientConn, Kind, Pass, Rejected, SessionPlan};
 use crate::auth::jwks::UNKNOWN_KID_WAIT;
@@ -19,7 +19,7 @@ use crate::cors;
 use crate::forward::header_value;
 use crate::handoff::{self, Elsewhere};
 use crate::handshake::{self, Reply, WebSocket};
-use crate::passthrough::body::ResponseBody;
+use crate::passthrough::body::{ClientBody, ResponseBody};
 use crate::passthrough::{self, Proxy};
 use crate::report;
 use crate::state::Shared;
@@ -65,7 +65,7 @@ impl Body for EdgeBody {
 }
 
 pub(crate) async fn handle(
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     conn: ClientConn,
     shared: Arc<Shared>,
     memo: Arc<TokenMemo>,
@@ -187,7 +187,7 @@ pub(crate) async fn handle(
 
 /// Carries a resume to the edge that holds its session, if another does.
 async fn carry(
-    request: &mut Request<Incoming>,
+    request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     conn: ClientConn,
     request_id: &str,

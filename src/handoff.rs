@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -26,6 +25,7 @@ use crate::cluster::wire::{self, LINK_TIMEOUT, LinkError, LinkRequest};
 use crate::connections::TokenFacts;
 use crate::handshake::{self, Reply};
 use crate::metrics::{GaugeGuard, ResultLabels, SideLabels};
+use crate::passthrough::body::ClientBody;
 use crate::route::Route;
 use crate::session::registry::{Attach, SessionKey};
 use crate::state::Shared;
@@ -59,7 +59,7 @@ fn count(shared: &Shared, result: &'static str) {
 /// owner says the session cannot be had). `None` when no other edge holds it (or the one that
 /// did cannot be reached): the handshake is then judged as one of this edge's own.
 pub(crate) async fn carry(
-    request: &mut Request<Incoming>,
+    request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     elsewhere: Elsewhere<'_>,
 ) -> Option<Response<Full<Bytes>>> {

@@ -11,7 +11,6 @@ use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -24,6 +23,7 @@ use crate::cluster::leases::NoLease;
 use crate::connections::{Holder, Selector, TokenFacts};
 use crate::forward::{self, header_value};
 use crate::metrics::GaugeGuard;
+use crate::passthrough::body::ClientBody;
 use crate::relay::{Counters, Relay, RelayParams};
 use crate::report::{self, Connected, ConnectionReport};
 use crate::route::Route;
@@ -51,7 +51,7 @@ pub(crate) struct WebSocket<'a> {
 
 /// Answers an admitted upgrade: 101 (with the relay to follow), or the upstream's refusal.
 pub(crate) async fn upgrade(
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     shared: &Arc<Shared>,
     websocket: WebSocket<'_>,
 ) -> Response<Full<Bytes>> {
@@ -172,7 +172,7 @@ pub(crate) fn client_leg(
 /// Connects the upstream, answers 101 and starts the relay for when the socket is handed over.
 /// On any refusal the new session's reservation is dropped, and with it the session's id.
 async fn connect(
-    request: &mut Request<Incoming>,
+    request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     upgrade: Upgrade<'_>,
     reply: &Reply<'_>,
@@ -321,7 +321,7 @@ async fn connect(
 /// A client coming back: a 101 at once (the session's upstream is already there), then its
 /// socket is handed to the session, which replays what it missed.
 fn resume(
-    request: &mut Request<Incoming>,
+    request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     route: &Route,
     entry: Arc<SessionEntry>,
@@ -399,7 +399,7 @@ pub(crate) fn resumed_with_token(shared: &Shared, session_id: &str, user: &str, 
 /// A session that cannot be resumed: upgraded, then closed with 4002 and the reason. A close
 /// code is what a browser can read; an HTTP refusal would reach its script as a bare 1006.
 pub(crate) fn not_resumable(
-    request: &mut Request<Incoming>,
+    request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     route: &Route,
     why: NotResumable,

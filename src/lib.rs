@@ -4,7 +4,8 @@
 //! sockets, and stop it through the same cancellation token the signal handlers use.
 //!
 //! The modules, each using only modules later in this list: `demo` → `server` (listeners, TLS,
-//! HTTP) → `admin` (and `admin_api`) → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
+//! HTTP) → `fast_path` (plain GETs read and answered by the edge itself) → `admin` (and
+//! `admin_api`) → `jwks_refresh` (identity providers' key sets kept current) → `dispatch`
 //! (every request: admitted, then upgraded or proxied) → `handshake` (the upgrade) →
 //! `handoff` (a resuming client carried between edges over the cluster's link) → `passthrough` (plain HTTP passed through) → `report` (log, audit and metrics of a request)
 //! → `admission` (the ordered checks: `Admitted` or a `Refusal`) → `state` (what a running edge
@@ -27,6 +28,7 @@ mod connections;
 mod cors;
 mod demo;
 mod dispatch;
+mod fast_path;
 mod forward;
 mod handoff;
 mod handshake;

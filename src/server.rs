@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,11 +21,13 @@ use crate::admission::ClientConn;
 use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
 use crate::dispatch;
+use crate::fast_path::{self, HeadRead, Left};
 use crate::limits::{PendingSlot, address_key};
 use crate::metrics::Limit;
+use crate::passthrough::body::ClientBody;
 use crate::state::{Live, Shared};
 use crate::stats::Stats;
-use crate::ws::io::Io;
+use crate::ws::io::{Io, Rewind};
 
 /// Pending connections the kernel queues per listening socket (tokio's default).
 const LISTEN_BACKLOG: u32 = 1024;
@@ -455,39 +458,78 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
 /// HTTP/1.1: requests until an upgrade, or until the client is done with a keep-alive
 /// connection. The socket is an [`Io`] so that the relay can take it back from hyper by type
 /// after the 101 (`Io::from_upgraded`).
-async fn serve_http(io: Io, conn: ClientConn, shared: Arc<Shared>, pending: Pending) {
+async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: Pending) {
     let live = shared.live.load();
     let handshake_timeout = live.config.server.handshake_timeout;
+    let max_head = live.config.server.max_header_size;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
-        .max_buf_size(live.config.server.max_header_size);
+        .max_buf_size(max_head);
     drop(live);
     // TLS and the first request head share one handshake_timeout: a silent client holds its
-    // pending slots that long in all. (hyper's header timeout covers each later request of a
-    // keep-alive connection on its own.)
+    // pending slots that long in all. (Each later request of a keep-alive connection has its
+    // own.)
     let first_head_due = tokio::time::Instant::from_std(pending.accepted_at + handshake_timeout);
-    let service_shared = shared.clone();
-    // A client that has sent a whole request is no longer a pending handshake: its slot goes
-    // back (an admitted one holds a connection slot instead), so that keep-alive HTTP clients
-    // do not crowd out new ones.
-    let pending = Cell::new(Some(pending));
-    let head_seen = Arc::new(AtomicBool::new(false));
-    let seen_in_service = head_seen.clone();
     // The connection's last verified token: a keep-alive client sending it again is not
     // verified again.
     let memo = Arc::new(TokenMemo::default());
-    let service = service_fn(move |request| {
+    // A client that has sent a whole request is no longer a pending handshake: its slot goes
+    // back (an admitted one holds a connection slot instead), so that keep-alive HTTP clients
+    // do not crowd out new ones.
+    let mut pending = Some(pending);
+    // Plain GETs are served by the edge's own reader; the first request that is not one
+    // takes the connection to hyper, with what was read of it.
+    // The first head is read here: an upgrade goes to hyper at once; a plain GET begins the
+    // edge's own reader, boxed (its state, a whole dispatch, would otherwise sit beside
+    // hyper's in every connection's future, and be copied with it).
+    let mut input = BytesMut::with_capacity(4096);
+    let read = fast_path::read_head(&mut io, &mut input, first_head_due, &shared, max_head).await;
+    let left = match read {
+        HeadRead::Closed => return,
+        HeadRead::TimedOut => {
+            shared.metrics.limit_hit(Limit::HandshakeTimeout);
+            tracing::debug!(client = %conn.peer, "no request within the handshake timeout");
+            return;
+        }
+        HeadRead::TooLarge => Left::ToHyper(input.freeze()),
+        HeadRead::Whole(head_len) if fast_path::is_upgrade(&input[..head_len]) => {
+            Left::ToHyper(input.freeze())
+        }
+        HeadRead::Whole(head_len) => {
+            Box::pin(fast_path::serve(
+                &mut io,
+                input,
+                head_len,
+                conn,
+                &shared,
+                &memo,
+                || drop(pending.take()),
+            ))
+            .await
+        }
+    };
+    let read = match left {
+        Left::Closed => return,
+        Left::ToHyper(read) => read,
+    };
+    let head_seen = Arc::new(AtomicBool::new(pending.is_none()));
+    let pending = Cell::new(pending);
+    let service_shared = shared.clone();
+    let seen_in_service = head_seen.clone();
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         drop(pending.take());
         seen_in_service.store(true, Ordering::Relaxed);
+        let request = request.map(ClientBody::Hyper);
         dispatch::handle(request, conn, service_shared.clone(), memo.clone())
     });
+    let io = Rewind { prefix: read, io };
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
-    let mut first_head_timer = true;
+    let mut first_head_timer = !head_seen.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             result = connection.as_mut() => {

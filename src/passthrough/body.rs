@@ -116,9 +116,45 @@ impl IdleTimer {
     }
 }
 
+/// A client's request body: as hyper reads it, or none at all (a request the edge's own reader
+/// took: it takes only requests without a body).
+pub(crate) enum ClientBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(incoming) => Pin::new(incoming).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(incoming) => incoming.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(incoming) => incoming.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's request body as it goes upstream.
 pub(crate) struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     limit: u64,
     seen: u64,
     idle: IdleTimer,
@@ -126,7 +162,12 @@ pub(crate) struct RequestBody {
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming, limit: u64, timeout: Duration, progress: Progress) -> Self {
+    pub(crate) fn new(
+        inner: ClientBody,
+        limit: u64,
+        timeout: Duration,
+        progress: Progress,
+    ) -> Self {
         Self {
             inner,
             limit,

@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 
 use crate::admission::refusal::Refusal;
 use crate::admission::{ClientConn, Held};
@@ -24,7 +24,7 @@ use crate::report::{Ending, HttpExchange, Proxied};
 use crate::route::Route;
 use crate::state::Shared;
 use crate::upstream::http::{Answered, HttpError, Outgoing, send};
-use body::{BodyFault, Finished, Progress, RequestBody, ResponseBody};
+use body::{BodyFault, ClientBody, Finished, Progress, RequestBody, ResponseBody};
 
 /// An admitted plain request on its way upstream.
 pub(crate) struct Proxy<'a> {
@@ -53,7 +53,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// refusal the client gets instead (nothing of a refused request reaches the upstream, but for
 /// a body the upstream had begun to take when it turned out too large).
 pub(crate) async fn proxy(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     shared: &Arc<Shared>,
     proxy: Proxy<'_>,
 ) -> Result<Response<ResponseBody>, Refusal> {

@@ -32,8 +32,21 @@ impl Io {
     /// The client's socket after hyper's upgrade, and the bytes hyper read past the request
     /// (a client may send its first frames right behind the upgrade request).
     pub(crate) fn from_upgraded(upgraded: Upgraded) -> (Io, bytes::Bytes) {
-        match upgraded.downcast::<TokioIo<Io>>() {
-            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        let upgraded = match upgraded.downcast::<TokioIo<Io>>() {
+            Ok(parts) => return (parts.io.into_inner(), parts.read_buf),
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<Rewind>>() {
+            Ok(parts) => {
+                let Rewind { prefix, io } = parts.io.into_inner();
+                // What hyper had not taken of the edge's own read comes before what it read.
+                let read = if prefix.is_empty() {
+                    parts.read_buf
+                } else {
+                    [prefix, parts.read_buf].concat().into()
+                };
+                (io, read)
+            }
             Err(upgraded) => (
                 Io::Upgraded(Box::new(TokioIo::new(upgraded))),
                 Default::default(),
@@ -54,6 +67,47 @@ impl Io {
             *self = Io::Tcp(TcpStream::from_std(tcp.into_std()?)?);
         }
         Ok(())
+    }
+}
+
+/// A socket whose first bytes were read already (by the edge's own request reader): they are
+/// read again first, then the socket. What hyper serves after the edge's reader gave up.
+pub(crate) struct Rewind {
+    pub(crate) prefix: bytes::Bytes,
+    pub(crate) io: Io,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

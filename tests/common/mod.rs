@@ -893,6 +893,11 @@ impl RawClient {
         }
         request.push_str("\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
+        Self::upgraded(stream).await
+    }
+
+    /// Reads the 101 to an upgrade request the test wrote itself on `stream`.
+    pub async fn upgraded(mut stream: TcpStream) -> Self {
         let mut buffer = Vec::new();
         let head_end = loop {
             if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
