@@ -21,6 +21,17 @@ const NODE_TTL_SECS: u64 = 3;
 
 /// An edge of the cluster on `redis`, in front of `upstream`, with the admin API and resume.
 fn member(upstream: &Upstream, redis: &RedisServer, node: &str, extra: &str) -> EdgeConfig {
+    member_renewing(upstream, redis, node, extra, NODE_TTL_SECS)
+}
+
+/// The same with its own `node_ttl` (leases renewed every third of it).
+fn member_renewing(
+    upstream: &Upstream,
+    redis: &RedisServer,
+    node: &str,
+    extra: &str,
+    node_ttl_secs: u64,
+) -> EdgeConfig {
     EdgeConfig::new(&upstream.url("/ws/chat"))
         .without_admin()
         .server("max_connections_per_user = 2")
@@ -28,7 +39,7 @@ fn member(upstream: &Upstream, redis: &RedisServer, node: &str, extra: &str) -> 
             "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\""
         ))
         .section(&format!(
-            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlink = \"127.0.0.1:0\"\nnode_ttl = \"{NODE_TTL_SECS}s\"\n{extra}",
+            "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlink = \"127.0.0.1:0\"\nnode_ttl = \"{node_ttl_secs}s\"\n{extra}",
             redis.url()
         ))
         .route(r#"resume = { window = "10s", max_messages = 50000, max_bytes = "4MiB" }"#)
@@ -68,8 +79,14 @@ async fn refused_user(edge: std::net::SocketAddr, user: &str) -> Refused {
 async fn a_users_limit_holds_across_edges_and_frees_when_a_socket_closes() {
     let redis = RedisServer::start().await;
     let mut upstream = Upstream::start().await;
-    let a = start_member(&upstream, &redis, "edge-a").await;
-    let b = start_member(&upstream, &redis, "edge-b").await;
+    // Renewals every 20 s: a lease given back within the test's wait is given back by the
+    // socket's close, not by a renewal.
+    let start = |node: &'static str| {
+        let config = member_renewing(&upstream, &redis, node, "", 60).build();
+        async move { TestEdge::start(&config).await }
+    };
+    let a = start("edge-a").await;
+    let b = start("edge-b").await;
 
     let mut on_a = connect_user(a.addr, &mut upstream, "alice").await;
     let _on_b = connect_user(b.addr, &mut upstream, "alice").await;
@@ -91,12 +108,16 @@ async fn a_users_limit_holds_across_edges_and_frees_when_a_socket_closes() {
     // A socket that closes gives its place back, on the other edge too.
     on_a.close(None).await.unwrap();
     upstream.next_close().await;
-    eventually(WAIT, "alice's lease given back", || async {
-        redis
-            .query::<usize>(redis::cmd("ZCARD").arg("wsedge:user:4:acme:5:alice"))
-            .await
-            == 1
-    })
+    eventually(
+        Duration::from_secs(5),
+        "alice's lease given back",
+        || async {
+            redis
+                .query::<usize>(redis::cmd("ZCARD").arg("wsedge:user:4:acme:5:alice"))
+                .await
+                == 1
+        },
+    )
     .await;
     let _again = connect_user(b.addr, &mut upstream, "alice").await;
     assert_eq!(refused_user(a.addr, "alice").await.status, 429);

@@ -4,9 +4,12 @@
 //! renews its own leases every third of `node_ttl`; an edge that dies stops counting when its
 //! leases lapse, and the set itself expires with its last lease.
 //!
-//! A lease taken while Redis was down (under "open") is written at the first renewal that
-//! reaches it, so a user's count is whole again once Redis is back. A renewal that finds a
-//! lease gone (Redis restarted empty) writes it again: a live connection always counts.
+//! A lease is given back as soon as its socket closes (a task of its own takes the releases as
+//! they come), so a user who closes one socket can open another at once on any edge. A renewal
+//! only extends leases Redis still has: one released meanwhile stays released. A lease Redis
+//! lacks and the edge still holds (taken while Redis was down under "open", or lost when Redis
+//! restarted empty) is written again, so a user's count is whole once Redis is back: a live
+//! connection always counts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,17 +36,34 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// KEYS: the users' sets; ARGV[1] the lease time, then one member per key. Each lease's new
-/// end is the latest of its set, so the set's expiry moves with it.
+/// KEYS: the users' sets; ARGV[1] the lease time, then one member per key. Extends the leases
+/// Redis has (each one's new end is the latest of its set, so the set's expiry moves with it);
+/// answers, per key, 1 for a lease extended and 0 for one Redis lacks.
 const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
+local found = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, ttl)
+  if redis.call('ZSCORE', key, ARGV[i + 1]) then
+    redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+    redis.call('PEXPIRE', key, ttl)
+    found[i] = 1
+  else
+    found[i] = 0
+  end
 end
-return #KEYS
+return found
+";
+
+/// KEYS[1] a user's set, ARGV[1] the member, ARGV[2] the lease time: a lease written again
+/// for a socket that is live (whatever the count).
+const REWRITE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 ";
 
 /// The key of a user's leases. Lengths first: a tenant or user may hold any printable byte.
@@ -61,7 +81,8 @@ pub(crate) struct LeaseBook {
     next: AtomicU64,
     held: Mutex<HashMap<u64, (String, String)>>,
     released: mpsc::UnboundedSender<(String, String)>,
-    to_release: Mutex<mpsc::UnboundedReceiver<(String, String)>>,
+    /// Taken by the task that gives leases back.
+    to_release: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
 }
 
 /// Why no lease was given.
@@ -88,7 +109,7 @@ impl Drop for Lease {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&self.id);
         if let Some(lease) = removed {
-            // Given back at the next call to Redis; if that never comes, it lapses.
+            // Given back at once by the releasing task; if Redis is away, it lapses.
             let _ = self.book.released.send(lease);
         }
     }
@@ -102,7 +123,7 @@ impl LeaseBook {
             next: AtomicU64::new(0),
             held: Mutex::default(),
             released,
-            to_release: Mutex::new(to_release),
+            to_release: Mutex::new(Some(to_release)),
         }
     }
 
@@ -157,42 +178,79 @@ impl Cluster {
         }
     }
 
-    /// Gives back the leases released since the last call, then renews the rest.
-    pub(super) async fn renew_leases(&self) -> bool {
-        let released: Vec<(String, String)> = {
-            let mut to_release = self
-                .leases
-                .to_release
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            std::iter::from_fn(|| to_release.try_recv().ok()).collect()
+    /// Gives leases back as their sockets close, until the edge stops: all that have come
+    /// since the last call in one round trip.
+    pub(super) async fn release_leases(self: Arc<Self>) {
+        let receiver = self
+            .leases
+            .to_release
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(mut receiver) = receiver else {
+            return;
         };
-        if !released.is_empty() {
+        while let Some(first) = receiver.recv().await {
+            let mut released = vec![first];
+            while let Ok(more) = receiver.try_recv() {
+                released.push(more);
+            }
             let mut pipe = redis::pipe();
             for (key, member) in &released {
                 pipe.zrem(key, member).ignore();
             }
             let pipe = &pipe;
-            if self
+            // When Redis is away they lapse within node_ttl: nobody renews them.
+            let _ = self
                 .call("release", |mut redis| async move {
                     pipe.query_async::<()>(&mut redis).await
                 })
-                .await
-                .is_err()
-            {
-                // They lapse within node_ttl: they are no longer renewed.
-                return false;
-            }
+                .await;
         }
-        let held: Vec<(String, String)> = self.leases.held().values().cloned().collect();
+    }
+
+    /// Renews the leases this edge holds, and writes again those Redis lacks.
+    pub(super) async fn renew_leases(&self) -> bool {
+        let held: Vec<(u64, String, String)> = self
+            .leases
+            .held()
+            .iter()
+            .map(|(id, (key, member))| (*id, key.clone(), member.clone()))
+            .collect();
         let ttl = self.settings.node_ttl.as_millis() as u64;
+        let mut missing = Vec::new();
         for batch in held.chunks(RENEW_BATCH) {
             let script = Script::new(RENEW);
             let mut invocation = script.prepare_invoke();
             invocation.arg(ttl);
-            for (key, member) in batch {
+            for (_, key, member) in batch {
                 invocation.key(key).arg(member);
             }
+            let invocation = &invocation;
+            let Ok(found) = self
+                .call("renew", |mut redis| async move {
+                    invocation.invoke_async::<Vec<i64>>(&mut redis).await
+                })
+                .await
+            else {
+                return false;
+            };
+            missing.extend(
+                batch
+                    .iter()
+                    .zip(found)
+                    .filter(|(_, found)| *found == 0)
+                    .map(|(lease, _)| lease.clone()),
+            );
+        }
+        for (id, key, member) in missing {
+            // Only while its socket is live: one released since is not brought back.
+            if !self.leases.held().contains_key(&id) {
+                continue;
+            }
+            let script = Script::new(REWRITE);
+            let mut invocation = script.key(&key);
+            invocation.arg(&member).arg(ttl);
             let invocation = &invocation;
             if self
                 .call("renew", |mut redis| async move {

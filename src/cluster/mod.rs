@@ -270,6 +270,7 @@ impl Cluster {
             return;
         };
         let listener = tokio::spawn(self.clone().listen(pushes));
+        let releaser = tokio::spawn(self.clone().release_leases());
         let renew_every = self.settings.node_ttl / 3;
         let mut since_resync = RESYNC_EVERY;
         let mut subscribed = false;
@@ -304,6 +305,7 @@ impl Cluster {
             }
         }
         listener.abort();
+        releaser.abort();
     }
 
     /// Whether Redis answers a PING now.
