@@ -39,11 +39,12 @@ impl Io {
         match upgraded.downcast::<TokioIo<Rewind>>() {
             Ok(parts) => {
                 let Rewind { prefix, io } = parts.io.into_inner();
-                // What hyper had not taken of the edge's own read comes before what it read.
+                // hyper read from the front of the edge's own read: what it holds comes first,
+                // what it had not taken of that read after.
                 let read = if prefix.is_empty() {
                     parts.read_buf
                 } else {
-                    [prefix, parts.read_buf].concat().into()
+                    [parts.read_buf, prefix].concat().into()
                 };
                 (io, read)
             }
