@@ -51,7 +51,7 @@ pub(crate) enum Left {
 pub(crate) enum HeadRead {
     /// A whole head: its length at the start of the input.
     Whole(usize),
-    /// Larger than `max_header_size`: hyper refuses it as it refuses any.
+    /// Larger than `max_header_size`, or ended by bare LFs: hyper judges it as it judges any.
     TooLarge,
     /// The client went, or the edge drains.
     Closed,
@@ -70,6 +70,10 @@ pub(crate) async fn read_head(
     loop {
         if let Some(end) = HEAD_END.find(input) {
             return HeadRead::Whole(end + 4);
+        }
+        // Line ends of a bare LF, which hyper accepts: its to judge.
+        if memchr::memmem::find(input, b"\n\n").is_some() {
+            return HeadRead::TooLarge;
         }
         if input.len() > max_head {
             return HeadRead::TooLarge;
@@ -164,9 +168,14 @@ fn says_close(headers: &HeaderMap) -> bool {
 fn parse(head: &Bytes) -> Option<(Request<ClientBody>, bool)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(_)) = parsed.parse(head) else {
+    // A head that httparse ends elsewhere than the edge did (bare LF line ends) is hyper's:
+    // the bytes between would otherwise be neither served nor passed on.
+    let Ok(httparse::Status::Complete(length)) = parsed.parse(head) else {
         return None;
     };
+    if length != head.len() {
+        return None;
+    }
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return None;
     }

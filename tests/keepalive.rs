@@ -150,3 +150,29 @@ async fn an_upgrade_after_a_get_on_the_same_connection_gets_its_socket_and_first
         .expect("the echo of the first frame");
     assert_eq!(echoed.payload, payload);
 }
+
+#[tokio::test]
+async fn heads_with_bare_line_feeds_are_all_answered() {
+    let mut http = HttpUpstream::start("a").await;
+    let ws = Upstream::start().await;
+    let edge = edge(&http, &ws).await;
+    let token = token_for("alice");
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    // The first head ends in bare LFs, the second properly: both are answered, in order.
+    let bare =
+        format!("GET /api/status/201 HTTP/1.1\nHost: edge\nAuthorization: Bearer {token}\n\n");
+    let last = head("/api/status/202", &token, "Connection: close\r\n");
+    stream
+        .write_all(format!("{bare}{last}").as_bytes())
+        .await
+        .unwrap();
+    let answered = read_to_close(&mut stream).await;
+    let statuses: Vec<&str> = answered
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answered[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["201", "202"], "{answered}");
+    for _ in 0..2 {
+        http.next_request().await;
+    }
+}
