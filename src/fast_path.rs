@@ -13,6 +13,7 @@
 //! machinery was about a third of the edge's instructions per proxied GET.
 
 use std::cell::RefCell;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -293,7 +294,8 @@ async fn write_response(
     }
     match framing {
         Framing::Length(length) if declared.is_none() => {
-            put_header(&mut out, "content-length", length.to_string().as_bytes());
+            // Written in place: no string made per response.
+            let _ = write!(out, "content-length: {length}\r\n");
         }
         Framing::Chunked => put_header(&mut out, "transfer-encoding", b"chunked"),
         _ => {}
@@ -335,7 +337,7 @@ async fn write_response(
                 return Err(std::io::Error::other("the body is longer than its length"));
             }
             Framing::Chunked => {
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                let _ = write!(out, "{:x}\r\n", data.len());
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
             }

@@ -80,6 +80,24 @@ impl Set {
         }
     }
 
+    /// Holds `revoked` until `until`; a later `until` for the same entry wins.
+    fn hold(&mut self, revoked: Revoked, until: u64) -> Result<(), RevocationError> {
+        let slot = match revoked {
+            Revoked::Jti(jti) => self.jtis.entry(jti).or_insert(0),
+            Revoked::User { tenant, user } => self
+                .users
+                .entry(tenant)
+                .or_default()
+                .entry(user)
+                .or_insert(0),
+        };
+        *slot = (*slot).max(until);
+        if self.len() > MAX_ENTRIES {
+            return Err(RevocationError::Full);
+        }
+        Ok(())
+    }
+
     fn drop_expired(&mut self, now: u64) {
         self.jtis.retain(|_, until| *until > now);
         for users in self.users.values_mut() {
@@ -170,22 +188,7 @@ impl Revocations {
 
     /// Revokes until `until` (Unix seconds); a later `until` for the same entry wins.
     pub(crate) fn revoke(&self, revoked: Revoked, until: u64) -> Result<(), RevocationError> {
-        self.change(|set| {
-            let slot = match revoked {
-                Revoked::Jti(jti) => set.jtis.entry(jti).or_insert(0),
-                Revoked::User { tenant, user } => set
-                    .users
-                    .entry(tenant)
-                    .or_default()
-                    .entry(user)
-                    .or_insert(0),
-            };
-            *slot = (*slot).max(until);
-            if set.len() > MAX_ENTRIES {
-                return Err(RevocationError::Full);
-            }
-            Ok(())
-        })
+        self.change(|set| set.hold(revoked, until))
     }
 
     /// Lifts a revocation; whether there was one.
@@ -212,19 +215,7 @@ impl Revocations {
         self.change(|set| {
             *set = Set::default();
             for (revoked, until) in entries {
-                let slot = match revoked {
-                    Revoked::Jti(jti) => set.jtis.entry(jti).or_insert(0),
-                    Revoked::User { tenant, user } => set
-                        .users
-                        .entry(tenant)
-                        .or_default()
-                        .entry(user)
-                        .or_insert(0),
-                };
-                *slot = (*slot).max(until);
-                if set.len() > MAX_ENTRIES {
-                    return Err(RevocationError::Full);
-                }
+                set.hold(revoked, until)?;
             }
             set.drop_expired(now());
             Ok(())

@@ -130,6 +130,16 @@ impl EdgeHandle {
     }
 }
 
+/// A listener of the edge's own (not a serving one), its error naming what it is for.
+async fn bind_named(address: SocketAddr, what: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {address} ({what}): {e}"),
+        )
+    })
+}
+
 /// Whether `[cluster]` differs between two configs (its secret compared too, not printed).
 fn cluster_changed(old: &Config, new: &Config) -> bool {
     match (&old.cluster, &new.cluster) {
@@ -181,21 +191,11 @@ impl Edge {
         }
         let admin = match &config.admin {
             None => None,
-            Some(admin) => Some(TcpListener::bind(admin.listen).await.map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {} (admin): {e}", admin.listen),
-                )
-            })?),
+            Some(admin) => Some(bind_named(admin.listen, "admin").await?),
         };
         let link = match &config.cluster {
             None => None,
-            Some(cluster) => Some(TcpListener::bind(cluster.link).await.map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {} (cluster link): {e}", cluster.link),
-                )
-            })?),
+            Some(cluster) => Some(bind_named(cluster.link, "cluster link").await?),
         };
         let link_port = match &link {
             Some(link) => Some(link.local_addr()?.port()),

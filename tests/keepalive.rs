@@ -36,6 +36,14 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
+/// The status codes of the responses in `answered`, in order.
+fn statuses(answered: &str) -> Vec<&str> {
+    answered
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answered[at + 9..at + 12])
+        .collect()
+}
+
 #[tokio::test]
 async fn pipelined_gets_are_answered_in_order_and_close_ends_the_connection() {
     let mut http = HttpUpstream::start("a").await;
@@ -53,10 +61,7 @@ async fn pipelined_gets_are_answered_in_order_and_close_ends_the_connection() {
     .concat();
     stream.write_all(pipelined.as_bytes()).await.unwrap();
     let answered = read_to_close(&mut stream).await;
-    let statuses: Vec<&str> = answered
-        .match_indices("HTTP/1.1 ")
-        .map(|(at, _)| &answered[at + 9..at + 12])
-        .collect();
+    let statuses = statuses(&answered);
     assert_eq!(statuses, ["201", "204", "304", "202"], "{answered}");
     // 201 and 202 carry their body with its length; 204 and 304 carry none.
     let responses: Vec<&str> = answered.split("HTTP/1.1 ").skip(1).collect();
@@ -167,10 +172,7 @@ async fn heads_with_bare_line_feeds_are_all_answered() {
         .await
         .unwrap();
     let answered = read_to_close(&mut stream).await;
-    let statuses: Vec<&str> = answered
-        .match_indices("HTTP/1.1 ")
-        .map(|(at, _)| &answered[at + 9..at + 12])
-        .collect();
+    let statuses = statuses(&answered);
     assert_eq!(statuses, ["201", "202"], "{answered}");
     for _ in 0..2 {
         http.next_request().await;
