@@ -83,28 +83,18 @@ struct Revocation {
 
 impl Revocation {
     fn target(&self) -> Result<(Revoked, Selector), &'static str> {
-        match (&self.jti, &self.user) {
-            (Some(jti), None) if self.tenant.is_none() && !jti.is_empty() => Ok((
-                Revoked::Jti(jti.clone()),
-                Selector {
-                    jti: Some(jti.clone()),
-                    ..Selector::default()
-                },
-            )),
-            (None, Some(user)) if !user.is_empty() => Ok((
-                Revoked::User {
-                    tenant: self.tenant.clone().unwrap_or_default(),
-                    user: user.clone(),
-                },
-                Selector {
-                    user: Some(user.clone()),
-                    tenant: self.tenant.clone(),
-                    without_tenant: self.tenant.is_none(),
-                    ..Selector::default()
-                },
-            )),
-            _ => Err("name either a jti, or a user (with its tenant, if it has one)"),
-        }
+        let revoked = match (&self.jti, &self.user) {
+            (Some(jti), None) if self.tenant.is_none() && !jti.is_empty() => {
+                Revoked::Jti(jti.clone())
+            }
+            (None, Some(user)) if !user.is_empty() => Revoked::User {
+                tenant: self.tenant.clone().unwrap_or_default(),
+                user: user.clone(),
+            },
+            _ => return Err("name either a jti, or a user (with its tenant, if it has one)"),
+        };
+        let selector = revoked.selector();
+        Ok((revoked, selector))
     }
 }
 
@@ -385,11 +375,14 @@ async fn lift(shared: &Shared, revocation: &Revocation) -> Answer {
     };
     let lifted = shared.revocations.lift(&revoked);
     let cluster = match &shared.cluster {
-        Some(cluster) => Some(cluster.lift(revoked).await),
+        Some(cluster) => {
+            let held_until = lifted.as_ref().ok().copied().flatten();
+            Some(cluster.lift(revoked, held_until).await)
+        }
         None => None,
     };
     let mut answer = match lifted {
-        Ok(lifted) => Answer::ok(json!({ "lifted": lifted })),
+        Ok(lifted) => Answer::ok(json!({ "lifted": lifted.is_some() })),
         Err(error) => stored_error(&error),
     };
     if let Some(cluster) = cluster {

@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use crate::connections::Selector;
+
 /// The most revocations held at once: a bound on memory and on the state file, far above what
 /// operators revoke within tokens' lifetimes.
 const MAX_ENTRIES: usize = 100_000;
@@ -31,6 +33,31 @@ pub(crate) enum Revoked {
         tenant: String,
         user: String,
     },
+}
+
+impl Revoked {
+    /// The connections this revocation ends.
+    pub(crate) fn selector(&self) -> Selector {
+        match self {
+            Revoked::Jti(jti) => Selector {
+                jti: Some(jti.clone()),
+                ..Selector::default()
+            },
+            Revoked::User { tenant, user } => Selector {
+                user: Some(user.clone()),
+                tenant: (!tenant.is_empty()).then(|| tenant.clone()),
+                without_tenant: tenant.is_empty(),
+                ..Selector::default()
+            },
+        }
+    }
+}
+
+/// A change made while the cluster reads the set back from Redis: made again over what it
+/// read, which may predate it.
+enum Change {
+    Hold(Revoked, u64),
+    Lift(Revoked),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +125,46 @@ impl Set {
         Ok(())
     }
 
+    /// Lifts `revoked`: until when it held, if it did.
+    fn lift(&mut self, revoked: &Revoked) -> Option<u64> {
+        let lifted = match revoked {
+            Revoked::Jti(jti) => self.jtis.remove(jti),
+            Revoked::User { tenant, user } => self
+                .users
+                .get_mut(tenant)
+                .and_then(|users| users.remove(user)),
+        };
+        self.users.retain(|_, users| !users.is_empty());
+        lifted
+    }
+
+    fn contains(&self, revoked: &Revoked) -> bool {
+        match revoked {
+            Revoked::Jti(jti) => self.jtis.contains_key(jti),
+            Revoked::User { tenant, user } => self
+                .users
+                .get(tenant)
+                .is_some_and(|users| users.contains_key(user)),
+        }
+    }
+
+    fn entries(&self) -> Vec<(Revoked, u64)> {
+        let jtis = self
+            .jtis
+            .iter()
+            .map(|(jti, until)| (Revoked::Jti(jti.clone()), *until));
+        let users = self.users.iter().flat_map(|(tenant, users)| {
+            users.iter().map(|(user, until)| {
+                let revoked = Revoked::User {
+                    tenant: tenant.clone(),
+                    user: user.clone(),
+                };
+                (revoked, *until)
+            })
+        });
+        jtis.chain(users).collect()
+    }
+
     fn drop_expired(&mut self, now: u64) {
         self.jtis.retain(|_, until| *until > now);
         for users in self.users.values_mut() {
@@ -111,8 +178,9 @@ pub(crate) struct Revocations {
     current: ArcSwap<Set>,
     /// Where the set is kept across restarts.
     file: Option<PathBuf>,
-    /// Changes one at a time (a change is read, modify, write, swap).
-    changing: Mutex<()>,
+    /// Changes one at a time (a change is read, modify, write, swap); while the cluster reads
+    /// the set back, the changes made meanwhile.
+    changing: Mutex<Option<Vec<Change>>>,
 }
 
 fn now() -> u64 {
@@ -159,7 +227,7 @@ impl Revocations {
         Ok(Self {
             current: ArcSwap::from_pointee(set),
             file,
-            changing: Mutex::new(()),
+            changing: Mutex::new(None),
         })
     }
 
@@ -188,38 +256,73 @@ impl Revocations {
 
     /// Revokes until `until` (Unix seconds); a later `until` for the same entry wins.
     pub(crate) fn revoke(&self, revoked: Revoked, until: u64) -> Result<(), RevocationError> {
-        self.change(|set| set.hold(revoked, until))
+        self.change(|set, journal| {
+            if let Some(journal) = journal {
+                journal.push(Change::Hold(revoked.clone(), until));
+            }
+            set.hold(revoked, until)
+        })
     }
 
-    /// Lifts a revocation; whether there was one.
-    pub(crate) fn lift(&self, revoked: &Revoked) -> Result<bool, RevocationError> {
-        let mut lifted = false;
-        self.change(|set| {
-            lifted = match revoked {
-                Revoked::Jti(jti) => set.jtis.remove(jti).is_some(),
-                Revoked::User { tenant, user } => set
-                    .users
-                    .get_mut(tenant)
-                    .and_then(|users| users.remove(user))
-                    .is_some(),
-            };
-            set.users.retain(|_, users| !users.is_empty());
+    /// Lifts a revocation: until when it held, if there was one.
+    pub(crate) fn lift(&self, revoked: &Revoked) -> Result<Option<u64>, RevocationError> {
+        let mut lifted = None;
+        self.change(|set, journal| {
+            if let Some(journal) = journal {
+                journal.push(Change::Lift(revoked.clone()));
+            }
+            lifted = set.lift(revoked);
             Ok(())
         })?;
         Ok(lifted)
     }
 
-    /// Makes the set exactly `entries` (what the cluster's Redis holds), a later `until` for
-    /// the same entry winning.
-    pub(crate) fn replace(&self, entries: Vec<(Revoked, u64)>) -> Result<(), RevocationError> {
-        self.change(|set| {
-            *set = Set::default();
+    /// What is revoked now, and until when.
+    pub(crate) fn entries(&self) -> Vec<(Revoked, u64)> {
+        let now = now();
+        let mut entries = self.current.load().entries();
+        entries.retain(|(_, until)| *until > now);
+        entries
+    }
+
+    /// Notes the changes made from now on, for [`Revocations::replace`]: what the cluster
+    /// reads from Redis next may predate them.
+    pub(crate) fn begin_replace(&self) {
+        *self.changing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// Makes the set `entries` (what the cluster holds), a later `until` for the same entry
+    /// winning, with the changes made since [`Revocations::begin_replace`] made again over
+    /// them. Answers what holds now that did not before (and whether the set was kept: one
+    /// that cannot be written is in effect all the same).
+    pub(crate) fn replace(
+        &self,
+        entries: Vec<(Revoked, u64)>,
+    ) -> (Vec<Revoked>, Result<(), RevocationError>) {
+        let mut added = Vec::new();
+        let result = self.change(|set, journal| {
+            let before = std::mem::take(set);
             for (revoked, until) in entries {
                 set.hold(revoked, until)?;
             }
+            for change in journal.take().unwrap_or_default() {
+                match change {
+                    Change::Hold(revoked, until) => set.hold(revoked, until)?,
+                    Change::Lift(revoked) => {
+                        set.lift(&revoked);
+                    }
+                }
+            }
             set.drop_expired(now());
+            added = set
+                .entries()
+                .into_iter()
+                .map(|(revoked, _)| revoked)
+                .filter(|revoked| !before.contains(revoked))
+                .collect();
             Ok(())
-        })
+        });
+        (added, result)
     }
 
     /// Until when `revoked` holds, if it does.
@@ -241,17 +344,20 @@ impl Revocations {
     /// wait on a disk), until a restart: the error says so.
     fn change(
         &self,
-        apply: impl FnOnce(&mut Set) -> Result<(), RevocationError>,
+        apply: impl FnOnce(&mut Set, &mut Option<Vec<Change>>) -> Result<(), RevocationError>,
     ) -> Result<(), RevocationError> {
-        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut journal = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let mut set = Set::clone(&self.current.load());
         set.drop_expired(now());
-        apply(&mut set)?;
+        apply(&mut set, &mut journal)?;
         let written = match &self.file {
-            Some(path) => write_atomically(path, &set).map_err(|error| RevocationError::Write {
-                path: path.clone(),
-                error,
-            }),
+            Some(path) => serde_json::to_vec(&set)
+                .map_err(std::io::Error::other)
+                .and_then(|json| write_atomically(path, &json))
+                .map_err(|error| RevocationError::Write {
+                    path: path.clone(),
+                    error,
+                }),
             None => Ok(()),
         };
         self.current.store(Arc::new(set));
@@ -259,13 +365,13 @@ impl Revocations {
     }
 }
 
-/// Writes `set` to `path` so that a crash leaves either the old file or the new one whole.
-fn write_atomically(path: &Path, set: &Set) -> std::io::Result<()> {
-    let json = serde_json::to_vec(set).map_err(std::io::Error::other)?;
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one whole.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let temporary = dir.join(format!(".{STATE_FILE}.tmp"));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = dir.join(format!(".{name}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(&json)?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&temporary, path)?;
@@ -307,8 +413,8 @@ mod tests {
         let reloaded = Revocations::load(Some(dir.path())).unwrap();
         assert!(reloaded.is_revoked(Some("j1"), None, "bob"));
         assert_eq!(reloaded.until(&alice), Some(later));
-        assert!(reloaded.lift(&alice).unwrap());
-        assert!(!reloaded.lift(&alice).unwrap());
+        assert_eq!(reloaded.lift(&alice).unwrap(), Some(later));
+        assert_eq!(reloaded.lift(&alice).unwrap(), None);
         assert!(!Revocations::load(Some(dir.path())).unwrap().is_revoked(
             None,
             Some("acme"),

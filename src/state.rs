@@ -59,6 +59,7 @@ impl Shared {
                 Cluster::new(
                     settings.clone(),
                     link_port.unwrap_or(settings.link.port()),
+                    state_dir.as_deref(),
                     metrics.clone(),
                     revocations.clone(),
                     connections.clone(),

@@ -32,11 +32,23 @@ fn member_renewing(
     extra: &str,
     node_ttl_secs: u64,
 ) -> EdgeConfig {
+    member_with(upstream, redis, node, extra, node_ttl_secs, "")
+}
+
+/// The same, with more lines in its `[admin]` section.
+fn member_with(
+    upstream: &Upstream,
+    redis: &RedisServer,
+    node: &str,
+    extra: &str,
+    node_ttl_secs: u64,
+    admin_extra: &str,
+) -> EdgeConfig {
     EdgeConfig::new(&upstream.url("/ws/chat"))
         .without_admin()
         .server("max_connections_per_user = 2")
         .section(&format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\""
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n{admin_extra}"
         ))
         .section(&format!(
             "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlink = \"127.0.0.1:0\"\nnode_ttl = \"{node_ttl_secs}s\"\n{extra}",
@@ -424,10 +436,7 @@ async fn a_revocation_made_while_redis_is_away_reaches_it_when_it_is_back() {
     );
     redis.restart().await;
     eventually(WAIT, "the pending revocation written to Redis", || async {
-        redis
-            .query::<Option<u64>>(redis::cmd("GET").arg("wsedge:revoked:jti:b1"))
-            .await
-            .is_some()
+        stored_revocation(&redis, "jti:b1").await.is_some()
     })
     .await;
     // An edge that starts now reads it back.
@@ -438,4 +447,164 @@ async fn a_revocation_made_while_redis_is_away_reaches_it_when_it_is_back() {
             .is_err_and(|refused| refused.status == 401)
     })
     .await;
+}
+
+/// What Redis holds for a revocation's field (`jti:…` or `user:…`): `until at kind`.
+async fn stored_revocation(redis: &RedisServer, field: &str) -> Option<String> {
+    redis
+        .query::<Option<String>>(redis::cmd("HGET").arg("wsedge:revocations").arg(field))
+        .await
+}
+
+/// Connects `user` with the token id `jti` through `edge`.
+async fn connect_raw(edge: &TestEdge, upstream: &mut Upstream, user: &str, jti: &str) -> RawClient {
+    let client = RawClient::connect(
+        edge.addr,
+        &format!("/ws/chat?token={}", token(user, jti)),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    client
+}
+
+#[tokio::test]
+async fn redis_restarting_empty_loses_no_revocation_and_events_flow_again() {
+    let mut redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    let mut alice = connect_raw(&b, &mut upstream, "alice", "a1").await;
+    let mut dave = connect_raw(&b, &mut upstream, "dave", "d1").await;
+    let answer = admin_post(&a, "/admin/revoke", json!({ "jti": "gone" })).await;
+    assert_eq!(answer["cluster"], "published");
+
+    redis.kill().await;
+    for edge in [&a, &b] {
+        edge.wait_metric("wsedge_cluster_redis_up", 0.0).await;
+    }
+    // B cannot hear of it while Redis is away.
+    let answer = admin_post(
+        &a,
+        "/admin/revoke",
+        json!({ "user": "alice", "tenant": "acme" }),
+    )
+    .await;
+    assert_eq!(answer["cluster"], "pending");
+
+    // Back, empty: alice's socket on B ends (by the event A publishes, or by B reading the
+    // revocation back), and what Redis lost is written back by the edges that hold it.
+    redis.restart().await;
+    assert_eq!(alice.read_close_code().await, Some(4004));
+    assert_eq!(upstream.next_close().await, Some((1000, "revoked".into())));
+    eventually(WAIT, "the lost revocation written back", || async {
+        stored_revocation(&redis, "jti:gone")
+            .await
+            .is_some_and(|stored| stored.ends_with(" r"))
+    })
+    .await;
+    // B listens again: an event published now reaches it.
+    eventually(WAIT, "both edges listening again", || async {
+        let answer = admin_post(&a, "/admin/disconnect", json!({ "user": "nobody" })).await;
+        answer["edges"] == 2
+    })
+    .await;
+    admin_post(&a, "/admin/revoke", json!({ "jti": "d1" })).await;
+    assert_eq!(dave.read_close_code().await, Some(4004));
+    // An edge that starts now holds all of it.
+    let c = start_member(&upstream, &redis, "edge-c").await;
+    for (user, jti) in [("bob", "gone"), ("alice", "a2"), ("dave", "d1")] {
+        eventually(WAIT, "the revocations read back by a new edge", || async {
+            connect(&chat(c.addr, &token(user, jti)), &[])
+                .await
+                .is_err_and(|refused| refused.status == 401)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_lift_an_edge_missed_is_not_undone_by_its_copy() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let a = start_member(&upstream, &redis, "edge-a").await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    admin_post(&a, "/admin/revoke", json!({ "jti": "x1" })).await;
+    b.wait_metric("wsedge_cluster_events_total{kind=\"revoke\"}", 1.0)
+        .await;
+    let stored = stored_revocation(&redis, "jti:x1").await.unwrap();
+    let until = stored.split(' ').next().unwrap().to_owned();
+    // A lift that reached Redis but neither edge (as one made while their subscriptions
+    // were down): the edges find it when they read back after reconnecting.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    redis
+        .query::<()>(
+            redis::cmd("HSET")
+                .arg("wsedge:revocations")
+                .arg("jti:x1")
+                .arg(format!("{until} {now_ms} l")),
+        )
+        .await;
+    redis
+        .query::<()>(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
+        .await;
+    for edge in [&a, &b] {
+        eventually(WAIT, "the lift read back", || async {
+            connect(&chat(edge.addr, &token("bob", "x1")), &[])
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+    // Neither edge wrote its stale copy back over the lift.
+    assert!(
+        stored_revocation(&redis, "jti:x1")
+            .await
+            .unwrap()
+            .ends_with(" l")
+    );
+}
+
+#[tokio::test]
+async fn a_revocation_waiting_for_redis_outlives_a_restart_of_its_edge() {
+    let mut redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let keeping = format!("state_dir = \"{}\"", state.path().display());
+    let config = member_with(&upstream, &redis, "edge-a", "", NODE_TTL_SECS, &keeping).build();
+    let a = TestEdge::start(&config).await;
+    redis.kill().await;
+    a.wait_metric("wsedge_cluster_redis_up", 0.0).await;
+    let answer = admin_post(&a, "/admin/revoke", json!({ "jti": "p1" })).await;
+    assert_eq!(answer["cluster"], "pending");
+    a.stop().await;
+    assert!(state.path().join("cluster-pending.json").exists());
+
+    let a = TestEdge::start(&config).await;
+    redis.restart().await;
+    eventually(
+        WAIT,
+        "the revocation written once Redis is back",
+        || async {
+            stored_revocation(&redis, "jti:p1")
+                .await
+                .is_some_and(|stored| stored.ends_with(" r"))
+        },
+    )
+    .await;
+    eventually(WAIT, "nothing left waiting", || async {
+        !state.path().join("cluster-pending.json").exists()
+    })
+    .await;
+    let b = start_member(&upstream, &redis, "edge-b").await;
+    eventually(WAIT, "the revocation read back by another edge", || async {
+        connect(&chat(b.addr, &token("bob", "p1")), &[])
+            .await
+            .is_err_and(|refused| refused.status == 401)
+    })
+    .await;
+    drop(a);
 }

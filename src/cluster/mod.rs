@@ -11,9 +11,11 @@
 pub(crate) mod directory;
 pub(crate) mod events;
 pub(crate) mod leases;
+mod revoked;
 pub(crate) mod wire;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -64,7 +66,9 @@ pub(crate) struct Cluster {
     /// The link requests this edge took lately, so that none is taken twice.
     pub(crate) taken_links: wire::TakenRequests,
     /// Revocations and lifts made here while Redis was down, written when it is back.
-    pending: std::sync::Mutex<Vec<events::Event>>,
+    pending: std::sync::Mutex<Vec<events::What>>,
+    /// Where they are kept across a restart (in the state directory, when there is one).
+    pending_file: Option<PathBuf>,
 }
 
 thread_local! {
@@ -74,17 +78,20 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// What a Redis call came to, for the caller that must decide without it.
+/// A Redis call that gave no answer to use (Redis away, or a call it refused), for the
+/// caller that must decide without it.
 #[derive(Debug)]
 pub(crate) struct Unreachable;
 
 impl Cluster {
     /// The cluster as `settings` describe it; Redis is reached lazily (an edge starts, and
     /// serves under `on_redis_down`, while Redis is down). `link_port` is where the link
-    /// listener was bound.
+    /// listener was bound; `state_dir` keeps what waits for Redis across a restart.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         settings: Arc<ClusterSettings>,
         link_port: u16,
+        state_dir: Option<&Path>,
         metrics: Arc<Metrics>,
         revocations: Arc<Revocations>,
         connections: Arc<Connections>,
@@ -123,6 +130,7 @@ impl Cluster {
             settings.node,
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        let (pending_file, pending) = revoked::load_pending(state_dir);
         Ok(Self {
             leases: Arc::new(LeaseBook::new(instance.clone())),
             settings,
@@ -140,7 +148,8 @@ impl Cluster {
             connections,
             sessions,
             taken_links: wire::TakenRequests::default(),
-            pending: std::sync::Mutex::default(),
+            pending: std::sync::Mutex::new(pending),
+            pending_file,
         })
     }
 
@@ -210,27 +219,35 @@ impl Cluster {
                 Ok(value)
             }
             Ok(Err(error)) => {
-                self.failed(op);
-                // A script error is ours, not Redis being away: say what it was.
-                if !(error.is_io_error() || error.is_connection_dropped() || error.is_timeout()) {
+                self.count_error(op);
+                if error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout()
+                {
+                    self.mark(false);
+                } else {
+                    // Redis answered (a script or type error is ours, not Redis being away):
+                    // say what it was, and go on counting it as up.
+                    self.mark(true);
                     tracing::error!(op, error = %error, "cluster: Redis refused a call");
                 }
                 Err(Unreachable)
             }
             Err(_) => {
-                self.failed(op);
+                self.count_error(op);
+                self.mark(false);
                 Err(Unreachable)
             }
         }
     }
 
-    fn failed(&self, op: &'static str) {
+    fn count_error(&self, op: &'static str) {
         self.metrics
             .cluster
             .redis_errors
             .get_or_create(&OpLabels { op })
             .inc();
-        self.mark(false);
     }
 
     /// A connection to Redis driven by the calling thread's event loop: a handshake's call
@@ -277,18 +294,27 @@ impl Cluster {
         loop {
             let was_up = self.is_up();
             if self.probe().await {
-                if !subscribed {
+                let missed = self.missed.swap(false, Ordering::Relaxed);
+                // Subscribed again after every outage: the subscription's connection is made
+                // again when it is next used, and a reconnect tried while Redis was still
+                // away leaves it unmade.
+                if !subscribed || !was_up || missed {
                     subscribed = self
                         .call("subscribe", |_| async {
                             self.subscriber.clone().subscribe(events::CHANNEL).await
                         })
                         .await
                         .is_ok();
+                    if !subscribed {
+                        self.missed.store(true, Ordering::Relaxed);
+                    }
                 }
-                let missed = self.missed.swap(false, Ordering::Relaxed);
                 let renewed = self.renew().await;
-                if renewed && (!was_up || missed || since_resync >= RESYNC_EVERY) {
-                    self.write_pending().await;
+                // A lift still waiting would be undone by what Redis holds: written first.
+                if renewed
+                    && (!was_up || missed || since_resync >= RESYNC_EVERY)
+                    && self.write_pending().await
+                {
                     self.resync_revocations().await;
                     since_resync = Duration::ZERO;
                 }
