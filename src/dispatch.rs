@@ -103,7 +103,9 @@ pub(crate) async fn handle(
         ..
     } = &admitted.kind
     {
-        if let Some(response) = carry(&mut request, &shared, conn, &request_id, admitted).await {
+        if let Some(response) =
+            carry(&mut request, &shared, conn, &request_id, started, admitted).await
+        {
             return Ok(response.map(EdgeBody::Full));
         }
         admitted = match admission::admit(&request, conn, &shared, &live, &memo, Pass::NotElsewhere)
@@ -191,6 +193,7 @@ async fn carry(
     shared: &Arc<Shared>,
     conn: ClientConn,
     request_id: &str,
+    started: Instant,
     admitted: Admitted<'_>,
 ) -> Option<Response<Full<Bytes>>> {
     let Admitted {
@@ -227,6 +230,7 @@ async fn carry(
             request_id,
             forward_token: route.forward_token,
         },
+        started,
     };
     handoff::carry(request, shared, elsewhere).await
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -18,20 +19,23 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::ClientConn;
+use crate::admission::Rejected;
+use crate::admission::refusal::Refusal;
 use crate::auth::Identity;
 use crate::auth::claims::claim_string;
 use crate::auth::token_source;
-use crate::cluster::wire::{self, LINK_TIMEOUT, LinkError, LinkRequest};
+use crate::cluster::wire::{self, Declined, LINK_TIMEOUT, LinkError, LinkRequest};
 use crate::connections::TokenFacts;
 use crate::handshake::{self, Reply};
 use crate::metrics::{GaugeGuard, ResultLabels, SideLabels};
 use crate::passthrough::body::ClientBody;
+use crate::report;
 use crate::route::Route;
 use crate::session::registry::{Attach, SessionKey};
 use crate::state::Shared;
 use crate::ws::close::NotResumable;
 use crate::ws::io::Io;
-use crate::ws::leg::Leg;
+use crate::ws::leg::{CLOSE_TIMEOUT, Leg};
 
 /// A resume of a session this edge does not hold.
 pub(crate) struct Elsewhere<'a> {
@@ -44,6 +48,7 @@ pub(crate) struct Elsewhere<'a> {
     /// Its `max_connections` slot here, held while its bytes pass through.
     pub(crate) connection: OwnedSemaphorePermit,
     pub(crate) reply: Reply<'a>,
+    pub(crate) started: Instant,
 }
 
 fn count(shared: &Shared, result: &'static str) {
@@ -73,6 +78,7 @@ pub(crate) async fn carry(
         conversation,
         connection,
         reply,
+        started: admitted_at,
     } = elsewhere;
     let owner = cluster.find_session(&key).await.ok()??;
     let started = Instant::now();
@@ -98,6 +104,30 @@ pub(crate) async fn carry(
     .await
     {
         Ok(linked) => linked,
+        // The owner no longer knows it (the session ended, and the directory's entry has yet
+        // to lapse): judged here, as a session no edge holds.
+        Err(LinkError::Refused(NotResumable::Unknown)) => {
+            count(shared, NotResumable::Unknown.label());
+            return None;
+        }
+        Err(LinkError::Revoked) => {
+            count(shared, "revoked");
+            let rejected = Rejected {
+                refusal: Refusal::TokenRevoked,
+                route: Some(route.label.clone()),
+                identity: Some(Box::new(identity.clone())),
+                http: false,
+                refetch: None,
+            };
+            return Some(report::refused(
+                shared,
+                reply.request_id,
+                conn,
+                request.uri(),
+                admitted_at,
+                rejected,
+            ));
+        }
         Err(LinkError::Refused(why)) => {
             count(shared, why.label());
             return Some(handshake::not_resumable(
@@ -142,11 +172,12 @@ pub(crate) async fn carry(
     Some(response)
 }
 
-/// Passes bytes both ways until either side ends; what either side sent before the pipe began
-/// goes first. When the owner ends the link (after a close handshake, or giving up on the
-/// client) the client's connection ends with it, as a server closes TCP after its close frame;
-/// when the client's ends, so does the link, and the session waits for the client as for any
-/// that vanished. At the edge's drain the pipe is cut: the client resumes elsewhere.
+/// Passes bytes both ways; what either side sent before the pipe began goes first. Each
+/// direction ends on its own: an end of one side's bytes is passed on as the end of the other
+/// side's (a close frame's answer still reaches the side that closed first), and once one
+/// direction has ended the other gets `CLOSE_TIMEOUT` to follow, so that a peer that never
+/// closes holds nothing. An error on either side ends both: the session waits for the client
+/// as for any that vanished. At the edge's drain the pipe is cut: the client resumes elsewhere.
 async fn pipe(
     mut client: Io,
     from_client: Bytes,
@@ -159,14 +190,25 @@ async fn pipe(
     }
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut link_read, mut link_write) = link.split();
-    tokio::select! {
-        _ = tokio::io::copy(&mut client_read, &mut link_write) => {
-            let _ = link_write.shutdown().await;
+    let up = async {
+        tokio::io::copy(&mut client_read, &mut link_write).await?;
+        link_write.shutdown().await
+    };
+    let down = async {
+        tokio::io::copy(&mut link_read, &mut client_write).await?;
+        client_write.shutdown().await
+    };
+    tokio::pin!(up, down);
+    let rest = tokio::select! {
+        ended = &mut up => ended.is_ok().then_some(down.as_mut().left_future()),
+        ended = &mut down => ended.is_ok().then_some(up.as_mut().right_future()),
+        () = shutdown.clone().cancelled_owned() => None,
+    };
+    if let Some(rest) = rest {
+        tokio::select! {
+            _ = tokio::time::timeout(CLOSE_TIMEOUT, rest) => {}
+            () = shutdown.cancelled_owned() => {}
         }
-        _ = tokio::io::copy(&mut link_read, &mut client_write) => {
-            let _ = client_write.shutdown().await;
-        }
-        () = shutdown.cancelled_owned() => {}
     }
 }
 
@@ -250,10 +292,20 @@ async fn take_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared
         Ok(found) => found,
         Err(why) => {
             shared.metrics.resume(&asked.route, why.label());
-            let _ = wire::answer(&mut stream, Err(why)).await;
+            let _ = wire::answer(&mut stream, Err(Declined::Session(why))).await;
             return;
         }
     };
+    // The asking edge checked its own copy; this edge may have heard of a revocation first.
+    let tenant = (!asked.tenant.is_empty()).then_some(asked.tenant.as_str());
+    if shared
+        .revocations
+        .is_revoked(asked.jti.as_deref(), tenant, &asked.user)
+    {
+        count(&shared, "revoked");
+        let _ = wire::answer(&mut stream, Err(Declined::Revoked)).await;
+        return;
+    }
     let protocol = entry.protocol.get().cloned().flatten();
     let protocol = protocol.as_ref().and_then(|p| p.to_str().ok());
     if wire::answer(&mut stream, Ok(protocol)).await.is_err() {
@@ -263,8 +315,7 @@ async fn take_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared
     tracing::info!(request_id = %asked.request_id, route = %route.label, session = %key.id, last_seq = asked.last_seq, from = %asked.from, "resuming a client of another edge");
     handshake::resumed_with_token(
         &shared,
-        &key.id,
-        &key.user,
+        &key,
         TokenFacts {
             jti: asked.jti.clone(),
             expires_at: asked.token_expires_at,

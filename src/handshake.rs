@@ -27,7 +27,7 @@ use crate::passthrough::body::ClientBody;
 use crate::relay::{Counters, Relay, RelayParams};
 use crate::report::{self, Connected, ConnectionReport};
 use crate::route::Route;
-use crate::session::registry::{Attach, Delivery, SessionEntry, close_not_resumable};
+use crate::session::registry::{Attach, Delivery, SessionEntry, SessionKey, close_not_resumable};
 use crate::session::resumable::Resumable;
 use crate::state::Shared;
 use crate::upstream::websocket;
@@ -76,12 +76,7 @@ pub(crate) async fn upgrade(
     match session {
         SessionPlan::Resume { entry, last_seq } => {
             // The session's registry entry holds the token its client holds now.
-            resumed_with_token(
-                shared,
-                &entry.key.id,
-                &identity.user,
-                token_facts(&identity),
-            );
+            resumed_with_token(shared, &entry.key, token_facts(&identity));
             resume(
                 &mut request,
                 shared,
@@ -384,15 +379,20 @@ pub(crate) async fn hand_to_session(
     }
 }
 
-/// The token a resumed session's client holds now, for the admin API's listing.
-pub(crate) fn resumed_with_token(shared: &Shared, session_id: &str, user: &str, token: TokenFacts) {
+/// The token a resumed session's client holds now, for the admin API's listing (and for
+/// revocations by `jti`).
+pub(crate) fn resumed_with_token(shared: &Shared, key: &SessionKey, token: TokenFacts) {
     let selector = Selector {
-        session: Some(session_id.to_owned()),
-        user: Some(user.to_owned()),
+        session: Some(key.id.clone()),
+        user: Some(key.user.clone()),
+        tenant: (!key.tenant.is_empty()).then(|| key.tenant.clone()),
+        without_tenant: key.tenant.is_empty(),
         ..Selector::default()
     };
     for connection in shared.connections.select(&selector) {
-        connection.set_token(token.clone());
+        if *connection.holder.route == *key.route {
+            connection.set_token(token.clone());
+        }
     }
 }
 

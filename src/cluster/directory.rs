@@ -2,15 +2,31 @@
 //! a session starts and renewed with the leases, so that an entry outlives a dead edge by at
 //! most `node_ttl`. An ended session's entry is left to lapse: a client that comes back through
 //! another edge meanwhile is carried to the owner, which tells it why the session is gone.
+//!
+//! The newest session under an id owns its entry: one started under an id another edge holds
+//! (its client came back where that edge could not be reached, and the route starts afresh)
+//! writes over it, and the other edge's renewals leave an entry that is no longer its own.
 
 use std::sync::Arc;
 
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 
 use super::{Cluster, PREFIX, Unreachable};
 use crate::session::registry::SessionKey;
 
 const BATCH: usize = 500;
+
+/// KEYS: entries; ARGV[1] this edge's value, ARGV[2] the time to live. Renews the entries that
+/// are this edge's, and writes those that lapsed; leaves those another edge wrote since.
+const RENEW: &str = r"
+for _, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  if not held or held == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  end
+end
+return 0
+";
 
 /// The directory key of a session. Lengths first: a tenant or user may hold any byte.
 fn entry_key(key: &SessionKey) -> String {
@@ -89,15 +105,17 @@ impl Cluster {
         let keys = self.sessions.registry.live_keys();
         let ttl = self.settings.node_ttl.as_millis() as u64;
         let value = self.entry_value();
+        let script = Script::new(RENEW);
         for batch in keys.chunks(BATCH) {
-            let mut pipe = redis::pipe();
+            let mut invocation = script.prepare_invoke();
             for key in batch {
-                pipe.pset_ex(entry_key(key), &value, ttl).ignore();
+                invocation.key(entry_key(key));
             }
-            let pipe = &pipe;
+            invocation.arg(&value).arg(ttl);
+            let invocation = &invocation;
             if self
                 .call("renew_sessions", |mut redis| async move {
-                    pipe.query_async::<()>(&mut redis).await
+                    invocation.invoke_async::<i64>(&mut redis).await
                 })
                 .await
                 .is_err()

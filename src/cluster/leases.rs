@@ -75,11 +75,20 @@ pub(crate) fn user_key(tenant: &str, user: &str) -> String {
     )
 }
 
+/// A lease this edge holds: the user's key and its member there.
+struct Held {
+    key: String,
+    member: String,
+    /// Redis has taken it (or it was taken while Redis was away under "open"): a renewal
+    /// writes it again if Redis lacks it. Not while its first call is out.
+    counted: bool,
+}
+
 /// The leases this edge holds, for renewal, and those given back, for release.
 pub(crate) struct LeaseBook {
     instance: String,
     next: AtomicU64,
-    held: Mutex<HashMap<u64, (String, String)>>,
+    held: Mutex<HashMap<u64, Held>>,
     released: mpsc::UnboundedSender<(String, String)>,
     /// Taken by the task that gives leases back.
     to_release: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
@@ -94,23 +103,33 @@ pub(crate) enum NoLease {
     Unavailable,
 }
 
-/// One connection's place in its user's count, until dropped.
+/// One connection's place in its user's count, until dropped. Made before Redis is asked:
+/// a handshake dropped while the call is out, or a call that timed out after Redis took it,
+/// gives the place back all the same.
 pub(crate) struct Lease {
     book: Arc<LeaseBook>,
     id: u64,
 }
 
+impl Lease {
+    fn counted(&self) {
+        if let Some(held) = self.book.held().get_mut(&self.id) {
+            held.counted = true;
+        }
+    }
+
+    /// Drops a lease Redis refused: there is nothing to give back.
+    fn refused(self) {
+        self.book.held().remove(&self.id);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        let removed = self
-            .book
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.id);
-        if let Some(lease) = removed {
+        let removed = self.book.held().remove(&self.id);
+        if let Some(held) = removed {
             // Given back at once by the releasing task; if Redis is away, it lapses.
-            let _ = self.book.released.send(lease);
+            let _ = self.book.released.send((held.key, held.member));
         }
     }
 }
@@ -127,7 +146,7 @@ impl LeaseBook {
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, String)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
         self.held
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -139,7 +158,12 @@ impl LeaseBook {
     }
 
     fn keep(self: &Arc<Self>, id: u64, key: String, member: String) -> Lease {
-        self.held().insert(id, (key, member));
+        let held = Held {
+            key,
+            member,
+            counted: false,
+        };
+        self.held().insert(id, held);
         Lease {
             book: self.clone(),
             id,
@@ -154,6 +178,7 @@ impl Cluster {
     pub(crate) async fn lease(&self, tenant: &str, user: &str, max: u32) -> Result<Lease, NoLease> {
         let key = user_key(tenant, user);
         let (id, member) = self.leases.member();
+        let lease = self.leases.keep(id, key.clone(), member.clone());
         if self.is_up() {
             let ttl = self.settings.node_ttl.as_millis() as u64;
             let script = Script::new(ACQUIRE);
@@ -166,14 +191,24 @@ impl Cluster {
                 })
                 .await;
             match taken {
-                Ok(1) => return Ok(self.leases.keep(id, key, member)),
-                Ok(_) => return Err(NoLease::Full),
+                Ok(1) => {
+                    lease.counted();
+                    return Ok(lease);
+                }
+                Ok(_) => {
+                    lease.refused();
+                    return Err(NoLease::Full);
+                }
                 Err(_) => {}
             }
         }
         // Redis is down (the handshake's admission counted the decision).
         match self.settings.on_redis_down {
-            RedisDown::Open => Ok(self.leases.keep(id, key, member)),
+            RedisDown::Open => {
+                lease.counted();
+                Ok(lease)
+            }
+            // Dropped: given back, in case Redis took it before the call timed out.
             RedisDown::Closed => Err(NoLease::Unavailable),
         }
     }
@@ -215,7 +250,8 @@ impl Cluster {
             .leases
             .held()
             .iter()
-            .map(|(id, (key, member))| (*id, key.clone(), member.clone()))
+            .filter(|(_, held)| held.counted)
+            .map(|(id, held)| (*id, held.key.clone(), held.member.clone()))
             .collect();
         let ttl = self.settings.node_ttl.as_millis() as u64;
         let mut missing = Vec::new();
@@ -260,6 +296,10 @@ impl Cluster {
                 .is_err()
             {
                 return false;
+            }
+            // Released while it was being written: given back again, after the write.
+            if !self.leases.held().contains_key(&id) {
+                let _ = self.leases.released.send((key, member));
             }
         }
         true

@@ -46,11 +46,24 @@ pub(crate) struct LinkRequest {
     pub(crate) sent_at: u64,
 }
 
+/// Why the owner does not take a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Declined {
+    /// The session cannot be had.
+    Session(NotResumable),
+    /// The owner holds a revocation of the client's token or user.
+    Revoked,
+}
+
+const REVOKED: &str = "revoked";
+
 /// Why a link could not be had.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkError {
     #[error("the owner refused the resume: {}", .0.reason())]
     Refused(NotResumable),
+    #[error("the owner holds a revocation of the client's token or user")]
+    Revoked,
     #[error("cannot reach the owner: {0}")]
     Io(#[from] std::io::Error),
     #[error("the owner's answer is not one: {0}")]
@@ -143,6 +156,7 @@ pub(crate) async fn ask(
         match answer.split_once(' ') {
             Some(("ok", "-")) => Ok((stream, rest, None)),
             Some(("ok", protocol)) => Ok((stream, rest, Some(protocol.to_owned()))),
+            Some(("refused", REVOKED)) => Err(LinkError::Revoked),
             Some(("refused", label)) => Err(LinkError::Refused(
                 NotResumable::from_label(label).unwrap_or(NotResumable::Unknown),
             )),
@@ -214,11 +228,12 @@ impl TakenRequests {
 /// The owner's answer: the session takes the client (with its subprotocol), or why not.
 pub(crate) async fn answer<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    outcome: Result<Option<&str>, NotResumable>,
+    outcome: Result<Option<&str>, Declined>,
 ) -> std::io::Result<()> {
     let line = match outcome {
         Ok(protocol) => format!("ok {}\n", protocol.unwrap_or("-")),
-        Err(why) => format!("refused {}\n", why.label()),
+        Err(Declined::Session(why)) => format!("refused {}\n", why.label()),
+        Err(Declined::Revoked) => format!("refused {REVOKED}\n"),
     };
     stream.write_all(line.as_bytes()).await?;
     stream.flush().await

@@ -632,8 +632,9 @@ impl Relay {
             };
             let mut attach = *attach;
             if let Err(error) = attach.leg.rehome() {
-                // Its socket now fails like a vanished client's: the session waits on.
+                // Its socket is gone: the client it had (if any) stays, the session goes on.
                 tracing::debug!(%error, "a resuming client's socket could not be moved to its session's thread");
+                continue;
             }
             let old = self.let_client_go();
             let took_over = old.is_some();
