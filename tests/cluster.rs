@@ -32,7 +32,7 @@ fn member_renewing(
     extra: &str,
     node_ttl_secs: u64,
 ) -> EdgeConfig {
-    member_with(upstream, redis, node, extra, node_ttl_secs, "")
+    member_with(upstream, redis, node, extra, node_ttl_secs, "", "")
 }
 
 /// The same, with more lines in its `[admin]` section.
@@ -43,6 +43,7 @@ fn member_with(
     extra: &str,
     node_ttl_secs: u64,
     admin_extra: &str,
+    resume_extra: &str,
 ) -> EdgeConfig {
     EdgeConfig::new(&upstream.url("/ws/chat"))
         .without_admin()
@@ -54,7 +55,9 @@ fn member_with(
             "[cluster]\nredis = \"{}\"\nnode = \"{node}\"\nsecret = \"{CLUSTER_SECRET}\"\nlink = \"127.0.0.1:0\"\nnode_ttl = \"{node_ttl_secs}s\"\n{extra}",
             redis.url()
         ))
-        .route(r#"resume = { window = "10s", max_messages = 50000, max_bytes = "4MiB" }"#)
+        .route(&format!(
+            r#"resume = {{ window = "10s", max_messages = 50000, max_bytes = "4MiB"{resume_extra} }}"#
+        ))
 }
 
 async fn start_member(upstream: &Upstream, redis: &RedisServer, node: &str) -> TestEdge {
@@ -574,7 +577,7 @@ async fn a_revocation_waiting_for_redis_outlives_a_restart_of_its_edge() {
     let upstream = Upstream::start().await;
     let state = tempfile::tempdir().unwrap();
     let keeping = format!("state_dir = \"{}\"", state.path().display());
-    let config = member_with(&upstream, &redis, "edge-a", "", NODE_TTL_SECS, &keeping).build();
+    let config = member_with(&upstream, &redis, "edge-a", "", NODE_TTL_SECS, &keeping, "").build();
     let a = TestEdge::start(&config).await;
     redis.kill().await;
     a.wait_metric("wsedge_cluster_redis_up", 0.0).await;
@@ -607,4 +610,135 @@ async fn a_revocation_waiting_for_redis_outlives_a_restart_of_its_edge() {
     })
     .await;
     drop(a);
+}
+
+/// The directory's entry for session `id` (`instance link`), if there is one.
+async fn directory_entry(redis: &RedisServer, id: &str) -> Option<String> {
+    let keys: Vec<String> = redis
+        .query(redis::cmd("KEYS").arg(format!("wsedge:session:*:{id}")))
+        .await;
+    let key = keys.first()?;
+    redis.query(redis::cmd("GET").arg(key)).await
+}
+
+/// Waits until edge A has renewed its entry for `id` (its time to live went up) `times` times.
+async fn renewed(redis: &RedisServer, id: &str, times: usize) {
+    let keys: Vec<String> = redis
+        .query(redis::cmd("KEYS").arg(format!("wsedge:session:*:{id}")))
+        .await;
+    let key = keys.first().expect("an entry");
+    for _ in 0..times {
+        let before: i64 = redis.query(redis::cmd("PTTL").arg(key)).await;
+        eventually(WAIT, "the entry renewed", || async {
+            redis.query::<i64>(redis::cmd("PTTL").arg(key)).await > before
+        })
+        .await;
+    }
+}
+
+/// The `edge.session` announcement, as JSON.
+async fn announcement(client: &mut RawClient) -> serde_json::Value {
+    let text = read_text(client).await;
+    let announced: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(announced["type"], "edge.session", "{text}");
+    announced
+}
+
+#[tokio::test]
+async fn a_resume_its_owner_no_longer_knows_starts_afresh_where_it_lands() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    let announcing = |node: &str| {
+        member_with(
+            &upstream,
+            &redis,
+            node,
+            "",
+            NODE_TTL_SECS,
+            "",
+            ", announce = true",
+        )
+        .build()
+    };
+    let a = TestEdge::start(&announcing("edge-a")).await;
+    let b = TestEdge::start(&announcing("edge-b")).await;
+    let alice = token("alice", "a1");
+    let alice = alice.as_str();
+    let connect_session = |edge: std::net::SocketAddr, query: String| async move {
+        RawClient::connect(edge, &format!("/ws/chat?token={alice}&{query}"), &[]).await
+    };
+    let mut on_a = connect_session(a.addr, "session_id=s-3".into()).await;
+    upstream.next_request().await;
+    assert_eq!(announcement(&mut on_a).await["resumed"], false);
+    let mut other_on_a = RawClient::connect(
+        a.addr,
+        &format!("/ws/chat?token={}&session_id=s-4", token("bob", "b1")),
+        &[],
+    )
+    .await;
+    upstream.next_request().await;
+    announcement(&mut other_on_a).await;
+    eventually(WAIT, "A's sessions in the directory", || async {
+        directory_entry(&redis, "s-3").await.is_some()
+            && directory_entry(&redis, "s-4").await.is_some()
+    })
+    .await;
+    let a_entry = directory_entry(&redis, "s-3").await.unwrap();
+
+    // The directory names A for a session A does not know (one that ended and was forgotten
+    // before its entry lapsed): B asks A, and starts the session afresh, saying why.
+    let keys: Vec<String> = redis
+        .query(redis::cmd("KEYS").arg("wsedge:session:*:s-3"))
+        .await;
+    let gone_key = keys[0].replace(":s-3", ":s-gone");
+    redis
+        .query::<()>(
+            redis::cmd("SET")
+                .arg(&gone_key)
+                .arg(&a_entry)
+                .arg("PX")
+                .arg(60_000),
+        )
+        .await;
+    let mut gone = connect_session(b.addr, "session_id=s-gone&last_seq=5".into()).await;
+    upstream.next_request().await;
+    let announced = announcement(&mut gone).await;
+    assert_eq!(
+        (
+            &announced["session_id"],
+            &announced["resumed"],
+            &announced["reason"]
+        ),
+        (&json!("s-gone"), &json!(false), &json!("session unknown"))
+    );
+    gone.send_text("fresh").await;
+    assert_eq!(read_text(&mut gone).await, "fresh");
+    b.wait_metric(
+        "wsedge_cluster_remote_resumes_total{result=\"unknown\"}",
+        1.0,
+    )
+    .await;
+    eventually(WAIT, "B's entry for the session it started", || async {
+        directory_entry(&redis, "s-gone")
+            .await
+            .is_some_and(|entry| entry != a_entry)
+    })
+    .await;
+
+    // The newest session under an id keeps its entry: when another edge has written over
+    // A's entry for s-3 (it started a session under that id), A's renewals leave it be.
+    let taken = "edge-z.0123456789ab 127.0.0.1:9";
+    redis
+        .query::<()>(
+            redis::cmd("SET")
+                .arg(&keys[0])
+                .arg(taken)
+                .arg("PX")
+                .arg(60_000),
+        )
+        .await;
+    renewed(&redis, "s-4", 2).await;
+    assert_eq!(directory_entry(&redis, "s-3").await.unwrap(), taken);
+    on_a.send_text("still A's").await;
+    assert_eq!(read_text(&mut on_a).await, "still A's");
 }
