@@ -143,15 +143,80 @@ pub(crate) async fn serve(
             first_request();
             first = false;
         }
-        let Ok(response) = dispatch::handle(request, conn, shared.clone(), memo.clone()).await;
+        let handled = dispatch::handle(request, conn, shared.clone(), memo.clone());
+        let mut drain_due = None;
+        let response = match watch(io, &mut input, shared, &mut drain_due, handled).await {
+            Watched::Done(Ok(response)) => response,
+            Watched::Done(Err(never)) => match never {},
+            Watched::Gone => return Left::Closed,
+        };
         // The edge's own answer may end the connection too (as hyper would, it says so).
         let close = close || says_close(response.headers());
-        if write_response(io, response, close).await.is_err() || close {
+        let watching = Watching {
+            input: &mut input,
+            shared,
+            drain_due,
+        };
+        if write_response(io, watching, response, close).await.is_err() || close {
             let _ = io.shutdown().await;
             return Left::Closed;
         }
         if shared.shutdown.is_cancelled() && input.is_empty() {
             return Left::Closed;
+        }
+    }
+}
+
+/// What a response's writer watches while it waits for the body: the connection's input and
+/// the edge's drain.
+struct Watching<'a> {
+    input: &'a mut BytesMut,
+    shared: &'a Shared,
+    drain_due: Option<tokio::time::Instant>,
+}
+
+/// What became of waiting on the upstream for a client.
+enum Watched<T> {
+    Done(T),
+    /// The client went (or the edge drained past its grace): the wait was given up, and with
+    /// it the upstream request.
+    Gone,
+}
+
+/// How long a response still being made may go on once the edge drains (as for hyper's).
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits for `work` (a response, or its next frame) while watching the client, as hyper does
+/// mid-message: a client that closes its connection is gone, and what was asked of the
+/// upstream for it (a long-poll, an event stream) is dropped at once rather than held until the
+/// upstream answers. Bytes that come meanwhile (a pipelined request) are kept in `input`, and
+/// end the watch: as with hyper, a client that has sent its next request and then closes its
+/// sending side still gets its answer. At the edge's drain, the response has `DRAIN_GRACE` to
+/// finish (`drain_due`: when, once the drain was seen).
+async fn watch<F: std::future::Future>(
+    io: &mut Io,
+    input: &mut BytesMut,
+    shared: &Shared,
+    drain_due: &mut Option<tokio::time::Instant>,
+    work: F,
+) -> Watched<F::Output> {
+    tokio::pin!(work);
+    let mut watching = input.is_empty();
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return Watched::Done(done),
+            read = io.read_buf(input), if watching => match read {
+                Ok(0) | Err(_) => return Watched::Gone,
+                Ok(_) => watching = false,
+            },
+            () = shared.shutdown.cancelled() => {
+                let due = *drain_due.get_or_insert_with(|| tokio::time::Instant::now() + DRAIN_GRACE);
+                return match tokio::time::timeout_at(due, work).await {
+                    Ok(done) => Watched::Done(done),
+                    Err(_) => Watched::Gone,
+                };
+            }
         }
     }
 }
@@ -254,6 +319,7 @@ enum Framing {
 /// not match its length) means the connection must not carry another response.
 async fn write_response(
     io: &mut Io,
+    mut watching: Watching<'_>,
     response: Response<EdgeBody>,
     close: bool,
 ) -> std::io::Result<()> {
@@ -312,7 +378,17 @@ async fn write_response(
     // most), then each frame as it comes.
     loop {
         let frame = if out.is_empty() {
-            body.frame().await
+            let Watching {
+                input,
+                shared,
+                drain_due,
+            } = &mut watching;
+            match watch(io, input, shared, drain_due, body.frame()).await {
+                Watched::Done(frame) => frame,
+                Watched::Gone => {
+                    return Err(std::io::Error::from(std::io::ErrorKind::ConnectionAborted));
+                }
+            }
         } else {
             match futures_util::FutureExt::now_or_never(body.frame()) {
                 Some(frame) => frame,

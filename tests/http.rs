@@ -372,6 +372,69 @@ async fn a_long_poll_is_held_for_seconds_and_a_silent_upstream_gets_504() {
 }
 
 #[tokio::test]
+async fn a_client_gone_mid_long_poll_or_stream_frees_its_upstream_request_at_once() {
+    let (mut upstream, edge) = proxied("").await;
+    let authorization = bearer(&alice());
+    // Held for 30 s by the upstream, and an SSE stream that waits after its first event: the
+    // client leaves each while the edge waits on the upstream. The upstream's connection ends
+    // at once, not when it would have answered (a waiting edge would hold it past WAIT).
+    for (i, path) in ["/api/poll?ms=30000", "/api/sse?n=5"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut client = TcpStream::connect(edge.addr).await.unwrap();
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {authorization}\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        upstream.next_request().await;
+        if path.contains("sse") {
+            let mut first = [0u8; 64];
+            let read = client.read(&mut first).await.unwrap();
+            assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+        }
+        drop(client);
+        eventually(WAIT, "the upstream's connection ended", || async {
+            upstream.ended.load(std::sync::atomic::Ordering::SeqCst) == i + 1
+        })
+        .await;
+    }
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn an_endless_stream_ends_soon_after_the_edge_begins_to_drain() {
+    let (mut upstream, edge) = proxied("").await;
+    let mut client = TcpStream::connect(edge.addr).await.unwrap();
+    let head = format!(
+        "GET /api/sse HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {}\r\n\r\n",
+        bearer(&alice())
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    upstream.next_request().await;
+    let mut first = [0u8; 64];
+    let read = client.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+    // An event every 50 ms, forever: the drain gives it a second, then ends the connection.
+    let drained_at = Instant::now();
+    edge.handle.shutdown();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut rest))
+        .await
+        .expect("the stream ended")
+        .ok();
+    let took = drained_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the stream went on for {took:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&rest).contains("data: "),
+        "events flowed until then"
+    );
+}
+
+#[tokio::test]
 async fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin() {
     let (mut upstream, edge) = proxied(r#"allowed_origins = ["https://chat.example.com"]"#).await;
     let preflight = [

@@ -44,6 +44,8 @@ pub struct HttpUpstream {
     seen: mpsc::Receiver<SeenHttp>,
     /// TCP connections accepted.
     pub accepted: Arc<AtomicUsize>,
+    /// TCP connections that have ended (the edge closed them, or a response was given up).
+    pub ended: Arc<AtomicUsize>,
     /// Bytes of `/api/big` bodies handed to their connections so far.
     pub streamed: Arc<AtomicU64>,
     release: Arc<Notify>,
@@ -55,6 +57,8 @@ impl HttpUpstream {
         let addr = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::channel(1024);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let ended_in_task = ended.clone();
         let release = Arc::new(Notify::new());
         let streamed = Arc::new(AtomicU64::new(0));
         let (accepted_in_task, release_in_task, streamed_in_task) =
@@ -65,6 +69,7 @@ impl HttpUpstream {
                 let seen_tx = seen_tx.clone();
                 let release = release_in_task.clone();
                 let streamed = streamed_in_task.clone();
+                let ended = ended_in_task.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         answer(
@@ -78,6 +83,7 @@ impl HttpUpstream {
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -86,6 +92,7 @@ impl HttpUpstream {
             name,
             seen,
             accepted,
+            ended,
             streamed,
             release,
         }
