@@ -284,8 +284,9 @@ fn now() -> u64 {
 }
 
 /// What the other edges were told, in an answer's body: `"cluster": "published"` (with how
-/// many edges listened, this one included) or `"pending"` (Redis is down: a revocation is
-/// written when it is back, a disconnect reaches only this edge).
+/// many edges listened, this one included), `"pending"` (Redis is down: a revocation is
+/// written when it is back, a disconnect reaches only this edge), `"superseded"` (Redis holds
+/// a later change of the same token or user) or `"here_only"` (this edge alone acted).
 fn told(body: &mut serde_json::Value, told: Told) {
     match told {
         Told::Published(edges) => {
@@ -293,6 +294,8 @@ fn told(body: &mut serde_json::Value, told: Told) {
             body["edges"] = json!(edges);
         }
         Told::Pending => body["cluster"] = json!("pending"),
+        Told::Superseded => body["cluster"] = json!("superseded"),
+        Told::HereOnly => body["cluster"] = json!("here_only"),
     }
 }
 

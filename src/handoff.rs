@@ -313,14 +313,6 @@ async fn take_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared
     }
     count(&shared, "taken");
     tracing::info!(request_id = %asked.request_id, route = %route.label, session = %key.id, last_seq = asked.last_seq, from = %asked.from, "resuming a client of another edge");
-    handshake::resumed_with_token(
-        &shared,
-        &key,
-        TokenFacts {
-            jti: asked.jti.clone(),
-            expires_at: asked.token_expires_at,
-        },
-    );
     let token_expires_at = asked
         .token_expires_at
         .filter(|&exp| exp < 32_503_680_000) // year 3000, as at admission
@@ -329,6 +321,10 @@ async fn take_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared
         leg: Leg::client(Io::Tcp(stream), &from_client, route.max_message_size),
         last_seq: asked.last_seq,
         token_expires_at,
+        token: TokenFacts {
+            jti: asked.jti.clone(),
+            expires_at: asked.token_expires_at,
+        },
         request_id: asked.request_id,
     };
     handshake::hand_to_session(&shared, &entry, attach, &route.label).await;

@@ -20,14 +20,14 @@ use crate::auth::Identity;
 use crate::auth::claims::claim_string;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
 use crate::cluster::leases::NoLease;
-use crate::connections::{Holder, Selector, TokenFacts};
+use crate::connections::{Holder, TokenFacts};
 use crate::forward::{self, header_value};
 use crate::metrics::GaugeGuard;
 use crate::passthrough::body::ClientBody;
 use crate::relay::{Counters, Relay, RelayParams};
 use crate::report::{self, Connected, ConnectionReport};
 use crate::route::Route;
-use crate::session::registry::{Attach, Delivery, SessionEntry, SessionKey, close_not_resumable};
+use crate::session::registry::{Attach, Delivery, SessionEntry, close_not_resumable};
 use crate::session::resumable::Resumable;
 use crate::state::Shared;
 use crate::upstream::websocket;
@@ -76,14 +76,16 @@ pub(crate) async fn upgrade(
     match session {
         SessionPlan::Resume { entry, last_seq } => {
             // The session's registry entry holds the token its client holds now.
-            resumed_with_token(shared, &entry.key, token_facts(&identity));
             resume(
                 &mut request,
                 shared,
                 route,
-                entry,
-                last_seq,
-                token_expires_at,
+                Resuming {
+                    entry,
+                    last_seq,
+                    token_expires_at,
+                    token: token_facts(&identity),
+                },
                 &reply,
             )
         }
@@ -313,17 +315,29 @@ async fn connect(
     Ok(response)
 }
 
+/// A client coming back to a live session of this edge's.
+struct Resuming {
+    entry: Arc<SessionEntry>,
+    last_seq: u64,
+    token_expires_at: Option<SystemTime>,
+    token: TokenFacts,
+}
+
 /// A client coming back: a 101 at once (the session's upstream is already there), then its
 /// socket is handed to the session, which replays what it missed.
 fn resume(
     request: &mut Request<ClientBody>,
     shared: &Arc<Shared>,
     route: &Route,
-    entry: Arc<SessionEntry>,
-    last_seq: u64,
-    token_expires_at: Option<SystemTime>,
+    resuming: Resuming,
     reply: &Reply<'_>,
 ) -> Response<Full<Bytes>> {
+    let Resuming {
+        entry,
+        last_seq,
+        token_expires_at,
+        token,
+    } = resuming;
     // The subprotocol the upstream chose for the session, if this client offers it again.
     let protocol = entry.protocol.get().cloned().flatten().filter(|chosen| {
         token_source::offered_subprotocols(request.headers())
@@ -344,6 +358,7 @@ fn resume(
             leg,
             last_seq,
             token_expires_at,
+            token,
             request_id,
         };
         hand_to_session(&shared_in_task, &entry, attach, &route_label).await;
@@ -375,23 +390,6 @@ pub(crate) async fn hand_to_session(
                 .unwrap_or(NotResumable::Expired);
             shared.metrics.resume(route_label, why.label());
             close_not_resumable(returned.leg, why).await;
-        }
-    }
-}
-
-/// The token a resumed session's client holds now, for the admin API's listing (and for
-/// revocations by `jti`).
-pub(crate) fn resumed_with_token(shared: &Shared, key: &SessionKey, token: TokenFacts) {
-    let selector = Selector {
-        session: Some(key.id.clone()),
-        user: Some(key.user.clone()),
-        tenant: (!key.tenant.is_empty()).then(|| key.tenant.clone()),
-        without_tenant: key.tenant.is_empty(),
-        ..Selector::default()
-    };
-    for connection in shared.connections.select(&selector) {
-        if *connection.holder.route == *key.route {
-            connection.set_token(token.clone());
         }
     }
 }

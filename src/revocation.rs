@@ -285,44 +285,11 @@ impl Revocations {
         entries
     }
 
-    /// Notes the changes made from now on, for [`Revocations::replace`]: what the cluster
-    /// reads from Redis next may predate them.
-    pub(crate) fn begin_replace(&self) {
+    /// Notes the changes made from now on, until the set is replaced with what the cluster
+    /// reads from Redis next (which may predate them), or the guard is dropped.
+    pub(crate) fn begin_replace(&self) -> Replacing<'_> {
         *self.changing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
-    }
-
-    /// Makes the set `entries` (what the cluster holds), a later `until` for the same entry
-    /// winning, with the changes made since [`Revocations::begin_replace`] made again over
-    /// them. Answers what holds now that did not before (and whether the set was kept: one
-    /// that cannot be written is in effect all the same).
-    pub(crate) fn replace(
-        &self,
-        entries: Vec<(Revoked, u64)>,
-    ) -> (Vec<Revoked>, Result<(), RevocationError>) {
-        let mut added = Vec::new();
-        let result = self.change(|set, journal| {
-            let before = std::mem::take(set);
-            for (revoked, until) in entries {
-                set.hold(revoked, until)?;
-            }
-            for change in journal.take().unwrap_or_default() {
-                match change {
-                    Change::Hold(revoked, until) => set.hold(revoked, until)?,
-                    Change::Lift(revoked) => {
-                        set.lift(&revoked);
-                    }
-                }
-            }
-            set.drop_expired(now());
-            added = set
-                .entries()
-                .into_iter()
-                .map(|(revoked, _)| revoked)
-                .filter(|revoked| !before.contains(revoked))
-                .collect();
-            Ok(())
-        });
-        (added, result)
+        Replacing { revocations: self }
     }
 
     /// Until when `revoked` holds, if it does.
@@ -362,6 +329,65 @@ impl Revocations {
         };
         self.current.store(Arc::new(set));
         written
+    }
+}
+
+/// A read-back of the cluster's revocations in progress (see [`Revocations::begin_replace`]).
+pub(crate) struct Replacing<'a> {
+    revocations: &'a Revocations,
+}
+
+impl Replacing<'_> {
+    /// Makes the set `entries`, a later `until` for the same entry winning, with the changes
+    /// made since the read-back began made again over them. Answers what holds now that did
+    /// not before, and whether all of it was kept: past `MAX_ENTRIES` the rest is not held,
+    /// and a set that cannot be written is in effect all the same.
+    pub(crate) fn replace(
+        self,
+        entries: Vec<(Revoked, u64)>,
+    ) -> (Vec<Revoked>, Result<(), RevocationError>) {
+        let mut added = Vec::new();
+        let mut full = false;
+        let result = self.revocations.change(|set, journal| {
+            let before = std::mem::take(set);
+            for (revoked, until) in entries {
+                if set.hold(revoked, until).is_err() {
+                    full = true;
+                    break;
+                }
+            }
+            for change in journal.take().unwrap_or_default() {
+                match change {
+                    Change::Hold(revoked, until) => full |= set.hold(revoked, until).is_err(),
+                    Change::Lift(revoked) => {
+                        set.lift(&revoked);
+                    }
+                }
+            }
+            set.drop_expired(now());
+            added = set
+                .entries()
+                .into_iter()
+                .map(|(revoked, _)| revoked)
+                .filter(|revoked| !before.contains(revoked))
+                .collect();
+            Ok(())
+        });
+        let result = match result {
+            Ok(()) if full => Err(RevocationError::Full),
+            other => other,
+        };
+        (added, result)
+    }
+}
+
+impl Drop for Replacing<'_> {
+    fn drop(&mut self) {
+        *self
+            .revocations
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

@@ -55,25 +55,35 @@ impl Cluster {
         format!("{} {}", self.instance, self.advertise)
     }
 
-    /// Writes that this edge holds the session `key` (in the background: the 101 does not
-    /// wait for it).
-    pub(crate) fn announce_session(self: &Arc<Self>, key: &SessionKey) {
+    /// Writes that this edge holds the session `key`, over any other edge's entry (in the
+    /// background: the 101 does not wait for it). One that does not reach Redis is written at
+    /// the next renewal that does, over any other edge's entry still.
+    pub(crate) fn announce_session(self: &Arc<Self>, key: &Arc<SessionKey>) {
         if !self.is_up() {
-            // Written at the next renewal that reaches Redis.
+            self.unannounced().push(key.clone());
             return;
         }
         let cluster = self.clone();
-        let entry = entry_key(key);
+        let key = key.clone();
         tokio::spawn(async move {
             let ttl = cluster.settings.node_ttl.as_millis() as u64;
             let value = &cluster.entry_value();
-            let entry = &entry;
-            let _ = cluster
+            let entry = &entry_key(&key);
+            let written = cluster
                 .call("session", |mut redis| async move {
                     redis.pset_ex::<_, _, ()>(entry, value, ttl).await
                 })
                 .await;
+            if written.is_err() {
+                cluster.unannounced().push(key);
+            }
         });
+    }
+
+    fn unannounced(&self) -> std::sync::MutexGuard<'_, Vec<Arc<SessionKey>>> {
+        self.unannounced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The other edge that holds the session `key`, if one does.
@@ -82,7 +92,7 @@ impl Cluster {
         key: &SessionKey,
     ) -> Result<Option<Owner>, Unreachable> {
         if !self.is_up() {
-            return Err(Unreachable);
+            return Err(Unreachable::Away);
         }
         let entry = &entry_key(key);
         let value: Option<String> = self
@@ -100,11 +110,32 @@ impl Cluster {
         }))
     }
 
-    /// Renews the entries of every session this edge holds.
+    /// Renews the entries of every session this edge holds (and writes those whose
+    /// announcement did not reach Redis).
     pub(super) async fn renew_sessions(&self) -> bool {
         let keys = self.sessions.registry.live_keys();
         let ttl = self.settings.node_ttl.as_millis() as u64;
         let value = self.entry_value();
+        let unannounced = std::mem::take(&mut *self.unannounced());
+        if !unannounced.is_empty() {
+            let live: std::collections::HashSet<&SessionKey> =
+                keys.iter().map(|key| &**key).collect();
+            let mut pipe = redis::pipe();
+            for key in unannounced.iter().filter(|key| live.contains(&***key)) {
+                pipe.pset_ex(entry_key(key), &value, ttl).ignore();
+            }
+            let pipe = &pipe;
+            if self
+                .call("session", |mut redis| async move {
+                    pipe.query_async::<()>(&mut redis).await
+                })
+                .await
+                .is_err()
+            {
+                self.unannounced().extend(unannounced);
+                return false;
+            }
+        }
         let script = Script::new(RENEW);
         for batch in keys.chunks(BATCH) {
             let mut invocation = script.prepare_invoke();

@@ -7,7 +7,8 @@ use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::Cluster;
+use super::revoked::Stored;
+use super::{Cluster, Unreachable};
 use crate::connections::Selector;
 use crate::metrics::KindLabels;
 use crate::revocation::Revoked;
@@ -66,7 +67,15 @@ pub(crate) enum Told {
     Published(u64),
     /// Redis is down: the revocation is written when it is back; a disconnect is lost.
     Pending,
+    /// Redis holds a later change of the same token or user (made while this one waited).
+    Superseded,
+    /// Neither published nor kept for later (Redis refused it, or too many wait): this edge
+    /// alone acted.
+    HereOnly,
 }
+
+/// A lift of a revocation whose end no edge knew outweighs stale copies of it this long.
+const LIFT_KEPT: u64 = 30 * 24 * 3600;
 
 /// Now, in Unix milliseconds.
 fn now_ms() -> u64 {
@@ -95,9 +104,10 @@ impl Cluster {
     /// Stores a lift and tells the other edges. `held_until`: when the revocation this edge
     /// lifted would have ended, if it held one.
     pub(crate) async fn lift(&self, revoked: Revoked, held_until: Option<u64>) -> Told {
+        let now = now_ms() / 1000;
         self.tell(What::Lift {
             revoked,
-            until: held_until.unwrap_or(0),
+            until: held_until.unwrap_or(now + LIFT_KEPT),
             at: now_ms(),
         })
         .await
@@ -105,32 +115,40 @@ impl Cluster {
 
     async fn tell(&self, what: What) -> Told {
         if self.is_up() {
-            if let Ok(listening) = self.write(&what).await {
-                return Told::Published(listening);
+            match self.write(&what, true).await {
+                Ok(Stored::Published(listening)) => return Told::Published(listening),
+                Ok(Stored::Superseded) => return Told::Superseded,
+                Err(Unreachable::Refused) => return Told::HereOnly,
+                Err(Unreachable::Away) => {}
             }
         }
-        if !matches!(what, What::Disconnect { .. }) {
-            self.keep_pending(what);
+        if matches!(what, What::Disconnect { .. }) || self.keep_pending(what) {
+            Told::Pending
+        } else {
+            Told::HereOnly
         }
-        Told::Pending
     }
 
-    /// Stores (a revocation or lift) and publishes `what`: how many edges listened. A change
-    /// older than the one Redis holds for the same entry is neither stored nor published.
-    pub(super) async fn write(&self, what: &What) -> Result<u64, super::Unreachable> {
+    /// Stores (a revocation or lift) and publishes `what`. `now`: a change made now, stamped
+    /// by Redis's clock; else one that waited, with the time it was made.
+    pub(super) async fn write(&self, what: &What, now: bool) -> Result<Stored, Unreachable> {
         let event = Event {
             from: self.instance.clone(),
             what: what.clone(),
         };
         let Ok(payload) = serde_json::to_string(&event) else {
-            return Ok(0);
+            return Ok(Stored::Published(0));
         };
         match what {
             What::Revoke {
                 revoked, until, at, ..
-            } => self.store(revoked, *until, *at, false, &payload).await,
+            } => {
+                let at = (!now).then_some(*at);
+                self.store(revoked, *until, at, false, &payload).await
+            }
             What::Lift { revoked, until, at } => {
-                self.store(revoked, *until, *at, true, &payload).await
+                let at = (!now).then_some(*at);
+                self.store(revoked, *until, at, true, &payload).await
             }
             What::Disconnect { .. } => {
                 let payload = &payload;
@@ -142,6 +160,7 @@ impl Cluster {
                         .await
                 })
                 .await
+                .map(Stored::Published)
             }
         }
     }
@@ -153,7 +172,7 @@ impl Cluster {
     ) {
         while let Some(push) = pushes.recv().await {
             if push.kind == PushKind::Disconnection {
-                self.missed
+                self.resync_due
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }

@@ -55,8 +55,10 @@ pub(crate) struct Cluster {
     /// Where the other edges reach this edge's link (`host:port`).
     pub(crate) advertise: String,
     up: AtomicBool,
-    /// Redis dropped the connection: published events may have been missed meanwhile.
-    missed: AtomicBool,
+    /// Events may have been missed (Redis was away, or dropped the subscription): the edge
+    /// subscribes again, writes what waits, and reads the revocations back. Cleared only when
+    /// that is done.
+    resync_due: AtomicBool,
     leases: Arc<LeaseBook>,
     pushes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -69,6 +71,8 @@ pub(crate) struct Cluster {
     pending: std::sync::Mutex<Vec<events::What>>,
     /// Where they are kept across a restart (in the state directory, when there is one).
     pending_file: Option<PathBuf>,
+    /// Sessions begun here whose directory entry has yet to reach Redis.
+    unannounced: std::sync::Mutex<Vec<Arc<crate::session::registry::SessionKey>>>,
 }
 
 thread_local! {
@@ -78,10 +82,35 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A Redis call that gave no answer to use (Redis away, or a call it refused), for the
-/// caller that must decide without it.
-#[derive(Debug)]
-pub(crate) struct Unreachable;
+/// A Redis call that gave no answer to use, for the caller that must decide without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unreachable {
+    /// Redis is away (or cannot serve: loading, read-only, refusing this edge's credentials).
+    Away,
+    /// Redis answered with an error of the call's own (a script or type error).
+    Refused,
+}
+
+/// Whether an error means Redis cannot serve the edge now (rather than refusing one call).
+fn is_away(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || matches!(
+            error.kind(),
+            ErrorKind::AuthenticationFailed
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::NoPerm
+                )
+        )
+}
 
 impl Cluster {
     /// The cluster as `settings` describe it; Redis is reached lazily (an edge starts, and
@@ -141,7 +170,7 @@ impl Cluster {
             instance,
             advertise,
             up: AtomicBool::new(false),
-            missed: AtomicBool::new(false),
+            resync_due: AtomicBool::new(true),
             pushes: std::sync::Mutex::new(Some(push_rx)),
             metrics,
             revocations,
@@ -150,6 +179,7 @@ impl Cluster {
             taken_links: wire::TakenRequests::default(),
             pending: std::sync::Mutex::new(pending),
             pending_file,
+            unannounced: std::sync::Mutex::default(),
         })
     }
 
@@ -179,6 +209,9 @@ impl Cluster {
     fn mark(&self, up: bool) {
         let was = self.up.swap(up, Ordering::Relaxed);
         self.metrics.cluster.redis_up.set(i64::from(up));
+        if !up {
+            self.resync_due.store(true, Ordering::Relaxed);
+        }
         if was != up {
             if up {
                 tracing::info!(node = %self.settings.node, "cluster: Redis answers again");
@@ -220,24 +253,21 @@ impl Cluster {
             }
             Ok(Err(error)) => {
                 self.count_error(op);
-                if error.is_io_error()
-                    || error.is_connection_dropped()
-                    || error.is_connection_refusal()
-                    || error.is_timeout()
-                {
+                if is_away(&error) {
                     self.mark(false);
+                    Err(Unreachable::Away)
                 } else {
-                    // Redis answered (a script or type error is ours, not Redis being away):
-                    // say what it was, and go on counting it as up.
+                    // Redis answered: the error is the call's own. Say what it was, and go
+                    // on counting Redis as up.
                     self.mark(true);
                     tracing::error!(op, error = %error, "cluster: Redis refused a call");
+                    Err(Unreachable::Refused)
                 }
-                Err(Unreachable)
             }
             Err(_) => {
                 self.count_error(op);
                 self.mark(false);
-                Err(Unreachable)
+                Err(Unreachable::Away)
             }
         }
     }
@@ -289,34 +319,34 @@ impl Cluster {
         let listener = tokio::spawn(self.clone().listen(pushes));
         let releaser = tokio::spawn(self.clone().release_leases());
         let renew_every = self.settings.node_ttl / 3;
-        let mut since_resync = RESYNC_EVERY;
-        let mut subscribed = false;
+        let mut since_resync = Duration::ZERO;
         loop {
-            let was_up = self.is_up();
             if self.probe().await {
-                let missed = self.missed.swap(false, Ordering::Relaxed);
+                let due = self.resync_due.load(Ordering::Relaxed);
                 // Subscribed again after every outage: the subscription's connection is made
                 // again when it is next used, and a reconnect tried while Redis was still
                 // away leaves it unmade.
-                if !subscribed || !was_up || missed {
-                    subscribed = self
+                let subscribed = !due
+                    || self
                         .call("subscribe", |_| async {
                             self.subscriber.clone().subscribe(events::CHANNEL).await
                         })
                         .await
                         .is_ok();
-                    if !subscribed {
-                        self.missed.store(true, Ordering::Relaxed);
-                    }
-                }
                 let renewed = self.renew().await;
                 // A lift still waiting would be undone by what Redis holds: written first.
-                if renewed
-                    && (!was_up || missed || since_resync >= RESYNC_EVERY)
+                if subscribed
+                    && renewed
+                    && (due || since_resync >= RESYNC_EVERY)
                     && self.write_pending().await
                 {
-                    self.resync_revocations().await;
-                    since_resync = Duration::ZERO;
+                    // Cleared first: an outage during the read-back makes it due again.
+                    self.resync_due.store(false, Ordering::Relaxed);
+                    if self.resync_revocations().await {
+                        since_resync = Duration::ZERO;
+                    } else {
+                        self.resync_due.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             let wait = if self.is_up() {

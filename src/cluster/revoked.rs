@@ -23,26 +23,39 @@ use crate::revocation::{Revoked, write_atomically};
 /// The hash every revocation and lift is a field of.
 const REVOCATIONS: &str = "wsedge:revocations";
 const PENDING_FILE: &str = "cluster-pending.json";
+/// The most changes that wait for Redis: far above what operators do while it is away.
+const MAX_PENDING: usize = 10_000;
 /// Fields read back per call: each call stays short for Redis.
 const PAGE: usize = 1000;
 
-/// KEYS[1] the hash; ARGV: field, until, at, kind (`r` or `l`), channel, event. Stores the
-/// change unless Redis holds a later one for the field, and then publishes it; answers how
-/// many edges listened, or -1 for a change that came too late. A lift keeps the latest end
-/// it knows of.
+/// KEYS[1] the hash; ARGV: field, until, at, kind (`r` or `l`), channel, event. `at` is
+/// `now` for a change made while Redis answers: it is stamped with Redis's clock, after any
+/// change the field holds, so that an operator's latest call always wins whatever the edges'
+/// clocks say. A change that waited for Redis keeps the time it was made at, and is stored
+/// unless the field holds a later one. Stored, it is published; answers how many edges
+/// listened, or -1 for a change that came too late. A lift keeps the latest end it knows of.
 const STORE: &str = r"
 local held = redis.call('HGET', KEYS[1], ARGV[1])
-local value = ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4]
+local held_until, held_at
 if held then
-  local held_until, held_at = string.match(held, '^(%d+) (%d+) ')
-  if held_at and tonumber(held_at) > tonumber(ARGV[3]) then
-    return -1
-  end
-  if ARGV[4] == 'l' and held_until and tonumber(held_until) > tonumber(ARGV[2]) then
-    value = held_until .. ' ' .. ARGV[3] .. ' l'
-  end
+  held_until, held_at = string.match(held, '^(%d+) (%d+) ')
 end
-redis.call('HSET', KEYS[1], ARGV[1], value)
+local at = ARGV[3]
+if at == 'now' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if held_at and tonumber(held_at) >= now then
+    now = tonumber(held_at) + 1
+  end
+  at = string.format('%d', now)
+elseif held_at and tonumber(held_at) > tonumber(at) then
+  return -1
+end
+local ends = ARGV[2]
+if ARGV[4] == 'l' and held_until and tonumber(held_until) > tonumber(ends) then
+  ends = held_until
+end
+redis.call('HSET', KEYS[1], ARGV[1], ends .. ' ' .. at .. ' ' .. ARGV[4])
 return redis.call('PUBLISH', ARGV[5], ARGV[6])
 ";
 
@@ -119,23 +132,34 @@ pub(super) fn load_pending(state_dir: Option<&Path>) -> (Option<PathBuf>, Vec<Wh
     (Some(path), pending)
 }
 
+/// What became of storing a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    /// Stored and published; this many edges listened.
+    Published(u64),
+    /// Redis holds a later change of the same entry: this one was neither stored nor published.
+    Superseded,
+}
+
 impl Cluster {
-    /// Stores a revocation (`lifted` false) or lift and publishes `event`: how many edges
-    /// listened (none for a change Redis holds a later one of).
+    /// Stores a revocation (`lifted` false) or lift and publishes `event`. `at`: when a change
+    /// that waited for Redis was made (`None`: now, by Redis's clock).
     pub(super) async fn store(
         &self,
         revoked: &Revoked,
         until: u64,
-        at: u64,
+        at: Option<u64>,
         lifted: bool,
         event: &str,
-    ) -> Result<u64, Unreachable> {
+    ) -> Result<Stored, Unreachable> {
         let script = Script::new(STORE);
         let mut invocation = script.key(REVOCATIONS);
+        invocation.arg(field(revoked)).arg(until);
+        match at {
+            Some(at) => invocation.arg(at),
+            None => invocation.arg("now"),
+        };
         invocation
-            .arg(field(revoked))
-            .arg(until)
-            .arg(at)
             .arg(if lifted { "l" } else { "r" })
             .arg(super::events::CHANNEL)
             .arg(event);
@@ -145,17 +169,29 @@ impl Cluster {
                 invocation.invoke_async(&mut redis).await
             })
             .await?;
-        Ok(u64::try_from(listening).unwrap_or(0))
+        Ok(match u64::try_from(listening) {
+            Ok(listening) => Stored::Published(listening),
+            Err(_) => Stored::Superseded,
+        })
     }
 
-    /// Keeps a change for when Redis is back (in the state directory, when there is one).
-    pub(super) fn keep_pending(&self, what: What) {
+    /// Keeps a change for when Redis is back (in the state directory, when there is one);
+    /// whether there was room for it.
+    pub(super) fn keep_pending(&self, what: What) -> bool {
         let mut pending = self
             .pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pending.len() >= MAX_PENDING {
+            tracing::error!(
+                waiting = pending.len(),
+                "cluster: too many changes wait for Redis; this one is made on this edge only"
+            );
+            return false;
+        }
         pending.push(what);
         self.save_pending(&pending);
+        true
     }
 
     fn save_pending(&self, pending: &[What]) {
@@ -186,8 +222,16 @@ impl Cluster {
             .clone();
         let mut written = 0;
         for what in &pending {
-            if self.write(what).await.is_err() {
-                break;
+            match self.write(what, false).await {
+                Ok(_) => {}
+                // Redis refused it, and would again: said, and not kept waiting forever.
+                Err(Unreachable::Refused) => {
+                    tracing::error!(
+                        ?what,
+                        "cluster: Redis refused a change that waited for it; it holds on this edge only"
+                    );
+                }
+                Err(Unreachable::Away) => break,
             }
             written += 1;
         }
@@ -205,15 +249,16 @@ impl Cluster {
     }
 
     /// Makes the local revocations what Redis holds, writes back what Redis lost, and ends
-    /// the live sockets of what was revoked while this edge did not hear of it.
-    pub(super) async fn resync_revocations(&self) {
-        self.revocations.begin_replace();
+    /// the live sockets of what was revoked while this edge did not hear of it; whether
+    /// Redis could be read.
+    pub(super) async fn resync_revocations(&self) -> bool {
+        let replacing = self.revocations.begin_replace();
         let Ok(stored) = self.read_revocations().await else {
-            return;
+            return false;
         };
         let now = now();
         let mut entries = Vec::new();
-        let mut lifted = HashSet::new();
+        let mut named = HashSet::new();
         let mut ended = Vec::new();
         for (name, value) in stored {
             let (Some(revoked), Some((until, is_lift))) = (parse_field(&name), parse_value(&value))
@@ -222,21 +267,21 @@ impl Cluster {
             };
             if until <= now {
                 ended.push((name, value));
-            } else if is_lift {
-                lifted.insert(revoked);
-            } else {
-                entries.push((revoked, until));
+            } else if !is_lift {
+                entries.push((revoked.clone(), until));
             }
+            named.insert(revoked);
         }
-        let held: HashSet<&Revoked> = entries.iter().map(|(revoked, _)| revoked).collect();
+        // Lost: what Redis has no field for at all (a lift, even one that has ended, says
+        // Redis did not lose it).
         let lost: Vec<(Revoked, u64)> = self
             .revocations
             .entries()
             .into_iter()
-            .filter(|(revoked, _)| !held.contains(revoked) && !lifted.contains(revoked))
+            .filter(|(revoked, _)| !named.contains(revoked))
             .collect();
         entries.extend(lost.iter().cloned());
-        let (added, replaced) = self.revocations.replace(entries);
+        let (added, replaced) = replacing.replace(entries);
         if let Err(error) = replaced {
             tracing::error!(%error, "cluster: the revocations read from Redis are not all held here");
         }
@@ -252,6 +297,7 @@ impl Cluster {
             );
         }
         self.write_back(&lost, &ended).await;
+        true
     }
 
     /// Every field of the hash, a page per call.

@@ -157,8 +157,10 @@ pub(crate) async fn ask(
             Some(("ok", "-")) => Ok((stream, rest, None)),
             Some(("ok", protocol)) => Ok((stream, rest, Some(protocol.to_owned()))),
             Some(("refused", REVOKED)) => Err(LinkError::Revoked),
+            // A reason this edge does not know (a newer owner's) is a session that cannot be
+            // had, never one to start afresh here.
             Some(("refused", label)) => Err(LinkError::Refused(
-                NotResumable::from_label(label).unwrap_or(NotResumable::Unknown),
+                NotResumable::from_label(label).unwrap_or(NotResumable::Closed),
             )),
             _ => Err(LinkError::Garbled("unknown answer")),
         }

@@ -636,6 +636,11 @@ impl Relay {
                 tracing::debug!(%error, "a resuming client's socket could not be moved to its session's thread");
                 continue;
             }
+            // The connection holds the token the client came back with (for the admin API's
+            // listing, and for revocations by `jti`) once that client has it.
+            if let Some(registered) = &self.registered {
+                registered.set_token(std::mem::take(&mut attach.token));
+            }
             let old = self.let_client_go();
             let took_over = old.is_some();
             if let Some(old) = old {

@@ -525,6 +525,7 @@ fn come_back(entry: &SessionEntry, last_seq: u64, request_id: &str) -> Peer {
         leg,
         last_seq,
         token_expires_at: None,
+        token: Default::default(),
         request_id: request_id.into(),
     };
     assert!(matches!(

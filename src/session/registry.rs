@@ -11,6 +11,7 @@ use http::HeaderValue;
 
 use super::replay::ReplayBuffer;
 use crate::audit::AuditLog;
+use crate::connections::TokenFacts;
 use crate::metrics::Metrics;
 use crate::ws::close::{EdgeClose, Finish, NotResumable};
 use crate::ws::leg::{CLOSE_TIMEOUT, Leg, close_leg};
@@ -54,6 +55,8 @@ pub(crate) struct Attach {
     /// Upstream messages the client has received on this session.
     pub(crate) last_seq: u64,
     pub(crate) token_expires_at: Option<SystemTime>,
+    /// The token it came back with: the session's connection holds it once it is attached.
+    pub(crate) token: TokenFacts,
     pub(crate) request_id: String,
 }
 

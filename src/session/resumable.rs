@@ -209,6 +209,7 @@ impl Resumable {
             last_seq,
             token_expires_at,
             request_id,
+            ..
         } = attach;
         // After an upstream that ended mid-message only whole messages are replayed: its
         // close must not land inside a frame.
