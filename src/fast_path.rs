@@ -143,7 +143,14 @@ pub(crate) async fn serve(
             first_request();
             first = false;
         }
-        let handled = dispatch::handle(request, conn, shared.clone(), memo.clone());
+        // Pinned here, where it lives, and watched by reference: the dispatch's state is
+        // large, and a future that held it would copy it on every move.
+        let handled = std::pin::pin!(dispatch::handle(
+            request,
+            conn,
+            shared.clone(),
+            memo.clone()
+        ));
         let mut drain_due = None;
         let response = match watch(io, &mut input, shared, &mut drain_due, handled).await {
             Watched::Done(Ok(response)) => response,
@@ -198,14 +205,13 @@ async fn watch<F: std::future::Future>(
     input: &mut BytesMut,
     shared: &Shared,
     drain_due: &mut Option<tokio::time::Instant>,
-    work: F,
+    mut work: std::pin::Pin<&mut F>,
 ) -> Watched<F::Output> {
-    tokio::pin!(work);
     let mut watching = input.is_empty();
     loop {
         tokio::select! {
             biased;
-            done = &mut work => return Watched::Done(done),
+            done = work.as_mut() => return Watched::Done(done),
             read = io.read_buf(input), if watching => match read {
                 Ok(0) | Err(_) => return Watched::Gone,
                 Ok(_) => watching = false,
@@ -383,7 +389,8 @@ async fn write_response(
                 shared,
                 drain_due,
             } = &mut watching;
-            match watch(io, input, shared, drain_due, body.frame()).await {
+            let next = std::pin::pin!(body.frame());
+            match watch(io, input, shared, drain_due, next).await {
                 Watched::Done(frame) => frame,
                 Watched::Gone => {
                     return Err(std::io::Error::from(std::io::ErrorKind::ConnectionAborted));
