@@ -143,11 +143,8 @@ impl Cluster {
                 invocation.key(entry_key(key));
             }
             invocation.arg(&value).arg(ttl);
-            let invocation = &invocation;
             if self
-                .call("renew_sessions", |mut redis| async move {
-                    invocation.invoke_async::<i64>(&mut redis).await
-                })
+                .invoke::<i64>("renew_sessions", &invocation)
                 .await
                 .is_err()
             {

@@ -36,6 +36,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// Made once: a script's digest is computed when it is made, and every handshake runs this one.
+static ACQUIRE_SCRIPT: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(ACQUIRE));
+
 /// KEYS: the users' sets; ARGV[1] the lease time, then one member per key. Extends the leases
 /// Redis has (each one's new end is the latest of its set, so the set's expiry moves with it);
 /// answers, per key, 1 for a lease extended and 0 for one Redis lacks.
@@ -181,15 +185,9 @@ impl Cluster {
         let lease = self.leases.keep(id, key.clone(), member.clone());
         if self.is_up() {
             let ttl = self.settings.node_ttl.as_millis() as u64;
-            let script = Script::new(ACQUIRE);
-            let mut invocation = script.key(&key);
+            let mut invocation = ACQUIRE_SCRIPT.key(&key);
             invocation.arg(&member).arg(max).arg(ttl);
-            let invocation = &invocation;
-            let taken: Result<i64, _> = self
-                .call("lease", |mut redis| async move {
-                    invocation.invoke_async(&mut redis).await
-                })
-                .await;
+            let taken: Result<i64, _> = self.invoke("lease", &invocation).await;
             match taken {
                 Ok(1) => {
                     lease.counted();
@@ -262,13 +260,7 @@ impl Cluster {
             for (_, key, member) in batch {
                 invocation.key(key).arg(member);
             }
-            let invocation = &invocation;
-            let Ok(found) = self
-                .call("renew", |mut redis| async move {
-                    invocation.invoke_async::<Vec<i64>>(&mut redis).await
-                })
-                .await
-            else {
+            let Ok(found) = self.invoke::<Vec<i64>>("renew", &invocation).await else {
                 return false;
             };
             missing.extend(
@@ -287,14 +279,7 @@ impl Cluster {
             let script = Script::new(REWRITE);
             let mut invocation = script.key(&key);
             invocation.arg(&member).arg(ttl);
-            let invocation = &invocation;
-            if self
-                .call("renew", |mut redis| async move {
-                    invocation.invoke_async::<i64>(&mut redis).await
-                })
-                .await
-                .is_err()
-            {
+            if self.invoke::<i64>("renew", &invocation).await.is_err() {
                 return false;
             }
             // Released while it was being written: given back again, after the write.

@@ -272,6 +272,18 @@ impl Cluster {
         }
     }
 
+    /// Runs a prepared script as [`Cluster::call`] runs a call.
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unreachable> {
+        self.call(op, |mut redis| async move {
+            invocation.invoke_async(&mut redis).await
+        })
+        .await
+    }
+
     fn count_error(&self, op: &'static str) {
         self.metrics
             .cluster

@@ -163,12 +163,7 @@ impl Cluster {
             .arg(if lifted { "l" } else { "r" })
             .arg(super::events::CHANNEL)
             .arg(event);
-        let invocation = &invocation;
-        let listening: i64 = self
-            .call("publish", |mut redis| async move {
-                invocation.invoke_async(&mut redis).await
-            })
-            .await?;
+        let listening: i64 = self.invoke("publish", &invocation).await?;
         Ok(match u64::try_from(listening) {
             Ok(listening) => Stored::Published(listening),
             Err(_) => Stored::Superseded,
@@ -357,14 +352,7 @@ impl Cluster {
             for (name, value) in batch {
                 invocation.arg(name).arg(value);
             }
-            let invocation = &invocation;
-            if self
-                .call("resync", |mut redis| async move {
-                    invocation.invoke_async::<i64>(&mut redis).await
-                })
-                .await
-                .is_err()
-            {
+            if self.invoke::<i64>("resync", &invocation).await.is_err() {
                 return;
             }
         }
