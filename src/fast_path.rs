@@ -60,11 +60,46 @@ pub(crate) enum HeadRead {
     TimedOut,
 }
 
-/// Reads into `input` until it holds a whole request head, by `due`.
+/// When the request head being read must be whole by: one timer a connection, set again only
+/// when it goes off before the deadline has passed. A timer made (or moved) for every request
+/// had tokio wake its own event loop through the kernel for about every other request.
+pub(crate) struct HeadDeadline {
+    due: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl HeadDeadline {
+    pub(crate) fn new(due: tokio::time::Instant) -> Self {
+        Self {
+            due,
+            timer: Box::pin(tokio::time::sleep_until(due)),
+        }
+    }
+
+    /// Moves the deadline; a later one costs nothing until the timer goes off.
+    fn set(&mut self, due: tokio::time::Instant) {
+        if due < self.timer.deadline() {
+            self.timer.as_mut().reset(due);
+        }
+        self.due = due;
+    }
+
+    async fn passed(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if tokio::time::Instant::now() >= self.due {
+                return;
+            }
+            self.timer.as_mut().reset(self.due);
+        }
+    }
+}
+
+/// Reads into `input` until it holds a whole request head, by `deadline`.
 pub(crate) async fn read_head(
     io: &mut Io,
     input: &mut BytesMut,
-    due: tokio::time::Instant,
+    deadline: &mut HeadDeadline,
     shared: &Shared,
     max_head: usize,
 ) -> HeadRead {
@@ -83,13 +118,14 @@ pub(crate) async fn read_head(
             input.reserve(4096);
         }
         let read = tokio::select! {
-            read = tokio::time::timeout_at(due, io.read_buf(input)) => read,
+            biased;
+            read = io.read_buf(input) => read,
+            () = deadline.passed() => return HeadRead::TimedOut,
             () = shared.shutdown.cancelled(), if input.is_empty() => return HeadRead::Closed,
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
-            Ok(Ok(_)) => {}
-            Err(_) => return HeadRead::TimedOut,
+            Ok(0) | Err(_) => return HeadRead::Closed,
+            Ok(_) => {}
         }
     }
 }
@@ -107,6 +143,7 @@ pub(crate) async fn serve(
     io: &mut Io,
     mut input: BytesMut,
     mut head_len: usize,
+    deadline: &mut HeadDeadline,
     conn: ClientConn,
     shared: &Arc<Shared>,
     memo: &Arc<TokenMemo>,
@@ -119,8 +156,8 @@ pub(crate) async fn serve(
     let mut first = true;
     loop {
         if !first {
-            let due = tokio::time::Instant::now() + head_timeout;
-            head_len = match read_head(io, &mut input, due, shared, max_head).await {
+            deadline.set(tokio::time::Instant::now() + head_timeout);
+            head_len = match read_head(io, &mut input, deadline, shared, max_head).await {
                 HeadRead::Whole(length) => length,
                 HeadRead::TooLarge => return Left::ToHyper(input.freeze()),
                 HeadRead::Closed | HeadRead::TimedOut => return Left::Closed,

@@ -21,7 +21,7 @@ use crate::admission::ClientConn;
 use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
 use crate::dispatch;
-use crate::fast_path::{self, HeadRead, Left};
+use crate::fast_path::{self, HeadDeadline, HeadRead, Left};
 use crate::limits::{PendingSlot, address_key};
 use crate::metrics::Limit;
 use crate::passthrough::body::ClientBody;
@@ -485,7 +485,8 @@ async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: 
     // edge's own reader, boxed (its state, a whole dispatch, would otherwise sit beside
     // hyper's in every connection's future, and be copied with it).
     let mut input = BytesMut::with_capacity(4096);
-    let read = fast_path::read_head(&mut io, &mut input, first_head_due, &shared, max_head).await;
+    let mut deadline = HeadDeadline::new(first_head_due);
+    let read = fast_path::read_head(&mut io, &mut input, &mut deadline, &shared, max_head).await;
     let left = match read {
         HeadRead::Closed => return,
         HeadRead::TimedOut => {
@@ -502,6 +503,7 @@ async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: 
                 &mut io,
                 input,
                 head_len,
+                &mut deadline,
                 conn,
                 &shared,
                 &memo,

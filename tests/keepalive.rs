@@ -178,3 +178,52 @@ async fn heads_with_bare_line_feeds_are_all_answered() {
         http.next_request().await;
     }
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_a_handshake_timeout_after_its_last_request() {
+    const TIMEOUT_MS: u64 = 800;
+    let http = HttpUpstream::start("a").await;
+    let ws = Upstream::start().await;
+    let config = EdgeConfig::new(&http.url("/api"))
+        .server(&format!("handshake_timeout = \"{TIMEOUT_MS}ms\""))
+        .path("/api")
+        .route("match = \"prefix\"\nhttp = \"proxy\"")
+        .section(&format!(
+            "[[route]]\npath = \"/ws/chat\"\nupstream = \"{}\"\nauth = \"main\"",
+            ws.url("/ws/chat")
+        ));
+    let edge = TestEdge::start(&config.build()).await;
+    let token = token_for("alice");
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    // Each request is answered and moves the deadline on: the second comes after more than
+    // half the timeout, so a deadline left where the first request put it would close the
+    // connection while the second's is still running.
+    let mut last_answered = std::time::Instant::now();
+    for _ in 0..2 {
+        stream
+            .write_all(head("/api/status/200", &token, "").as_bytes())
+            .await
+            .unwrap();
+        // The whole answer: its body, "status", ends it.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"status") {
+            let mut chunk = [0u8; 1024];
+            let read = stream.read(&mut chunk).await.unwrap();
+            assert!(
+                read > 0,
+                "closed early: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&chunk[..read]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        last_answered = std::time::Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(TIMEOUT_MS * 5 / 8)).await;
+    }
+    read_to_close(&mut stream).await;
+    let idle = last_answered.elapsed();
+    assert!(
+        idle >= std::time::Duration::from_millis(TIMEOUT_MS * 7 / 8),
+        "closed {idle:?} after the last answer, the timeout is {TIMEOUT_MS} ms"
+    );
+}
