@@ -136,14 +136,20 @@ pub(crate) fn is_upgrade(head: &[u8]) -> bool {
     UPGRADE.find(head).is_some()
 }
 
-/// Serves plain GETs on `io`, beginning with the whole head of `head_len` bytes at the start of
-/// `input`, until the connection ends or a request is not one. `first_request` is told once
-/// the first of them is taken.
+/// A connection as the edge's reader takes it: what was read, of which the first `head_len`
+/// bytes are a whole request head, and the deadline of the heads to come.
+pub(crate) struct Reading<'a> {
+    pub(crate) input: BytesMut,
+    pub(crate) head_len: usize,
+    pub(crate) deadline: &'a mut HeadDeadline,
+}
+
+/// Serves plain GETs on `io`, beginning with the request head `reading` holds, until the
+/// connection ends or a request is not one. `first_request` is told once the first of them is
+/// taken.
 pub(crate) async fn serve(
     io: &mut Io,
-    mut input: BytesMut,
-    mut head_len: usize,
-    deadline: &mut HeadDeadline,
+    reading: Reading<'_>,
     conn: ClientConn,
     shared: &Arc<Shared>,
     memo: &Arc<TokenMemo>,
@@ -153,6 +159,11 @@ pub(crate) async fn serve(
     let max_head = live.config.server.max_header_size;
     let head_timeout = live.config.server.handshake_timeout;
     drop(live);
+    let Reading {
+        mut input,
+        mut head_len,
+        deadline,
+    } = reading;
     let mut first = true;
     loop {
         if !first {

@@ -21,7 +21,7 @@ use crate::admission::ClientConn;
 use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
 use crate::dispatch;
-use crate::fast_path::{self, HeadDeadline, HeadRead, Left};
+use crate::fast_path::{self, HeadDeadline, HeadRead, Left, Reading};
 use crate::limits::{PendingSlot, address_key};
 use crate::metrics::Limit;
 use crate::passthrough::body::ClientBody;
@@ -499,11 +499,14 @@ async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: 
             Left::ToHyper(input.freeze())
         }
         HeadRead::Whole(head_len) => {
-            Box::pin(fast_path::serve(
-                &mut io,
+            let reading = Reading {
                 input,
                 head_len,
-                &mut deadline,
+                deadline: &mut deadline,
+            };
+            Box::pin(fast_path::serve(
+                &mut io,
+                reading,
                 conn,
                 &shared,
                 &memo,
