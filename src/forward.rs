@@ -277,8 +277,18 @@ pub(crate) struct ShapedRequest {
 
 impl ShapedRequest {
     pub(crate) fn for_target(&self, target: &TargetSettings) -> UpstreamRequest<'_> {
-        let mut path = target.path.clone();
         let remainder = self.remainder.as_str();
+        let target_query = target.query.as_deref().filter(|q| !q.is_empty());
+        // Made at its full length at once: growing it piece by piece reallocated it for most
+        // requests.
+        let length = target.path.len()
+            + 1
+            + remainder.len()
+            + target_query.map_or(0, |query| query.len() + 1)
+            + self.query.len()
+            + 1;
+        let mut path = String::with_capacity(length);
+        path.push_str(&target.path);
         match (path.ends_with('/'), remainder.strip_prefix('/')) {
             (_, None) if remainder.is_empty() => {}
             (true, Some(rest)) => path.push_str(rest),
@@ -292,7 +302,6 @@ impl ShapedRequest {
             path.push('/');
         }
         let mut path_and_query = path;
-        let target_query = target.query.as_deref().filter(|q| !q.is_empty());
         for (i, part) in target_query
             .into_iter()
             .chain((!self.query.is_empty()).then_some(self.query.as_str()))
