@@ -771,3 +771,59 @@ async fn a_resume_its_owner_no_longer_knows_starts_afresh_where_it_lands() {
     on_a.send_text("still A's").await;
     assert_eq!(read_text(&mut on_a).await, "still A's");
 }
+
+/// How many times Redis has run `command` (from INFO commandstats).
+async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis.query(redis::cmd("INFO").arg("commandstats")).await;
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_lease_whose_call_timed_out_is_given_back_after_redis_takes_it() {
+    let redis = RedisServer::start().await;
+    let mut upstream = Upstream::start().await;
+    // A lease left behind would count for node_ttl: far longer than the test waits.
+    let config = member_renewing(
+        &upstream,
+        &redis,
+        "edge-a",
+        "on_redis_down = \"closed\"",
+        60,
+    );
+    let edge = TestEdge::start(&config.build()).await;
+    // The lease script is loaded by a first handshake.
+    let carol = connect_user(edge.addr, &mut upstream, "carol").await;
+    let (acquired, released) = (
+        command_calls(&redis, "evalsha").await,
+        command_calls(&redis, "zrem").await,
+    );
+    // Writes (and scripts) wait for two seconds; pings do not, so the edge keeps Redis up and
+    // asks for dora's lease, which times out: 503, and the lease is given back.
+    redis
+        .query::<()>(redis::cmd("CLIENT").arg("PAUSE").arg(2000).arg("WRITE"))
+        .await;
+    let refused = refused_user(edge.addr, "dora").await;
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (503, Some("cluster_unavailable"))
+    );
+    // Redis runs the lease script, then the release, on the same connection: dora holds
+    // nothing once both have run.
+    eventually(WAIT, "the lease taken and given back", || async {
+        command_calls(&redis, "evalsha").await > acquired
+            && command_calls(&redis, "zrem").await > released
+    })
+    .await;
+    assert_eq!(
+        redis
+            .query::<usize>(redis::cmd("ZCARD").arg("wsedge:user:4:acme:4:dora"))
+            .await,
+        0
+    );
+    drop(carol);
+}

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redis::Script;
+use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::{Cluster, PREFIX};
@@ -86,6 +87,18 @@ struct Held {
     /// Redis has taken it (or it was taken while Redis was away under "open"): a renewal
     /// writes it again if Redis lacks it. Not while its first call is out.
     counted: bool,
+    /// While its first call is out: the connection it went out on.
+    acquiring_on: Option<ConnectionManager>,
+}
+
+/// A lease given back.
+struct Release {
+    key: String,
+    member: String,
+    /// The connection its first call went out on, when that call may still be on its way (the
+    /// handshake was dropped, or the call timed out): the release goes out behind it on the same
+    /// connection, so that Redis cannot take the lease after giving it back.
+    behind: Option<ConnectionManager>,
 }
 
 /// The leases this edge holds, for renewal, and those given back, for release.
@@ -93,9 +106,9 @@ pub(crate) struct LeaseBook {
     instance: String,
     next: AtomicU64,
     held: Mutex<HashMap<u64, Held>>,
-    released: mpsc::UnboundedSender<(String, String)>,
+    released: mpsc::UnboundedSender<Release>,
     /// Taken by the task that gives leases back.
-    to_release: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
+    to_release: Mutex<Option<mpsc::UnboundedReceiver<Release>>>,
 }
 
 /// Why no lease was given.
@@ -119,6 +132,13 @@ impl Lease {
     fn counted(&self) {
         if let Some(held) = self.book.held().get_mut(&self.id) {
             held.counted = true;
+            held.acquiring_on = None;
+        }
+    }
+
+    fn acquiring_on(&self, connection: ConnectionManager) {
+        if let Some(held) = self.book.held().get_mut(&self.id) {
+            held.acquiring_on = Some(connection);
         }
     }
 
@@ -133,7 +153,11 @@ impl Drop for Lease {
         let removed = self.book.held().remove(&self.id);
         if let Some(held) = removed {
             // Given back at once by the releasing task; if Redis is away, it lapses.
-            let _ = self.book.released.send((held.key, held.member));
+            let _ = self.book.released.send(Release {
+                key: held.key,
+                member: held.member,
+                behind: held.acquiring_on,
+            });
         }
     }
 }
@@ -166,6 +190,7 @@ impl LeaseBook {
             key,
             member,
             counted: false,
+            acquiring_on: None,
         };
         self.held().insert(id, held);
         Lease {
@@ -187,6 +212,7 @@ impl Cluster {
             let ttl = self.settings.node_ttl.as_millis() as u64;
             let mut invocation = ACQUIRE_SCRIPT.key(&key);
             invocation.arg(&member).arg(max).arg(ttl);
+            lease.acquiring_on(self.redis());
             let taken: Result<i64, _> = self.invoke("lease", &invocation).await;
             match taken {
                 Ok(1) => {
@@ -229,8 +255,21 @@ impl Cluster {
                 released.push(more);
             }
             let mut pipe = redis::pipe();
-            for (key, member) in &released {
-                pipe.zrem(key, member).ignore();
+            for release in released {
+                match release.behind {
+                    None => {
+                        pipe.zrem(release.key, release.member).ignore();
+                    }
+                    Some(mut connection) => {
+                        let mut zrem = redis::cmd("ZREM");
+                        zrem.arg(release.key).arg(release.member);
+                        let sent = zrem.query_async::<()>(&mut connection);
+                        let _ = tokio::time::timeout(self.settings.redis_timeout, sent).await;
+                    }
+                }
+            }
+            if pipe.is_empty() {
+                continue;
             }
             let pipe = &pipe;
             // When Redis is away they lapse within node_ttl: nobody renews them.
@@ -284,7 +323,11 @@ impl Cluster {
             }
             // Released while it was being written: given back again, after the write.
             if !self.leases.held().contains_key(&id) {
-                let _ = self.leases.released.send((key, member));
+                let _ = self.leases.released.send(Release {
+                    key,
+                    member,
+                    behind: None,
+                });
             }
         }
         true
