@@ -192,18 +192,21 @@ pub(crate) async fn serve(
             first = false;
         }
         // Pinned here, where it lives, and watched by reference: the dispatch's state is
-        // large, and a future that held it would copy it on every move.
-        let handled = std::pin::pin!(dispatch::handle(
-            request,
-            conn,
-            shared.clone(),
-            memo.clone()
-        ));
+        // large, and a future that held it would copy it on every move. (In a block of its
+        // own: its room is then shared with the response writer's.)
         let mut drain_due = None;
-        let response = match watch(io, &mut input, shared, &mut drain_due, handled).await {
-            Watched::Done(Ok(response)) => response,
-            Watched::Done(Err(never)) => match never {},
-            Watched::Gone => return Left::Closed,
+        let response = {
+            let handled = std::pin::pin!(dispatch::handle(
+                request,
+                conn,
+                shared.clone(),
+                memo.clone()
+            ));
+            match watch(io, &mut input, shared, &mut drain_due, handled).await {
+                Watched::Done(Ok(response)) => response,
+                Watched::Done(Err(never)) => match never {},
+                Watched::Gone => return Left::Closed,
+            }
         };
         // The edge's own answer may end the connection too (as hyper would, it says so).
         let close = close || says_close(response.headers());

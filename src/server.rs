@@ -515,6 +515,8 @@ async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: 
             .await
         }
     };
+    // Hyper keeps time of its own from here.
+    drop(deadline);
     let read = match left {
         Left::Closed => return,
         Left::ToHyper(read) => read,

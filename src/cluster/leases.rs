@@ -129,16 +129,14 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    fn counted(&self) {
+    /// Redis took it, or (`settled` false) the edge counts it without knowing whether Redis
+    /// did: its first call may still be on its way, and its release goes out behind it.
+    fn counted(&self, settled: bool) {
         if let Some(held) = self.book.held().get_mut(&self.id) {
             held.counted = true;
-            held.acquiring_on = None;
-        }
-    }
-
-    fn acquiring_on(&self, connection: ConnectionManager) {
-        if let Some(held) = self.book.held().get_mut(&self.id) {
-            held.acquiring_on = Some(connection);
+            if settled {
+                held.acquiring_on = None;
+            }
         }
     }
 
@@ -185,12 +183,18 @@ impl LeaseBook {
         (id, format!("{}:{id}", self.instance))
     }
 
-    fn keep(self: &Arc<Self>, id: u64, key: String, member: String) -> Lease {
+    fn keep(
+        self: &Arc<Self>,
+        id: u64,
+        key: String,
+        member: String,
+        acquiring_on: Option<ConnectionManager>,
+    ) -> Lease {
         let held = Held {
             key,
             member,
             counted: false,
-            acquiring_on: None,
+            acquiring_on,
         };
         self.held().insert(id, held);
         Lease {
@@ -207,16 +211,18 @@ impl Cluster {
     pub(crate) async fn lease(&self, tenant: &str, user: &str, max: u32) -> Result<Lease, NoLease> {
         let key = user_key(tenant, user);
         let (id, member) = self.leases.member();
-        let lease = self.leases.keep(id, key.clone(), member.clone());
-        if self.is_up() {
+        let up = self.is_up();
+        let lease = self
+            .leases
+            .keep(id, key.clone(), member.clone(), up.then(|| self.redis()));
+        if up {
             let ttl = self.settings.node_ttl.as_millis() as u64;
             let mut invocation = ACQUIRE_SCRIPT.key(&key);
             invocation.arg(&member).arg(max).arg(ttl);
-            lease.acquiring_on(self.redis());
             let taken: Result<i64, _> = self.invoke("lease", &invocation).await;
             match taken {
                 Ok(1) => {
-                    lease.counted();
+                    lease.counted(true);
                     return Ok(lease);
                 }
                 Ok(_) => {
@@ -229,7 +235,7 @@ impl Cluster {
         // Redis is down (the handshake's admission counted the decision).
         match self.settings.on_redis_down {
             RedisDown::Open => {
-                lease.counted();
+                lease.counted(false);
                 Ok(lease)
             }
             // Dropped: given back, in case Redis took it before the call timed out.
@@ -255,16 +261,35 @@ impl Cluster {
                 released.push(more);
             }
             let mut pipe = redis::pipe();
+            let mut behind = Vec::new();
             for release in released {
                 match release.behind {
                     None => {
                         pipe.zrem(release.key, release.member).ignore();
                     }
-                    Some(mut connection) => {
-                        let mut zrem = redis::cmd("ZREM");
-                        zrem.arg(release.key).arg(release.member);
-                        let sent = zrem.query_async::<()>(&mut connection);
-                        let _ = tokio::time::timeout(self.settings.redis_timeout, sent).await;
+                    Some(connection) => behind.push((connection, release.key, release.member)),
+                }
+            }
+            // All at once, each on its own connection; what does not go through goes with
+            // the others (its first call's fate is settled by then).
+            if !behind.is_empty() {
+                let sends = behind.iter().map(|(connection, key, member)| {
+                    let mut connection = connection.clone();
+                    let mut zrem = redis::cmd("ZREM");
+                    zrem.arg(key).arg(member);
+                    async move { zrem.query_async::<()>(&mut connection).await }
+                });
+                let sent = tokio::time::timeout(
+                    self.settings.redis_timeout,
+                    futures_util::future::join_all(sends),
+                )
+                .await;
+                for (i, (_, key, member)) in behind.iter().enumerate() {
+                    let went = sent
+                        .as_ref()
+                        .is_ok_and(|results| results.get(i).is_some_and(Result::is_ok));
+                    if !went {
+                        pipe.zrem(key, member).ignore();
                     }
                 }
             }

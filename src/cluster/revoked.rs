@@ -220,7 +220,10 @@ impl Cluster {
             match self.write(what, false).await {
                 Ok(Stored::Published(_)) => {}
                 Ok(Stored::Superseded) => {
-                    tracing::info!(?what, "cluster: a change that waited for Redis is older than the one Redis holds; the later one stands");
+                    tracing::info!(
+                        ?what,
+                        "cluster: a change that waited for Redis is older than the one Redis holds; the later one stands"
+                    );
                 }
                 // Redis refused it, and would again: said, and not kept waiting forever.
                 Err(Unreachable::Refused) => {
