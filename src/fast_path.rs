@@ -208,8 +208,9 @@ pub(crate) async fn serve(
                 Watched::Gone => return Left::Closed,
             }
         };
-        // The edge's own answer may end the connection too (as hyper would, it says so).
-        let close = close || says_close(response.headers());
+        // The edge's own answer may end the connection too (as hyper would, it says so), and
+        // so does the drain: the request in flight is answered, the ones behind it are not.
+        let close = close || says_close(response.headers()) || shared.shutdown.is_cancelled();
         let watching = Watching {
             input: &mut input,
             shared,
@@ -219,7 +220,9 @@ pub(crate) async fn serve(
             let _ = io.shutdown().await;
             return Left::Closed;
         }
-        if shared.shutdown.is_cancelled() && input.is_empty() {
+        // Drained between the answer and the next request: nothing more is read.
+        if shared.shutdown.is_cancelled() {
+            let _ = io.shutdown().await;
             return Left::Closed;
         }
     }

@@ -435,6 +435,32 @@ async fn an_endless_stream_ends_soon_after_the_edge_begins_to_drain() {
 }
 
 #[tokio::test]
+async fn at_the_drain_the_request_in_flight_is_answered_and_the_pipelined_ones_are_not() {
+    let (mut upstream, edge) = proxied("").await;
+    let authorization = bearer(&alice());
+    let mut client = TcpStream::connect(edge.addr).await.unwrap();
+    let head = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {authorization}\r\n\r\n"
+        )
+    };
+    let pipelined = head("/api/poll?ms=300") + &head("/api/status/201");
+    client.write_all(pipelined.as_bytes()).await.unwrap();
+    upstream.next_request().await;
+    edge.handle.shutdown();
+    let mut answered = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut answered))
+        .await
+        .expect("the edge closed the connection")
+        .ok();
+    let answered = String::from_utf8_lossy(&answered);
+    assert_eq!(answered.matches("HTTP/1.1 ").count(), 1, "{answered}");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    assert!(answered.contains("connection: close"), "{answered}");
+    assert!(answered.ends_with("done"), "{answered}");
+}
+
+#[tokio::test]
 async fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin() {
     let (mut upstream, edge) = proxied(r#"allowed_origins = ["https://chat.example.com"]"#).await;
     let preflight = [
