@@ -285,8 +285,8 @@ fn now() -> u64 {
 
 /// What the other edges were told, in an answer's body: `"cluster": "published"` (with how
 /// many edges listened, this one included), `"pending"` (Redis is down: a revocation is
-/// written when it is back, a disconnect reaches only this edge), `"superseded"` (Redis holds
-/// a later change of the same token or user) or `"here_only"` (this edge alone acted).
+/// written when it is back, a disconnect reaches only this edge) or `"here_only"` (this edge
+/// alone acted).
 fn told(body: &mut serde_json::Value, told: Told) {
     match told {
         Told::Published(edges) => {
@@ -294,7 +294,6 @@ fn told(body: &mut serde_json::Value, told: Told) {
             body["edges"] = json!(edges);
         }
         Told::Pending => body["cluster"] = json!("pending"),
-        Told::Superseded => body["cluster"] = json!("superseded"),
         Told::HereOnly => body["cluster"] = json!("here_only"),
     }
 }

@@ -183,7 +183,8 @@ pub(crate) struct Revocations {
     changing: Mutex<Option<Vec<Change>>>,
 }
 
-fn now() -> u64 {
+/// Now, in Unix seconds.
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())

@@ -371,10 +371,32 @@ async fn a_long_poll_is_held_for_seconds_and_a_silent_upstream_gets_504() {
     assert!(started.elapsed() >= Duration::from_secs(1));
 }
 
+/// A raw connection that has sent alice's GETs for `paths` in one write (pipelined), once the
+/// upstream has seen the first.
+async fn raw_gets(edge: &TestEdge, upstream: &mut HttpUpstream, paths: &[&str]) -> TcpStream {
+    let authorization = bearer(&alice());
+    let heads: String = paths
+        .iter()
+        .map(|path| {
+            format!("GET {path} HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {authorization}\r\n\r\n")
+        })
+        .collect();
+    let mut client = TcpStream::connect(edge.addr).await.unwrap();
+    client.write_all(heads.as_bytes()).await.unwrap();
+    upstream.next_request().await;
+    client
+}
+
+/// Reads the start of a response and checks it is a 200.
+async fn read_200(client: &mut TcpStream) {
+    let mut first = [0u8; 64];
+    let read = client.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+}
+
 #[tokio::test]
 async fn a_client_gone_mid_long_poll_or_stream_frees_its_upstream_request_at_once() {
     let (mut upstream, edge) = proxied("").await;
-    let authorization = bearer(&alice());
     // Held for 30 s by the upstream, and an SSE stream that waits after its first event: the
     // client leaves each while the edge waits on the upstream. The upstream's connection ends
     // at once, not when it would have answered (a waiting edge would hold it past WAIT).
@@ -382,16 +404,9 @@ async fn a_client_gone_mid_long_poll_or_stream_frees_its_upstream_request_at_onc
         .into_iter()
         .enumerate()
     {
-        let mut client = TcpStream::connect(edge.addr).await.unwrap();
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {authorization}\r\n\r\n"
-        );
-        client.write_all(head.as_bytes()).await.unwrap();
-        upstream.next_request().await;
+        let mut client = raw_gets(&edge, &mut upstream, &[path]).await;
         if path.contains("sse") {
-            let mut first = [0u8; 64];
-            let read = client.read(&mut first).await.unwrap();
-            assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+            read_200(&mut client).await;
         }
         drop(client);
         eventually(WAIT, "the upstream's connection ended", || async {
@@ -405,16 +420,8 @@ async fn a_client_gone_mid_long_poll_or_stream_frees_its_upstream_request_at_onc
 #[tokio::test]
 async fn an_endless_stream_ends_soon_after_the_edge_begins_to_drain() {
     let (mut upstream, edge) = proxied("").await;
-    let mut client = TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "GET /api/sse HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {}\r\n\r\n",
-        bearer(&alice())
-    );
-    client.write_all(head.as_bytes()).await.unwrap();
-    upstream.next_request().await;
-    let mut first = [0u8; 64];
-    let read = client.read(&mut first).await.unwrap();
-    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"));
+    let mut client = raw_gets(&edge, &mut upstream, &["/api/sse"]).await;
+    read_200(&mut client).await;
     // An event every 50 ms, forever: the drain gives it a second, then ends the connection.
     let drained_at = Instant::now();
     edge.handle.shutdown();
@@ -437,16 +444,8 @@ async fn an_endless_stream_ends_soon_after_the_edge_begins_to_drain() {
 #[tokio::test]
 async fn at_the_drain_the_request_in_flight_is_answered_and_the_pipelined_ones_are_not() {
     let (mut upstream, edge) = proxied("").await;
-    let authorization = bearer(&alice());
-    let mut client = TcpStream::connect(edge.addr).await.unwrap();
-    let head = |path: &str| {
-        format!(
-            "GET {path} HTTP/1.1\r\nhost: chat.example.com\r\nauthorization: {authorization}\r\n\r\n"
-        )
-    };
-    let pipelined = head("/api/poll?ms=300") + &head("/api/status/201");
-    client.write_all(pipelined.as_bytes()).await.unwrap();
-    upstream.next_request().await;
+    let paths = ["/api/poll?ms=300", "/api/status/201"];
+    let mut client = raw_gets(&edge, &mut upstream, &paths).await;
     edge.handle.shutdown();
     let mut answered = Vec::new();
     tokio::time::timeout(WAIT, client.read_to_end(&mut answered))

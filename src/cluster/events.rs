@@ -67,8 +67,6 @@ pub(crate) enum Told {
     Published(u64),
     /// Redis is down: the revocation is written when it is back; a disconnect is lost.
     Pending,
-    /// Redis holds a later change of the same token or user (made while this one waited).
-    Superseded,
     /// Neither published nor kept for later (Redis refused it, or too many wait): this edge
     /// alone acted.
     HereOnly,
@@ -104,11 +102,11 @@ impl Cluster {
     /// Stores a lift and tells the other edges. `held_until`: when the revocation this edge
     /// lifted would have ended, if it held one.
     pub(crate) async fn lift(&self, revoked: Revoked, held_until: Option<u64>) -> Told {
-        let now = now_ms() / 1000;
+        let at = now_ms();
         self.tell(What::Lift {
             revoked,
-            until: held_until.unwrap_or(now + LIFT_KEPT),
-            at: now_ms(),
+            until: held_until.unwrap_or(at / 1000 + LIFT_KEPT),
+            at,
         })
         .await
     }
@@ -117,7 +115,8 @@ impl Cluster {
         if self.is_up() {
             match self.write(&what, true).await {
                 Ok(Stored::Published(listening)) => return Told::Published(listening),
-                Ok(Stored::Superseded) => return Told::Superseded,
+                // Stamped now, it is later than anything Redis holds: not reached.
+                Ok(Stored::Superseded) => return Told::Published(0),
                 Err(Unreachable::Refused) => return Told::HereOnly,
                 Err(Unreachable::Away) => {}
             }
@@ -139,30 +138,27 @@ impl Cluster {
         let Ok(payload) = serde_json::to_string(&event) else {
             return Ok(Stored::Published(0));
         };
-        match what {
+        let (revoked, until, at, lifted) = match what {
             What::Revoke {
                 revoked, until, at, ..
-            } => {
-                let at = (!now).then_some(*at);
-                self.store(revoked, *until, at, false, &payload).await
-            }
-            What::Lift { revoked, until, at } => {
-                let at = (!now).then_some(*at);
-                self.store(revoked, *until, at, true, &payload).await
-            }
+            } => (revoked, until, at, false),
+            What::Lift { revoked, until, at } => (revoked, until, at, true),
             What::Disconnect { .. } => {
                 let payload = &payload;
-                self.call("publish", |mut redis| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(CHANNEL)
-                        .arg(payload)
-                        .query_async(&mut redis)
-                        .await
-                })
-                .await
-                .map(Stored::Published)
+                return self
+                    .call("publish", |mut redis| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(CHANNEL)
+                            .arg(payload)
+                            .query_async(&mut redis)
+                            .await
+                    })
+                    .await
+                    .map(Stored::Published);
             }
-        }
+        };
+        let at = (!now).then_some(*at);
+        self.store(revoked, *until, at, lifted, &payload).await
     }
 
     /// Receives what Redis pushes: the other edges' events.

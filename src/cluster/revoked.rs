@@ -18,7 +18,7 @@ use redis::Script;
 
 use super::events::What;
 use super::{Cluster, Unreachable};
-use crate::revocation::{Revoked, write_atomically};
+use crate::revocation::{Revoked, now, write_atomically};
 
 /// The hash every revocation and lift is a field of.
 const REVOCATIONS: &str = "wsedge:revocations";
@@ -104,12 +104,6 @@ fn parse_value(value: &str) -> Option<(u64, bool)> {
         _ => return None,
     };
     Some((until, lifted))
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }
 
 /// The changes that wait for Redis, read back from the state directory.
