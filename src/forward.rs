@@ -94,9 +94,15 @@ pub(crate) fn shape<B>(
                 .iter()
                 .any(|(injected, _)| same_header(injected.as_str(), lower))
             || nominated.iter().any(|n| n == lower)
+            // HTTP2-Settings goes with an h2c upgrade, which never goes upstream (RFC 7540
+            // §3.2.1), whether or not Connection names it.
             || matches!(
                 lower,
-                "keep-alive" | "expect" | "proxy-connection" | "proxy-authorization"
+                "keep-alive"
+                    | "expect"
+                    | "proxy-connection"
+                    | "proxy-authorization"
+                    | "http2-settings"
             )
             || is_forwarding_header(lower)
             // `X_Forwarded_For` is `X-Forwarded-For` to CGI, WSGI and several web servers.

@@ -85,6 +85,21 @@ async fn malformed_and_ambiguous_requests_are_refused_before_the_upstream() {
         ("mixed dots", upgrade("/ws/.%2e/admin", "", &token), &[400]),
         ("a NUL", upgrade("/ws/a%00b", "", &token), &[400]),
         (
+            "dots encoded twice",
+            upgrade("/ws/%252e%252e/admin", "", &token),
+            &[400],
+        ),
+        (
+            "overlong UTF-8 dots",
+            upgrade("/ws/%c0%ae%c0%ae/admin", "", &token),
+            &[400],
+        ),
+        (
+            "IIS's %u dots",
+            upgrade("/ws/%u002e%u002e/admin", "", &token),
+            &[400],
+        ),
+        (
             "a 64 KB path",
             upgrade(&long_path, "", &token),
             &[400, 414, 431],

@@ -192,7 +192,7 @@ async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
 async fn identity_values_a_parser_would_not_carry_byte_for_byte_are_refused() {
     let (mut upstream, edge) = start_edge(|c| {
         c.server("handshake_rate_per_ip = \"off\"").route("conversation = \"query-or-token\"")
-            .route("inject = { \"x-user-id\" = \"{user}\", \"x-tenant-id\" = \"{tenant}\", \"x-conversation-id\" = \"{conversation}\", \"x-plan\" = \"{claim.plan}\" }")
+            .route("inject = { \"x-user-id\" = \"{user}\", \"x-tenant-id\" = \"{tenant}\", \"x-conversation-id\" = \"{conversation}\", \"x-plan\" = \"{claim.plan}\", \"x-plan-team\" = \"{claim.plan}/{claim.team}\" }")
     })
     .await;
     let with = |extra: serde_json::Value| hs256(&claims("alice", extra));
@@ -214,6 +214,42 @@ async fn identity_values_a_parser_would_not_carry_byte_for_byte_are_refused() {
         (
             "a claim a template injects, with a line break",
             with(json!({"plan": "pro\r\nx-user-id: root"})),
+            "",
+            401,
+        ),
+        (
+            "a claim a template injects, with NUL",
+            with(json!({"plan": "pro\u{0}"})),
+            "",
+            401,
+        ),
+        (
+            "a claim a template injects, non-ASCII",
+            with(json!({"plan": "pré"})),
+            "",
+            401,
+        ),
+        (
+            "a claim a template injects, with a tab inside",
+            with(json!({"plan": "pro\tplus"})),
+            "",
+            401,
+        ),
+        (
+            "a claim a template injects, with DEL",
+            with(json!({"plan": "pro\u{7f}"})),
+            "",
+            401,
+        ),
+        (
+            "a claim a template injects, 10 KB",
+            with(json!({"plan": "p".repeat(10_000)})),
+            "",
+            401,
+        ),
+        (
+            "a header a template composes past 1 KiB",
+            with(json!({"plan": "p".repeat(600), "team": "t".repeat(600)})),
             "",
             401,
         ),
@@ -246,10 +282,11 @@ async fn identity_values_a_parser_would_not_carry_byte_for_byte_are_refused() {
         0,
         "a refused identity reached the upstream"
     );
-    // Control: spaces inside a value pass, byte for byte.
+    // Control: spaces inside a value pass, byte for byte, and a rendered header up to 1 KiB.
+    let plan = format!("pro {}", "+".repeat(500));
     let token = hs256(&claims(
         "alice",
-        json!({"tenant_id": "Acme Corp", "plan": "pro"}),
+        json!({"tenant_id": "Acme Corp", "plan": plan, "team": "t".repeat(500)}),
     ));
     let _ws = connect_ok(
         &edge.url(&format!("/ws/chat?token={token}&conversation_id=c-1")),
@@ -259,7 +296,9 @@ async fn identity_values_a_parser_would_not_carry_byte_for_byte_are_refused() {
     let seen = upstream.next_request().await;
     assert_eq!(seen.header("x-user-id"), Some("alice"));
     assert_eq!(seen.header("x-tenant-id"), Some("Acme Corp"));
-    assert_eq!(seen.header("x-plan"), Some("pro"));
+    assert_eq!(seen.header("x-plan"), Some(plan.as_str()));
+    let composed = format!("{plan}/{}", "t".repeat(500));
+    assert_eq!(seen.header("x-plan-team"), Some(composed.as_str()));
     assert_eq!(seen.header("x-conversation-id"), Some("c-1"));
 }
 

@@ -597,6 +597,62 @@ async fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin(
 }
 
 #[tokio::test]
+async fn an_upgrade_to_anything_but_a_websocket_is_never_switched_nor_passed_on() {
+    // h2c (RFC 7540 §3.2) and other protocols on an HTTP route: the edge answers them as the
+    // plain requests they also are, or refuses them. It never switches protocols, and the
+    // upstream never hears of the upgrade (Upgrade and what Connection names are hop-by-hop).
+    let (mut upstream, edge) = proxied("").await;
+    let authorization = bearer(&alice());
+    for (what, headers) in [
+        (
+            "h2c",
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        ),
+        ("TLS", "Connection: Upgrade\r\nUpgrade: TLS/1.2\r\n"),
+        (
+            "an upgrade the Connection header does not name",
+            "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        ),
+        (
+            "a websocket offered beside h2c, without a key",
+            "Connection: Upgrade\r\nUpgrade: h2c, websocket\r\n",
+        ),
+    ] {
+        let request = format!(
+            "GET /api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n{headers}Connection: close\r\n\r\n"
+        );
+        let response = raw_exchange(&edge, &request).await;
+        // 426 for a WebSocket upgrade without version 13 (RFC 6455 §4.4).
+        assert!(
+            ["HTTP/1.1 200", "HTTP/1.1 400", "HTTP/1.1 426"]
+                .iter()
+                .any(|status| response.starts_with(status)),
+            "{what}: {response}"
+        );
+        assert!(!response.contains(" 101 "), "{what}: {response}");
+        if response.starts_with("HTTP/1.1 200") {
+            let seen = upstream.next_request().await;
+            for name in ["upgrade", "http2-settings"] {
+                assert_eq!(seen.request.header(name), None, "{what}: {name} passed on");
+            }
+            assert!(
+                !seen
+                    .request
+                    .header_all("connection")
+                    .iter()
+                    .any(|value| value.to_ascii_lowercase().contains("upgrade")),
+                "{what}: Connection: upgrade passed on"
+            );
+        }
+    }
+    assert_eq!(
+        upstream.requests_so_far(),
+        0,
+        "a request reached the upstream twice"
+    );
+}
+
+#[tokio::test]
 async fn smuggling_and_header_games_are_refused() {
     let (mut upstream, edge) = proxied("").await;
     let authorization = bearer(&alice());

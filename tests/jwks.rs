@@ -416,8 +416,9 @@ async fn bad_jwks_settings_are_refused_with_their_location() {
 
 #[tokio::test]
 async fn a_token_never_brings_its_own_key() {
-    // A token naming a key set of the attacker's (jku), embedding its own key (jwk) and naming
-    // a kid the provider does not publish: refused, and the attacker's set is never fetched.
+    // A token naming a key set or a certificate of the attacker's (jku, x5u), embedding its own
+    // key (jwk) and chain (x5c) and naming a kid the provider does not publish: refused, and
+    // nothing of the attacker's is ever fetched.
     let ca = TestCa::new();
     let published = SigningKey::new("k1");
     let provider = Provider::start(&ca, key_set(&[&published])).await;
@@ -430,6 +431,9 @@ async fn a_token_never_brings_its_own_key() {
     header.kid = Some("evil".into());
     header.jku = Some(attacker.url());
     header.jwk = Some(serde_json::from_value(forged.jwk.clone()).unwrap());
+    header.x5u = Some(attacker.url());
+    // A chain the token carries itself: whatever it holds, it is never read.
+    header.x5c = Some(vec![URL_SAFE_NO_PAD.encode(b"not a certificate")]);
     let token =
         jsonwebtoken::encode(&header, &claims("mallory", json!({})), &forged.encoding).unwrap();
     let refused =
@@ -444,6 +448,53 @@ async fn a_token_never_brings_its_own_key() {
         connect_refused(&edge.url("/ws/chat"), &[("Authorization", &bearer(&token))]).await;
     assert_eq!(refused.status, 401);
     assert_eq!(attacker.fetches(), 0);
+}
+
+#[tokio::test]
+async fn a_kid_is_a_name_to_match_exactly_never_a_path() {
+    // Signed with the published key, but naming it by a path, a spelling or a padding some
+    // key store would resolve to it: each is a kid the provider does not publish. Refused,
+    // and together they cost the provider at most one fetch (the one forced fetch a
+    // `jwks_min_refetch` allows).
+    let ca = TestCa::new();
+    let published = SigningKey::new("k1");
+    let provider = Provider::start(&ca, key_set(&[&published])).await;
+    let mut upstream = Upstream::start().await;
+    let edge = edge_for(&ca, &provider, &upstream, "jwks_min_refetch = \"1h\"").await;
+    wait_ready(&edge).await;
+    let before = provider.fetches();
+    let tricks = [
+        "../k1".to_owned(),
+        "k1/../k1".to_owned(),
+        "./k1".to_owned(),
+        "/etc/passwd".to_owned(),
+        "..%2fk1".to_owned(),
+        "k1\u{0}".to_owned(),
+        "k1 ".to_owned(),
+        " k1".to_owned(),
+        "K1".to_owned(),
+        "k1\r\n".to_owned(),
+        "k1'; DROP TABLE keys; --".to_owned(),
+        "k".repeat(4_000),
+    ];
+    let url = edge.url("/ws/chat");
+    for kid in &tricks {
+        let refused = unknown_kid(&url, &published, kid.clone()).await;
+        assert_eq!(refused.status, 401, "kid {kid:?}: {}", refused.body);
+    }
+    assert!(
+        provider.fetches() - before <= 1,
+        "{} fetches for {} unknown kids",
+        provider.fetches() - before,
+        tricks.len()
+    );
+    assert_eq!(upstream.handshakes_so_far(), 0);
+    // Control: the published kid itself.
+    let _ws = connect_ok(
+        &url,
+        &[("Authorization", &bearer(&published.token("alice")))],
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -476,30 +476,16 @@ fn check_path(path: &str) -> Result<(), Refusal> {
         return Ok(());
     }
     // What some upstream server resolves: `%2e` as a dot, `%2f` and `%5c` (and `\`) as a
-    // slash, `;…` as a path parameter ending the segment (`..;` is `..` to Tomcat).
-    let mut normal = String::with_capacity(path.len());
-    let bytes = path.as_bytes();
-    let mut at = 0;
-    while at < bytes.len() {
-        let escaped = bytes
-            .get(at + 1..at + 3)
-            .map(|hex| hex.to_ascii_lowercase());
-        match (bytes[at], escaped.as_deref()) {
-            (b'%', Some(b"2e")) => normal.push('.'),
-            (b'%', Some(b"2f" | b"5c")) => normal.push('/'),
-            (b'%', Some(b"00")) => return refused("a NUL byte in the path"),
-            (b'\\', _) => {
-                normal.push('/');
-                at += 1;
-                continue;
-            }
-            (byte, _) => {
-                normal.push(byte as char);
-                at += 1;
-                continue;
-            }
+    // slash, `;…` as a path parameter ending the segment (`..;` is `..` to Tomcat). Servers
+    // that decode twice read `%252e` as a dot, and older ones an overlong UTF-8 dot
+    // (`%c0%ae`), IIS's `%u002e`, or a fullwidth one (NFKC: `%ef%bc%8e`): each pass decodes
+    // `%25` once more, up to three times.
+    let mut normal = normalise(path)?;
+    for _ in 0..2 {
+        if !normal.contains('%') {
+            break;
         }
-        at += 3;
+        normal = normalise(&normal)?;
     }
     let dot = |segment: &str| {
         let name = segment.split(';').next().unwrap_or(segment);
@@ -509,6 +495,56 @@ fn check_path(path: &str) -> Result<(), Refusal> {
         return refused("dot segments are not allowed in the path");
     }
     Ok(())
+}
+
+/// Escapes that some upstream server reads as a dot or a slash, lowercased.
+const READ_AS: [(&[u8], char); 14] = [
+    (b"%2e", '.'),
+    (b"%2f", '/'),
+    (b"%5c", '/'),
+    (b"%c0%ae", '.'),
+    (b"%e0%80%ae", '.'),
+    (b"%c0%af", '/'),
+    (b"%e0%80%af", '/'),
+    (b"%c1%9c", '/'),
+    (b"%u002e", '.'),
+    (b"%u002f", '/'),
+    (b"%u005c", '/'),
+    (b"%ef%bc%8e", '.'),
+    (b"%ef%bc%8f", '/'),
+    (b"%25", '%'),
+];
+
+/// One decoding pass of [`check_path`]: what reads as a dot or a slash becomes one, `%25`
+/// becomes `%`, everything else stays as it is.
+fn normalise(path: &str) -> Result<String, Refusal> {
+    let mut normal = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut at = 0;
+    'bytes: while at < bytes.len() {
+        match bytes[at] {
+            b'%' => {
+                let rest = &bytes[at..];
+                if rest.get(1..3).is_some_and(|hex| hex == b"00") {
+                    return Err(Refusal::BadHandshake("a NUL byte in the path"));
+                }
+                for (escape, read) in READ_AS {
+                    if rest.len() >= escape.len()
+                        && rest[..escape.len()].eq_ignore_ascii_case(escape)
+                    {
+                        normal.push(read);
+                        at += escape.len();
+                        continue 'bytes;
+                    }
+                }
+                normal.push('%');
+            }
+            b'\\' => normal.push('/'),
+            byte => normal.push(byte as char),
+        }
+        at += 1;
+    }
+    Ok(normal)
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -584,6 +620,18 @@ mod tests {
             "/api/..%5cadmin",
             "/api/%2e%2e%5cadmin",
             "/api/a%00b",
+            // Decoded twice, overlong UTF-8, IIS's %u, fullwidth.
+            "/api/%252e%252e/admin",
+            "/api/%25252e%25252e/admin",
+            "/api/..%252fadmin",
+            "/api/a%2500b",
+            "/api/%c0%ae%c0%ae/admin",
+            "/api/%C0%AE./admin",
+            "/api/..%c0%afadmin",
+            "/api/%e0%80%ae%e0%80%ae/admin",
+            "/api/%u002e%u002e/admin",
+            "/api/..%u005cadmin",
+            "/api/%ef%bc%8e%ef%bc%8e/admin",
         ] {
             assert!(check_path(path).is_err(), "{path}");
         }
@@ -597,6 +645,10 @@ mod tests {
             "/api/%",
             "/api/%2",
             "/api/caf%C3%A9",
+            "/api/100%25",
+            "/api/%25%25",
+            "/api/%c0",
+            "/api/%u",
         ] {
             assert!(check_path(path).is_ok(), "{path}");
         }
