@@ -148,6 +148,18 @@ async fn bytes_pipelined_after_an_upgrade_are_frames_not_a_second_request() {
         .expect("the edge closed the connection in time");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // After the head, the edge's close frame (unmasked, short): 1002.
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole head")
+        + 4;
+    let close_frame = &answer[head_end..];
+    assert!(
+        close_frame.len() >= 4 && close_frame[0] == 0x88,
+        "{close_frame:?}"
+    );
+    assert_eq!(u16::from_be_bytes([close_frame[2], close_frame[3]]), 1002);
     let close = upstream.next_close().await;
     assert!(close.is_some(), "the upstream got no close frame");
     assert_eq!(

@@ -361,3 +361,37 @@ async fn forwarding_headers_and_request_ids_from_the_client_are_not_trusted() {
         Some("trace-01HZX:span/7")
     );
 }
+
+#[tokio::test]
+async fn a_spoofed_forwarding_header_is_neither_the_rate_key_nor_the_audited_client() {
+    // Three handshakes a minute from one address, each claiming another with X-Forwarded-For,
+    // Forwarded or X-Real-IP: the fourth is refused all the same, and the audit names the
+    // address the connection came from.
+    let (mut upstream, edge) = start_edge(|c| {
+        c.server("handshake_rate_per_ip = { per_second = 0.05, burst = 3 }")
+            .log("audit = \"{dir}/audit.jsonl\"")
+    })
+    .await;
+    let url = edge.url(&format!("/ws/chat?token={}", token_for("alice")));
+    let spoofs = [
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("Forwarded", "for=10.0.0.2"),
+        ("X-Real-IP", "10.0.0.3"),
+    ];
+    let mut open = Vec::new();
+    for spoof in spoofs {
+        open.push(connect_ok(&url, &[spoof]).await);
+        upstream.next_request().await;
+    }
+    let refused = connect_refused(&url, &[("X-Forwarded-For", "10.0.0.4")]).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let lines = audit_lines(&edge.dir.path().join("audit.jsonl"), 4).await;
+    for line in &lines {
+        assert_eq!(
+            line["client"].as_str().map(|c| c.starts_with("127.0.0.1:")),
+            Some(true),
+            "{line}"
+        );
+    }
+    assert_eq!(upstream.handshakes_so_far(), 0);
+}

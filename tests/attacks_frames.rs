@@ -137,7 +137,31 @@ async fn every_client_violation_gets_its_close_code_and_the_upstream_a_close_fra
             "invalid close code",
         ),
         ("a one-byte close", frame(0x88, &[3], KEY), 1002, ""),
+        ("RSV2", frame(0xa1, b"x", KEY), 1002, "reserved bits set"),
+        (
+            "a 126-byte close",
+            frame(0x88, &close_payload(1000, &[b'a'; 124]), KEY),
+            1002,
+            "control frame too long",
+        ),
+        (
+            "a fragmented close",
+            frame(0x08, &close_payload(1000, b""), KEY),
+            1002,
+            "fragmented control frame",
+        ),
     ];
+    // Every other reserved opcode, data (4-7) and control (0xC-0xF).
+    let mut cases = cases;
+    for opcode in [4u8, 5, 6, 7, 0xc, 0xd, 0xe, 0xf] {
+        let what: &str = Box::leak(format!("opcode {opcode:#x}").into_boxed_str());
+        cases.push((
+            what,
+            frame(0x80 | opcode, b"", KEY),
+            1002,
+            "reserved opcode",
+        ));
+    }
     for (i, (what, bytes, code, _)) in cases.iter().enumerate() {
         let id = format!("case-{i}");
         let mut client = RawClient::connect(
@@ -432,5 +456,96 @@ async fn a_client_that_breaks_the_protocol_inside_a_long_frame_leaves_the_upstre
     assert_eq!(client.read_close_code().await, Some(1007));
     let close = upstream.next_close().await;
     assert_eq!(close.map(|(code, _)| code), Some(1001));
+    edge.wait_idle().await;
+}
+
+#[tokio::test]
+async fn one_address_flooding_pings_and_one_byte_fragments_reaches_the_upstream_with_its_message_only()
+ {
+    // 127.0.0.2 sends a message cut into 100,000 one-byte fragments, then 20,000 pings, then
+    // a last message, reading what comes back; meanwhile 127.0.0.3 chats on another route. The
+    // other client is answered while the flood goes on, the flooder's upstream gets its message
+    // whole and then the last one, and never a ping: pings are the edge's to answer.
+    let (upstream_addr, mut seen) = raw_upstream().await;
+    let mut echo = Upstream::start().await;
+    let config = EdgeConfig::new(&format!("ws://{upstream_addr}/ws/chat"))
+        .server("handshake_rate_per_ip = \"off\"")
+        .section(&format!(
+            "[[route]]\npath = \"/ws/echo\"\nupstream = \"{}\"\nauth = \"main\"",
+            echo.url("/ws/echo")
+        ));
+    let edge = TestEdge::start(&config.build()).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = socket.connect(edge.addr).await.unwrap();
+    let mut flooder = upgrade_on(stream, &format!("/ws/chat?token={}", token_for("mallory"))).await;
+    let text: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut flood = Vec::with_capacity(text.len() * 7 + 20_000 * 18);
+    for (i, byte) in text.iter().enumerate() {
+        let first = match (i, i == text.len() - 1) {
+            (0, _) => 0x01,
+            (_, true) => 0x80,
+            _ => 0x00,
+        };
+        flood.extend(frame(first, &[*byte], KEY));
+    }
+    let ping = frame(0x89, b"ping-payload", KEY);
+    for _ in 0..20_000 {
+        flood.extend_from_slice(&ping);
+    }
+    flood.extend(frame(0x81, b"last", KEY));
+    let mut writer = flooder.take_writer();
+    let flooding = tokio::spawn(async move {
+        writer.write_raw(&flood).await.unwrap();
+        writer
+    });
+    // The flooder reads its pongs (a flood that never reads is another test's).
+    let draining = tokio::spawn(async move {
+        while let Some(frame) = flooder.read_ignoring_pings().await {
+            if frame.close_code().is_some() {
+                break;
+            }
+        }
+    });
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let stream = socket.connect(edge.addr).await.unwrap();
+    let mut other = upgrade_on(stream, &format!("/ws/echo?token={}", token_for("alice"))).await;
+    echo.next_request().await;
+    other.send_frame(true, 1, b"hello").await;
+    assert_eq!(
+        tokio::time::timeout(WAIT, other.read_frame())
+            .await
+            .expect("the other client was answered in time")
+            .map(|f| f.payload),
+        Some(b"hello".to_vec())
+    );
+
+    let mut message = Vec::new();
+    let mut frames = 0;
+    let last = loop {
+        let (first, _, payload) = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .expect("the flooder's frames reached the upstream in time")
+            .expect("the upstream is reading");
+        assert_ne!(payload, b"ping-payload", "a client's ping went upstream");
+        assert!(
+            first & 0x0f < 8,
+            "a control frame went upstream: {first:#x}"
+        );
+        if message.len() < text.len() {
+            frames += 1;
+            message.extend_from_slice(&payload);
+            continue;
+        }
+        break (first, payload);
+    };
+    assert_eq!(message, text, "the fragmented message, in {frames} frames");
+    assert_eq!(last, (0x81, b"last".to_vec()));
+    let writer = flooding.await.unwrap();
+    draining.abort();
+    let _ = draining.await;
+    drop((writer, other, seen));
     edge.wait_idle().await;
 }
