@@ -4,6 +4,8 @@
 # took. The test command runs the same targets with a thousand cases each.
 #
 #   scripts/fuzz.sh [CASES]
+#   ONLY=frame scripts/fuzz.sh 1000000      # the targets whose name matches a grep pattern
+#   SKIP=config scripts/fuzz.sh             # all but those
 #
 # A failure prints proptest's minimal failing input; turn it into a named regression test next
 # to the code it broke.
@@ -15,7 +17,8 @@ LOGS=$(mktemp -d)
 export LOGS
 
 cargo test --release --lib --no-run
-mapfile -t targets < <(cargo test --release --lib fuzz:: -- --list 2>/dev/null | sed -n 's/: test$//p')
+mapfile -t targets < <(cargo test --release --lib fuzz:: -- --list 2>/dev/null | sed -n 's/: test$//p' |
+    grep -e "${ONLY:-.}" | { if [ -n "${SKIP:-}" ]; then grep -v -e "$SKIP"; else cat; fi; })
 echo "fuzz.sh: ${#targets[@]} targets, $CASES cases each, $JOBS at a time" >&2
 
 run_target() {

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reload and drain under load: CONNECTIONS (default 9,000) idle WebSockets through a release
-# edge, then SIGHUP with a changed config (a route added: none of the open connections may
-# end), then SIGTERM (every one must be closed with 1001 inside drain_timeout). Prints one
-# summary JSON line; BENCHMARKS.md has the figures.
+# edge, and traffic beside them in loops (streams, echo round trips, proxied GETs) from before
+# the reload until 5 s after it; then SIGHUP with a changed config (a route added: none of the
+# open connections may end, and no run of the traffic may fail or lose a message), then SIGTERM
+# (every idle one must be closed with 1001 inside drain_timeout). Prints one summary JSON line;
+# BENCHMARKS.md has the figures.
 #
 #   scripts/reload-drain.sh                   # 9,000 connections
 #   CONNECTIONS=2000 scripts/reload-drain.sh  # a quick look
@@ -16,7 +18,7 @@ OUT=$(mktemp -d /tmp/wsedge-reload.XXXXXX)
 
 . scripts/common.sh
 
-"$LOAD" upstream --listen 127.0.0.1:29101 2>"$OUT/upstream.log" &
+"$LOAD" upstream --listen 127.0.0.1:29101 --http-listen 127.0.0.1:29111 2>"$OUT/upstream.log" &
 PIDS+=($!)
 config() { # extra route lines
     cat <<CONFIG
@@ -35,6 +37,13 @@ secret = "$SECRET"
 path = "/ws"
 upstream = "ws://127.0.0.1:29101/ws"
 auth = "main"
+message_rate = "off"
+[[route]]
+path = "/api"
+match = "prefix"
+upstream = "ws://127.0.0.1:29111/api"
+auth = "main"
+http = "proxy"
 $1
 CONFIG
 }
@@ -51,6 +60,24 @@ until grep -q ready "$OUT/idle.log"; do
     kill -0 "$IDLE_PID" 2>/dev/null || { cat "$OUT/idle.log"; exit 1; }
     sleep 0.2
 done
+# Traffic in loops, each run one JSON line with its start and end (ms) appended to traffic.jsonl.
+touch "$OUT/loading"
+traffic() { # mode, args…
+    while [ -e "$OUT/loading" ]; do
+        local start end line
+        start=$(date +%s%3N)
+        line=$("$LOAD" "$@" --jwt-secret "$SECRET" --label "$1" 2>>"$OUT/traffic.log" || true)
+        end=$(date +%s%3N)
+        echo "{\"start\": $start, \"end\": $end, \"result\": ${line:-null}}" >>"$OUT/traffic.jsonl"
+    done
+}
+traffic stream --url ws://127.0.0.1:29105/ws --connections 10 --messages 100000 &
+TRAFFIC=($!)
+traffic rtt --url ws://127.0.0.1:29105/ws --connections 10 --round-trips 2000 &
+TRAFFIC+=($!)
+traffic http --url http://127.0.0.1:29105/api/answer --connections 10 --requests 2000 &
+TRAFFIC+=($!)
+sleep 3
 before=$(open_connections 29109)
 rss_before=$(awk '/VmRSS/ { print $2 }' "/proc/$EDGE_PID/status")
 
@@ -58,8 +85,11 @@ rss_before=$(awk '/VmRSS/ { print $2 }' "/proc/$EDGE_PID/status")
 config $'[[route]]\npath = "/ws2"\nupstream = "ws://127.0.0.1:29101/ws"\nauth = "main"' >"$OUT/wsedge.toml"
 kill -HUP "$EDGE_PID"
 until grep -q "config reloaded" "$OUT/edge.log"; do sleep 0.1; done
+reloaded=$(date +%s%3N)
 sleep 5
 after_reload=$(open_connections 29109)
+rm "$OUT/loading"
+wait "${TRAFFIC[@]}"
 new_route=$("$LOAD" handshake --url ws://127.0.0.1:29105/ws2 --jwt-secret "$SECRET" --count 100 --concurrency 10)
 
 # Drain: every client gets 1001 before the edge exits, inside drain_timeout.
@@ -70,11 +100,30 @@ exited=$(date +%s%3N)
 wait "$IDLE_PID" || true
 
 python3 - "$OUT/idle.json" "$CONNECTIONS" "$before" "$after_reload" "$signalled" "$exited" \
-    "$edge_status" "$rss_before" "$new_route" <<'PY'
+    "$edge_status" "$rss_before" "$new_route" "$OUT/traffic.jsonl" "$reloaded" <<'PY'
 import json, sys
 idle = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 connections, before, after, signalled, exited, status, rss = map(int, sys.argv[2:9])
 new_route = json.loads(sys.argv[9])
+reloaded = int(sys.argv[11])
+runs = [json.loads(line) for line in open(sys.argv[10])]
+def whole(run):
+    result = run["result"]
+    if not result or result.get("errors") != 0:
+        return False
+    # Every message, round trip or request the run set out to make.
+    expected = {"stream": lambda r: r["connections"] * r["messages"],
+                "rtt": lambda r: r["connections"] * r["round_trips"],
+                "http": lambda r: r["connections"] * r["requests"]}[result["mode"]]
+    done = result.get("received", result.get("completed"))
+    return done == expected(result)
+traffic = {}
+for run in runs:
+    mode = (run["result"] or {}).get("mode", "failed")
+    entry = traffic.setdefault(mode, {"runs": 0, "whole": 0, "across_the_reload": 0})
+    entry["runs"] += 1
+    entry["whole"] += whole(run)
+    entry["across_the_reload"] += run["start"] < reloaded < run["end"]
 summary = {
     "connections": connections,
     "open_before_reload": before,
@@ -87,9 +136,11 @@ summary = {
     "last_close_after_sigterm_ms": (idle["last_end_unix_ms"] or signalled) - signalled,
     "edge_exit_after_sigterm_ms": exited - signalled,
     "edge_exit_status": status,
+    "traffic": traffic,
 }
 print(json.dumps(summary))
 ok = (summary["dropped_by_reload"] == 0 and idle["close_codes"] == {"1001": connections}
-      and status == 0 and idle["errors"] == 0)
+      and status == 0 and idle["errors"] == 0 and runs
+      and all(whole(run) for run in runs))
 sys.exit(0 if ok else 1)
 PY

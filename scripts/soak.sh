@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Soak: DURATION (default 30m) of mixed load through a release edge — streams, echo round
-# trips, handshake churn, clients that lose their connection and resume, slow readers, and a
-# floor of idle connections — with the edge's RSS and open connections sampled every 10 s.
-# Prints a table of the samples and a summary line (RSS must stay flat: its growth over the
+# trips, handshake churn, clients that lose their connection and resume, slow readers, proxied
+# GETs and SSE streams, and a floor of idle connections — with the edge's RSS and open
+# connections sampled every 10 s (rss.csv in OUT). Prints a table with one sample a minute,
+# a plot of every sample, and a summary line (RSS must stay flat: the slope fitted to the
 # second half is the figure to watch). Not part of the test command.
 #
 #   scripts/soak.sh              # 30 minutes
@@ -21,7 +22,7 @@ print(int(n) * {'s': 1, 'm': 60, 'h': 3600}[unit])" "$DURATION")
 
 . scripts/common.sh
 
-"$LOAD" upstream --listen 127.0.0.1:29201 2>"$OUT/upstream.log" &
+"$LOAD" upstream --listen 127.0.0.1:29201 --http-listen 127.0.0.1:29211 2>"$OUT/upstream.log" &
 PIDS+=($!)
 cat >"$OUT/wsedge.toml" <<CONFIG
 [server]
@@ -47,6 +48,12 @@ upstream = "ws://127.0.0.1:29201/ws"
 auth = "main"
 message_rate = "off"
 resume = { window = "30s", max_messages = 5000, max_bytes = "4MiB" }
+[[route]]
+path = "/api"
+match = "prefix"
+upstream = "ws://127.0.0.1:29211/api"
+auth = "main"
+http = "proxy"
 CONFIG
 "$EDGE" --config "$OUT/wsedge.toml" 2>"$OUT/edge.log" &
 EDGE_PID=$!
@@ -76,6 +83,11 @@ repeat resume resume --url ws://127.0.0.1:29205/resume --jwt-secret "$SECRET" --
 PIDS+=($!)
 repeat slow slow "${WS[@]}" --connections 5 --messages 20000 --size 512 --batch 200 --pause 20ms &
 PIDS+=($!)
+HTTP=(--jwt-secret "$SECRET")
+repeat http http --url http://127.0.0.1:29205/api/answer "${HTTP[@]}" --connections 10 --requests 2000 &
+PIDS+=($!)
+repeat sse sse --url http://127.0.0.1:29205/api/sse "${HTTP[@]}" --connections 5 --events 20000 --size 64 &
+PIDS+=($!)
 
 echo "elapsed_s,rss_kib,open_connections" >"$OUT/rss.csv"
 start=$(date +%s)
@@ -95,13 +107,24 @@ out, open_at_end = sys.argv[1], int(sys.argv[2])
 rows = list(csv.DictReader(open(os.path.join(out, "rss.csv"))))
 print("| elapsed | RSS (MiB) | open connections |")
 print("|---:|---:|---:|")
-step = max(1, len(rows) // 30)
-for row in rows[::step]:
+for row in rows[::6]:
     print(f"| {int(row['elapsed_s']) // 60}:{int(row['elapsed_s']) % 60:02d} | {int(row['rss_kib']) / 1024:.1f} | {row['open_connections']} |")
 rss = [int(r["rss_kib"]) for r in rows]
+# Every sample, a column of the plot each (RSS from its least to its most, 12 rows).
+low, high = min(rss), max(rss)
+print(f"\nRSS, every 10 s sample, {low / 1024:.1f} to {high / 1024:.1f} MiB:")
+for level in range(11, -1, -1):
+    floor = low + (high - low) * level / 12
+    print("".join("#" if r > floor or level == 0 else " " for r in rss))
+half_rows = rows[len(rows) // 2:]
+xs = [int(r["elapsed_s"]) for r in half_rows]
+ys = [int(r["rss_kib"]) / 1024 for r in half_rows]
+mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+spread = sum((x - mean_x) ** 2 for x in xs)
+slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
 half = rss[len(rss) // 2:]
 runs, failed = {}, {}
-for name in ["stream", "rtt", "handshake", "resume", "slow"]:
+for name in ["stream", "rtt", "handshake", "resume", "slow", "http", "sse"]:
     path = os.path.join(out, f"{name}.jsonl")
     lines = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
     runs[name] = len(lines)
@@ -110,6 +133,7 @@ print(json.dumps({
     "samples": len(rss), "rss_first_mib": rss[0] / 1024, "rss_max_mib": max(rss) / 1024,
     "rss_last_mib": rss[-1] / 1024,
     "second_half_growth_mib": (half[-1] - half[0]) / 1024 if half else None,
+    "second_half_slope_mib_per_10_min": round(slope * 600, 3),
     "runs": runs, "runs_with_errors": failed, "open_at_end": open_at_end,
     "out": out,
 }))

@@ -16,7 +16,7 @@ use crate::admission::{self, Admitted, ClientConn, Kind, Pass, Rejected, Session
 use crate::auth::jwks::UNKNOWN_KID_WAIT;
 use crate::auth::memo::TokenMemo;
 use crate::cors;
-use crate::forward::header_value;
+use crate::forward::{X_REQUEST_ID, header_value};
 use crate::handoff::{self, Elsewhere};
 use crate::handshake::{self, Reply, WebSocket};
 use crate::passthrough::body::{ClientBody, ResponseBody};
@@ -133,7 +133,7 @@ pub(crate) async fn handle(
             let mut response = cors::preflight(&request, allowed);
             response
                 .headers_mut()
-                .insert("x-request-id", header_value(&request_id));
+                .insert(X_REQUEST_ID, header_value(&request_id));
             response.map(EdgeBody::Full)
         }
         Kind::WebSocket {

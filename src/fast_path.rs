@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::admission::ClientConn;
 use crate::auth::memo::TokenMemo;
+use crate::deadline::LazyDeadline;
 use crate::dispatch::{self, EdgeBody};
 use crate::passthrough::body::ClientBody;
 use crate::state::Shared;
@@ -60,46 +61,11 @@ pub(crate) enum HeadRead {
     TimedOut,
 }
 
-/// When the request head being read must be whole by: one timer a connection, set again only
-/// when it goes off before the deadline has passed. A timer made (or moved) for every request
-/// had tokio wake its own event loop through the kernel for about every other request.
-pub(crate) struct HeadDeadline {
-    due: tokio::time::Instant,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-}
-
-impl HeadDeadline {
-    pub(crate) fn new(due: tokio::time::Instant) -> Self {
-        Self {
-            due,
-            timer: Box::pin(tokio::time::sleep_until(due)),
-        }
-    }
-
-    /// Moves the deadline; a later one costs nothing until the timer goes off.
-    fn set(&mut self, due: tokio::time::Instant) {
-        if due < self.timer.deadline() {
-            self.timer.as_mut().reset(due);
-        }
-        self.due = due;
-    }
-
-    async fn passed(&mut self) {
-        loop {
-            self.timer.as_mut().await;
-            if tokio::time::Instant::now() >= self.due {
-                return;
-            }
-            self.timer.as_mut().reset(self.due);
-        }
-    }
-}
-
 /// Reads into `input` until it holds a whole request head, by `deadline`.
 pub(crate) async fn read_head(
     io: &mut Io,
     input: &mut BytesMut,
-    deadline: &mut HeadDeadline,
+    deadline: &mut LazyDeadline,
     shared: &Shared,
     max_head: usize,
 ) -> HeadRead {
@@ -141,7 +107,7 @@ pub(crate) fn is_upgrade(head: &[u8]) -> bool {
 pub(crate) struct Reading<'a> {
     pub(crate) input: BytesMut,
     pub(crate) head_len: usize,
-    pub(crate) deadline: &'a mut HeadDeadline,
+    pub(crate) deadline: &'a mut LazyDeadline,
 }
 
 /// Serves plain GETs on `io`, beginning with the request head `reading` holds, until the

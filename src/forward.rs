@@ -27,6 +27,12 @@ pub(crate) struct ClaimNotAHeader;
 /// The longest header value a template may compose.
 const MAX_TEMPLATE_VALUE_LEN: usize = 1024;
 
+// Made at compile time: `from_static` outside a const checks every byte on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The request's id, from the client (when sane) to the upstream and back.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// The request the edge sends to one target: what [`ShapedRequest::for_target`] makes.
 pub(crate) struct UpstreamRequest<'a> {
     pub(crate) path_and_query: String,
@@ -133,18 +139,12 @@ pub(crate) fn shape<B>(
             out.push((name.clone(), value));
         }
     }
+    out.push((X_FORWARDED_FOR, address_value(client.ip())));
     out.push((
-        HeaderName::from_static("x-forwarded-for"),
-        address_value(client.ip()),
-    ));
-    out.push((
-        HeaderName::from_static("x-forwarded-proto"),
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
     ));
-    out.push((
-        HeaderName::from_static("x-request-id"),
-        header_value(request_id),
-    ));
+    out.push((X_REQUEST_ID, header_value(request_id)));
 
     let offered: Vec<&str> = token_source::offered_subprotocols(headers)
         .filter(|entry| {

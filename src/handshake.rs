@@ -21,7 +21,7 @@ use crate::auth::claims::claim_string;
 use crate::auth::token_source::{self, FoundToken, SUBPROTOCOL_PREFIX, TokenSource};
 use crate::cluster::leases::NoLease;
 use crate::connections::{Holder, TokenFacts};
-use crate::forward::{self, header_value};
+use crate::forward::{self, X_REQUEST_ID, header_value};
 use crate::metrics::GaugeGuard;
 use crate::passthrough::body::ClientBody;
 use crate::relay::{Counters, Relay, RelayParams};
@@ -435,7 +435,7 @@ pub(crate) fn switching_protocols(
         header::SEC_WEBSOCKET_ACCEPT,
         header_value(&derive_accept_key(reply.websocket_key.as_bytes())),
     );
-    headers.insert("x-request-id", header_value(reply.request_id));
+    headers.insert(X_REQUEST_ID, header_value(reply.request_id));
     match (chosen, reply.token) {
         (Some(chosen), _) => {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen.clone());

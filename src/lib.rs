@@ -26,6 +26,7 @@ mod cluster;
 mod config;
 mod connections;
 mod cors;
+mod deadline;
 mod demo;
 mod dispatch;
 mod fast_path;

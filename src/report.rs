@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::admission::{ClientConn, Held, Rejected};
 use crate::audit::Who;
 use crate::auth::Identity;
+use crate::forward::X_REQUEST_ID;
 use crate::relay::RelayReport;
 use crate::route::Route;
 use crate::state::Shared;
@@ -130,7 +131,7 @@ pub(crate) fn refused(
     }
     let mut response = refusal.into_response();
     if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
+        response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
 }

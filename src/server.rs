@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::ClientConn;
 use crate::auth::memo::TokenMemo;
 use crate::config::{Config, ConfigError};
+use crate::deadline::LazyDeadline;
 use crate::dispatch;
-use crate::fast_path::{self, HeadDeadline, HeadRead, Left, Reading};
+use crate::fast_path::{self, HeadRead, Left, Reading};
 use crate::limits::{PendingSlot, address_key};
 use crate::metrics::Limit;
 use crate::passthrough::body::ClientBody;
@@ -485,7 +486,7 @@ async fn serve_http(mut io: Io, conn: ClientConn, shared: Arc<Shared>, pending: 
     // edge's own reader, boxed (its state, a whole dispatch, would otherwise sit beside
     // hyper's in every connection's future, and be copied with it).
     let mut input = BytesMut::with_capacity(4096);
-    let mut deadline = HeadDeadline::new(first_head_due);
+    let mut deadline = LazyDeadline::new(first_head_due);
     let read = fast_path::read_head(&mut io, &mut input, &mut deadline, &shared, max_head).await;
     let left = match read {
         HeadRead::Closed => return,

@@ -355,8 +355,14 @@ async fn a_long_poll_is_held_for_seconds_and_a_silent_upstream_gets_504() {
     assert_eq!((polled.status, polled.body.as_slice()), (200, &b"done"[..]));
     assert!(started.elapsed() >= Duration::from_secs(3));
 
-    let (_upstream, edge) = proxied("http_timeout = \"1s\"").await;
+    let (_upstream, edge) = proxied_with(ONE_EVENT_LOOP, "http_timeout = \"1s\"").await;
     let mut client = HttpClient::connect(edge.addr).await;
+    // An exchange first, so that the stalled one goes on a pooled connection whose deadline
+    // was set before.
+    let quick = client
+        .fetch(get("/api/poll?ms=0", &[("authorization", &authorization)]))
+        .await;
+    assert_eq!(quick.status, 200);
     let started = Instant::now();
     let timed_out = client
         .fetch(get(

@@ -29,6 +29,7 @@ use crate::auth::{Identity, Presented, Verifier};
 use crate::cluster::leases::Lease;
 use crate::config::settings::Affinity;
 use crate::cors;
+use crate::forward::X_REQUEST_ID;
 use crate::limits::UserSlot;
 use crate::route::Route;
 use crate::session::registry::{Reservation, SessionEntry, SessionKey};
@@ -135,7 +136,7 @@ pub(crate) struct Refetch {
 pub(crate) fn request_id(headers: &HeaderMap) -> String {
     let sane = |b: u8| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b);
     headers
-        .get("x-request-id")
+        .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(sane))
         .map(str::to_owned)

@@ -157,10 +157,25 @@ struct Case {
     clean: bool,
 }
 
+/// Which token a case carries.
+#[derive(Debug, Clone)]
+enum Pick {
+    Good,
+    Bad(prop::sample::Index),
+    /// The good token with the byte at an index replaced (in the header, the claims or the
+    /// signature; with a byte of base64's other alphabet, padding, a dot or worse).
+    Mutated(prop::sample::Index, u8),
+}
+
 fn case() -> impl Strategy<Value = Case> {
     let token = prop_oneof![
-        3 => Just(None),
-        1 => any::<prop::sample::Index>().prop_map(Some),
+        3 => Just(Pick::Good),
+        1 => any::<prop::sample::Index>().prop_map(Pick::Bad),
+        2 => (
+            any::<prop::sample::Index>(),
+            prop::sample::select(b"AQgwBCDEFZaz0189-_.=+/ %".to_vec()),
+        )
+            .prop_map(|(at, byte)| Pick::Mutated(at, byte)),
     ];
     let place = 0usize..5;
     let extras = prop::collection::vec(
@@ -243,9 +258,14 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(|(method, target, token, place, extras, bad_token)| {
             let tokens = tokens();
             let token = match token {
-                None if !bad_token => tokens.good.clone(),
-                None => tokens.bad[0].clone(),
-                Some(i) => tokens.bad[i.index(tokens.bad.len())].clone(),
+                Pick::Good if !bad_token => tokens.good.clone(),
+                Pick::Good => tokens.bad[0].clone(),
+                Pick::Bad(i) => tokens.bad[i.index(tokens.bad.len())].clone(),
+                Pick::Mutated(at, byte) => {
+                    let mut mutated = tokens.good.clone().into_bytes();
+                    mutated[at.index(tokens.good.len())] = byte;
+                    String::from_utf8_lossy(&mutated).into_owned()
+                }
             };
             let mut headers: Vec<(String, String)> = vec![
                 ("host".into(), "edge".into()),

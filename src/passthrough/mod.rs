@@ -19,7 +19,7 @@ use crate::admission::{ClientConn, Held};
 use crate::auth::Identity;
 use crate::auth::token_source;
 use crate::cors;
-use crate::forward::{self, header_value};
+use crate::forward::{self, X_REQUEST_ID, header_value};
 use crate::report::{Ending, HttpExchange, Proxied};
 use crate::route::Route;
 use crate::state::Shared;
@@ -122,8 +122,7 @@ pub(crate) async fn proxy(
     if let Some(allowed) = &route.allowed_origins {
         cors::allow(&mut head.headers, allowed, origin.as_ref());
     }
-    head.headers
-        .insert("x-request-id", header_value(request_id));
+    head.headers.insert(X_REQUEST_ID, header_value(request_id));
     let exchange = HttpExchange::answered(
         shared,
         Proxied {

@@ -3,17 +3,17 @@
 //! sent again.
 
 use std::future::poll_fn;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use http::Method;
 
-use super::h1::{BoxError, H1Error, HttpConnection, ResponseHead, UpstreamBody};
+use super::h1::{BoxError, H1Error, ResponseHead, UpstreamBody};
 use super::pool::{Pool, Pooled, sweep_while_alive};
 use super::targets::Targets;
 use crate::config::settings::RouteSettings;
+use crate::deadline::LazyDeadline;
 use crate::forward::ShapedRequest;
 
 /// The pools of one route, one per target, in the order of its targets.
@@ -113,7 +113,7 @@ pub(crate) async fn send<'a>(
                 request.headers,
                 sent_body,
             );
-            match response_head(&mut fresh.connection, timeout).await {
+            match response_head(&mut fresh, timeout).await {
                 Some(Ok(head)) => {
                     targets.mark_up(i);
                     return Ok(Answered {
@@ -135,15 +135,22 @@ pub(crate) async fn send<'a>(
     Err(HttpError::Unreachable)
 }
 
-/// Sends the request queued on `connection` and waits for its response head; `None` when the
+/// Sends the request queued on `pooled` and waits for its response head; `None` when the
 /// exchange made no progress for `timeout`. An upload is timed by its progress, not as a whole:
-/// the timer starts again whenever the upstream took some of the request.
+/// the deadline moves whenever the upstream took some of the request.
 async fn response_head(
-    connection: &mut HttpConnection,
+    pooled: &mut Pooled,
     timeout: Duration,
 ) -> Option<Result<ResponseHead, H1Error>> {
-    // Registered with the timer wheel only if the head is not there at the first poll.
-    let mut timer = pin!(tokio::time::sleep(timeout));
+    let due = tokio::time::Instant::now() + timeout;
+    let deadline = match &mut pooled.head_deadline {
+        Some(deadline) => {
+            deadline.set(due);
+            deadline
+        }
+        None => pooled.head_deadline.insert(LazyDeadline::new(due)),
+    };
+    let connection = &mut pooled.connection;
     let mut written = None;
     poll_fn(|cx| {
         if let Poll::Ready(answer) = connection.poll_head(cx) {
@@ -151,10 +158,10 @@ async fn response_head(
         }
         let now_written = connection.written();
         if written.is_some_and(|before| before != now_written) {
-            timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+            deadline.set(tokio::time::Instant::now() + timeout);
         }
         written = Some(now_written);
-        timer.as_mut().poll(cx).map(|()| None)
+        deadline.poll_passed(cx).map(|()| None)
     })
     .await
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::h1::HttpConnection;
 use super::websocket::open;
 use crate::config::settings::TargetSettings;
+use crate::deadline::LazyDeadline;
 
 /// Idle connections are closed after this: below the shortest keep-alive that common
 /// upstreams keep (Node's 5 s), so that the edge never sends on a connection the upstream is
@@ -55,6 +56,9 @@ pub(crate) struct Pooled {
     /// Whether a request went out on it before the one now in flight: such a connection may
     /// have been closed by the upstream as it was taken.
     pub(crate) used: bool,
+    /// By when the response head of the exchange in flight must have come: one timer for
+    /// the connection's life, made at its first exchange.
+    pub(crate) head_deadline: Option<LazyDeadline>,
     /// The thread whose event loop the socket is registered with.
     thread: ThreadId,
     pool: Weak<Pool>,
@@ -96,6 +100,7 @@ impl Pool {
         Ok(Pooled {
             connection: HttpConnection::new(io),
             used: false,
+            head_deadline: None,
             thread: std::thread::current().id(),
             pool: Arc::downgrade(self),
         })
