@@ -10,6 +10,7 @@
 #
 #   bench/instructions.sh                 # LOW=100 HIGH=600: 5,000 GETs apart, ~1 minute
 #   BIN=/path/to/other/wsedge bench/instructions.sh   # another build, for an A/B
+#   BEARER=1 bench/instructions.sh        # the token in Authorization, as REST clients send it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,7 @@ instructions() {
         sleep 0.05
     done
     "$LOAD" http --url "http://127.0.0.1:19305/api/answer" --jwt-secret "$SECRET" \
-        --connections "$CONNECTIONS" --requests "$requests" >"$OUT/load.$requests.json"
+        --connections "$CONNECTIONS" --requests "$requests" ${BEARER:+--bearer} >"$OUT/load.$requests.json"
     kill -TERM "$edge"
     wait "$edge" || true
     awk '/^(summary|totals):/ { print $2; exit }' "$OUT/callgrind.$requests"

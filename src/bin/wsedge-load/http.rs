@@ -19,6 +19,8 @@ struct Connection {
     sender: SendRequest<Empty<Bytes>>,
     authority: String,
     path: String,
+    /// `Bearer …`, for `--bearer`.
+    authorization: Option<String>,
     addr: std::net::SocketAddr,
     /// Connections the server closed (nginx does after `keepalive_requests`) and that were
     /// opened again.
@@ -32,10 +34,15 @@ impl Target {
         let path = url
             .path_and_query()
             .map_or("/".to_owned(), |p| p.as_str().to_owned());
+        let authorization = match self.bearer {
+            true => self.token_for(n)?.map(|token| format!("Bearer {token}")),
+            false => None,
+        };
         Ok(Connection {
             sender: handshake(addr).await?,
             authority,
             path,
+            authorization,
             addr,
             reopened: 0,
         })
@@ -52,9 +59,11 @@ async fn handshake(addr: std::net::SocketAddr) -> anyhow::Result<SendRequest<Emp
 
 impl Connection {
     async fn get(&mut self) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-        let request = http::Request::get(&self.path)
-            .header("host", &self.authority)
-            .body(Empty::new())?;
+        let mut request = http::Request::get(&self.path).header("host", &self.authority);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let request = request.body(Empty::new())?;
         if self.sender.ready().await.is_err() {
             self.sender = handshake(self.addr).await?;
             self.reopened += 1;

@@ -172,6 +172,10 @@ struct Target {
     /// The query parameter that carries the token.
     #[arg(long, default_value = "token")]
     token_param: String,
+    /// HTTP modes: send the token as `Authorization: Bearer …`, as REST clients do, instead of
+    /// in the query.
+    #[arg(long)]
+    bearer: bool,
     /// A label for the result line (e.g. "nginx").
     #[arg(long, default_value = "")]
     label: String,
@@ -324,10 +328,23 @@ impl Target {
         Ok(())
     }
 
-    /// The URL for connection `n`: with a fresh token when a secret is given.
+    /// The URL for connection `n`: with a fresh token when a secret is given (unless it goes
+    /// in a header, `--bearer`).
     fn url_for(&self, n: usize) -> anyhow::Result<String> {
-        let Some(secret) = &self.jwt_secret else {
+        let Some(token) = self.token_for(n)?.filter(|_| !self.bearer) else {
             return Ok(self.url.clone());
+        };
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        Ok(format!(
+            "{}{separator}{}={token}",
+            self.url, self.token_param
+        ))
+    }
+
+    /// A fresh token for connection `n`, when a secret is given.
+    fn token_for(&self, n: usize) -> anyhow::Result<Option<String>> {
+        let Some(secret) = &self.jwt_secret else {
+            return Ok(None);
         };
         let claims = json!({
             "sub": format!("user-{n}"),
@@ -340,11 +357,7 @@ impl Target {
             &claims,
             &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
         )?;
-        let separator = if self.url.contains('?') { '&' } else { '?' };
-        Ok(format!(
-            "{}{separator}{}={token}",
-            self.url, self.token_param
-        ))
+        Ok(Some(token))
     }
 }
 
