@@ -36,6 +36,25 @@ fn frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
 
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
 
+/// `len` letters, a to z over and over.
+fn letters(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A text message of `text`, a fragment a byte.
+fn one_byte_fragments(text: &[u8]) -> Vec<u8> {
+    let mut fragments = Vec::with_capacity(text.len() * 7);
+    for (i, byte) in text.iter().enumerate() {
+        let first = match (i, i == text.len() - 1) {
+            (0, _) => 0x01,
+            (_, true) => 0x80,
+            _ => 0x00,
+        };
+        fragments.extend(frame(first, &[*byte], KEY));
+    }
+    fragments
+}
+
 fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();
     payload.extend_from_slice(reason);
@@ -406,17 +425,8 @@ async fn a_ping_flood_and_one_byte_fragments_cost_another_client_nothing() {
     )
     .await;
     upstream.next_request().await;
-    let text: Vec<u8> = (0..5000).map(|i| b'a' + (i % 26) as u8).collect();
-    let mut fragments = Vec::new();
-    for (i, byte) in text.iter().enumerate() {
-        let first = match (i, i == text.len() - 1) {
-            (0, _) => 0x01,
-            (_, true) => 0x80,
-            _ => 0x00,
-        };
-        fragments.extend(frame(first, &[*byte], KEY));
-    }
-    other.send_raw(&fragments).await;
+    let text = letters(5000);
+    other.send_raw(&one_byte_fragments(&text)).await;
     let echoed = tokio::time::timeout(WAIT, other.read_answering_pings())
         .await
         .expect("the echo arrived in time")
@@ -479,16 +489,8 @@ async fn one_address_flooding_pings_and_one_byte_fragments_reaches_the_upstream_
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let stream = socket.connect(edge.addr).await.unwrap();
     let mut flooder = upgrade_on(stream, &format!("/ws/chat?token={}", token_for("mallory"))).await;
-    let text: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
-    let mut flood = Vec::with_capacity(text.len() * 7 + 20_000 * 18);
-    for (i, byte) in text.iter().enumerate() {
-        let first = match (i, i == text.len() - 1) {
-            (0, _) => 0x01,
-            (_, true) => 0x80,
-            _ => 0x00,
-        };
-        flood.extend(frame(first, &[*byte], KEY));
-    }
+    let text = letters(100_000);
+    let mut flood = one_byte_fragments(&text);
     let ping = frame(0x89, b"ping-payload", KEY);
     for _ in 0..20_000 {
         flood.extend_from_slice(&ping);
