@@ -15,7 +15,6 @@ each run the script reads the utime and stime of every thread of the proxy and o
 Needs the release binaries (cargo build --release) and nginx.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -75,16 +74,12 @@ http = "proxy"
 
 
 def cpu(pids):
-    """User and system seconds of every thread of `pids`."""
+    """User and system seconds of the processes `pids` (all their threads, exited ones too)."""
     user = system = 0
     for pid in pids:
-        for stat in glob.glob(f"/proc/{pid}/task/*/stat"):
-            try:
-                fields = open(stat).read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            user += int(fields[11])
-            system += int(fields[12])
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
     return user / TICKS, system / TICKS
 
 
@@ -130,7 +125,7 @@ def main():
             "wsedge": (
                 [edge.pid],
                 29405,
-                ["--jwt-secret", SECRET] + (["--bearer"] if os.environ.get("BEARER") else []),
+                ["--jwt-secret", SECRET] + (["--bearer"] if os.environ.get("BEARER") == "1" else []),
             ),
         }
         rows = {name: [] for name in proxies}
@@ -147,6 +142,8 @@ def main():
                 proxy_after, upstream_after = cpu(pids), cpu([upstream.pid])
                 result = json.loads(run.stdout.strip().splitlines()[-1])
                 n = result["completed"]
+                if n == 0:
+                    sys.exit(f"{name}: no request completed: {result['first_error']}")
                 per = lambda after, before, i: round(1e6 * (after[i] - before[i]) / n, 2)
                 row = {
                     "proxy": name, "rep": rep + 1, "errors": result["errors"],

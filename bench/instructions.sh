@@ -64,7 +64,7 @@ instructions() {
         sleep 0.05
     done
     "$LOAD" http --url "http://127.0.0.1:19305/api/answer" --jwt-secret "$SECRET" \
-        --connections "$CONNECTIONS" --requests "$requests" ${BEARER:+--bearer} >"$OUT/load.$requests.json"
+        --connections "$CONNECTIONS" --requests "$requests" $([ "${BEARER:-0}" = 1 ] && echo --bearer) >"$OUT/load.$requests.json"
     kill -TERM "$edge"
     wait "$edge" || true
     awk '/^(summary|totals):/ { print $2; exit }' "$OUT/callgrind.$requests"

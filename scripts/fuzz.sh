@@ -19,6 +19,10 @@ export LOGS
 cargo test --release --lib --no-run
 mapfile -t targets < <(cargo test --release --lib fuzz:: -- --list 2>/dev/null | sed -n 's/: test$//p' |
     grep -e "${ONLY:-.}" | { if [ -n "${SKIP:-}" ]; then grep -v -e "$SKIP"; else cat; fi; })
+if [ "${#targets[@]}" -eq 0 ]; then
+    echo "fuzz.sh: no target matches ONLY='${ONLY:-}' SKIP='${SKIP:-}'" >&2
+    exit 1
+fi
 echo "fuzz.sh: ${#targets[@]} targets, $CASES cases each, $JOBS at a time" >&2
 
 run_target() {

@@ -62,6 +62,8 @@ until grep -q ready "$OUT/idle.log"; do
 done
 # Traffic in loops, each run one JSON line with its start and end (ms) appended to traffic.jsonl.
 touch "$OUT/loading"
+# An early exit stops the loops too (common.sh's cleanup waits for every process it kills).
+trap 'rm -f "$OUT/loading"; cleanup' EXIT
 traffic() { # mode, args…
     while [ -e "$OUT/loading" ]; do
         local start end line
@@ -77,6 +79,7 @@ traffic rtt --url ws://127.0.0.1:29105/ws --connections 10 --round-trips 2000 &
 TRAFFIC+=($!)
 traffic http --url http://127.0.0.1:29105/api/answer --connections 10 --requests 2000 &
 TRAFFIC+=($!)
+PIDS+=("${TRAFFIC[@]}")
 sleep 3
 before=$(open_connections 29109)
 rss_before=$(awk '/VmRSS/ { print $2 }' "/proc/$EDGE_PID/status")
@@ -144,6 +147,7 @@ summary = {
 print(json.dumps(summary))
 ok = (not summary["idle_ended_before_sigterm"] and idle["close_codes"] == {"1001": connections}
       and status == 0 and idle["errors"] == 0 and runs
-      and all(whole(run) for run in runs))
+      and all(whole(run) for run in runs)
+      and all(traffic.get(mode, {}).get("across_the_reload", 0) >= 1 for mode in ("stream", "rtt", "http")))
 sys.exit(0 if ok else 1)
 PY

@@ -138,6 +138,8 @@ impl EdgeProcess {
             .arg("--config")
             .arg(&config_path)
             .env("NOTIFY_SOCKET", &notify_path)
+            // The config says what is logged (a RUST_LOG of the test run's would override it).
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
             .stderr(std::fs::File::create(&log_path).unwrap())

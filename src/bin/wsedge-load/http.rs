@@ -30,7 +30,10 @@ struct Connection {
 impl Target {
     async fn open(&self, n: usize) -> anyhow::Result<Connection> {
         let (authority, addr) = self.authority("http")?;
-        let url: http::Uri = self.url_for(n)?.parse()?;
+        let url: http::Uri = match self.bearer {
+            true => self.url.parse()?,
+            false => self.url_for(n)?.parse()?,
+        };
         let path = url
             .path_and_query()
             .map_or("/".to_owned(), |p| p.as_str().to_owned());

@@ -328,10 +328,9 @@ impl Target {
         Ok(())
     }
 
-    /// The URL for connection `n`: with a fresh token when a secret is given (unless it goes
-    /// in a header, `--bearer`).
+    /// The URL for connection `n`: with a fresh token when a secret is given.
     fn url_for(&self, n: usize) -> anyhow::Result<String> {
-        let Some(token) = self.token_for(n)?.filter(|_| !self.bearer) else {
+        let Some(token) = self.token_for(n)? else {
             return Ok(self.url.clone());
         };
         let separator = if self.url.contains('?') { '&' } else { '?' };
