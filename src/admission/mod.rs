@@ -9,7 +9,7 @@
 //! (502/504/its status) comes after, in the handshake or the HTTP pass-through.
 
 pub(crate) mod identity;
-mod path;
+pub(crate) mod path;
 pub(crate) mod refusal;
 mod session_plan;
 

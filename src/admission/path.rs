@@ -33,7 +33,7 @@ fn refused<T>(message: &'static str) -> Result<T, Refusal> {
 /// percent-encoded (`%2e`), decoded twice (`%252e`, `%25%32%65`), IIS's `%u002e`, overlong
 /// UTF-8, fullwidth; with `\`, `%2f` or `%5c` for a slash; and `..;…`, a path parameter ending
 /// the segment (`..;` is `..` to Tomcat). A NUL byte, encoded at any depth, is refused too.
-pub(super) fn check(path: &str) -> Result<(), Refusal> {
+pub(crate) fn check(path: &str) -> Result<(), Refusal> {
     let bytes = path.as_bytes();
     // The common path has nothing a server could read differently: one look at the bytes.
     if bytes.is_ascii() && memchr::memchr3(b'%', b'\\', b';', bytes).is_none() {

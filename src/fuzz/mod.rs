@@ -1,7 +1,7 @@
 //! Fuzzing on stable Rust: property-based targets (proptest) over what strangers' bytes reach —
-//! the frame reader, the config loader, query and token extraction, handshake admission and the
-//! replay cursor. Each target checks the code against a plain model or an invariant, not only
-//! that it does not panic.
+//! the frame reader, the config loader, query and token extraction, handshake admission, the
+//! request path's dot segments and the replay cursor. Each target checks the code against a
+//! plain model or an invariant, not only that it does not panic.
 //!
 //! The test command runs a bounded number of cases per target; `scripts/fuzz.sh` runs millions
 //! (through `PROPTEST_CASES`). A failure found there becomes a named regression test next to
@@ -10,6 +10,7 @@
 mod admission;
 mod config;
 mod frames;
+mod path;
 mod query;
 mod replay;
 
