@@ -6,7 +6,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --bins
 LOAD=$PWD/target/release/wsedge-load
-EDGE=$PWD/target/release/wsedge
+# EDGE=/path/to/another/build runs the scripts against it (an A/B of the same load).
+EDGE=${EDGE:-$PWD/target/release/wsedge}
 
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }

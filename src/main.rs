@@ -158,6 +158,7 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     systemd::ready(&status);
     let watchdog_stop = CancellationToken::new();
     systemd::spawn_watchdog(watchdog_stop.clone());
+    return_free_memory_now_and_then();
 
     loop {
         tokio::select! {
@@ -187,6 +188,33 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Under long mixed load glibc's allocator keeps the free memory of its arenas: the heap in
+/// use levels off, and RSS goes on rising (BENCHMARKS.md, the soak of 2026-12-03). Handing the
+/// free pages back once a minute keeps RSS to what the edge uses. A thread of its own: a trim
+/// walks the arenas under their locks for a moment, and no event loop should wait for it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_free_memory_now_and_then() {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+    let trimming = std::thread::Builder::new()
+        .name("wsedge-trim".into())
+        .stack_size(64 * 1024)
+        .spawn(|| {
+            loop {
+                std::thread::sleep(EVERY);
+                // SAFETY: malloc_trim has no preconditions; it takes the arenas' own locks.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
+    if let Err(error) = trimming {
+        tracing::warn!(%error, "cannot start the thread that returns free memory");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_free_memory_now_and_then() {}
 
 /// `serving on 127.0.0.1:8443, [::1]:8443 (admin on 127.0.0.1:9090)`.
 fn serving_status(listen: &[std::net::SocketAddr], admin: Option<std::net::SocketAddr>) -> String {

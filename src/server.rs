@@ -284,9 +284,7 @@ impl Edge {
                 Err(error) => tracing::error!(%error, "cannot start a worker thread"),
             }
         }
-        if shared.handshake_rate.is_some() {
-            tokio::spawn(evict_rate_limiter_entries(shared.clone()));
-        }
+        tokio::spawn(housekeeping(shared.clone()));
         crate::jwks_refresh::start(
             &shared.live.load().config,
             None,
@@ -343,8 +341,10 @@ fn run_worker(listeners: Vec<std::net::TcpListener>, shared: Arc<Shared>, stop: 
     });
 }
 
-/// Keeps the per-IP limiter's map to recently seen addresses.
-async fn evict_rate_limiter_entries(shared: Arc<Shared>) {
+/// Once a minute, keeps what the edge remembers across connections to what it still needs,
+/// busy or idle: the per-IP limiter's map to recently seen addresses, the registry's ended
+/// sessions to the last ten minutes.
+async fn housekeeping(shared: Arc<Shared>) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -352,6 +352,7 @@ async fn evict_rate_limiter_entries(shared: Arc<Shared>) {
                 if let Some(rate) = &shared.handshake_rate {
                     rate.evict_idle();
                 }
+                shared.sessions.registry.sweep();
             }
             () = shared.shutdown.cancelled() => return,
         }

@@ -246,6 +246,26 @@ impl Registry {
         inner.forget_old(now);
     }
 
+    /// Forgets the ended sessions past `REMEMBER_ENDED` when no handshake came to do it, and
+    /// gives back the room a burst of them took: an idle edge holds none of it.
+    pub(crate) fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.forget_old(now);
+        let Inner {
+            ended, ended_order, ..
+        } = &mut *inner;
+        if ended.len() < ended.capacity() / 4 {
+            ended.shrink_to_fit();
+        }
+        if ended_order.len() < ended_order.capacity() / 4 {
+            ended_order.shrink_to_fit();
+        }
+    }
+
     /// A reserved session that never started (its upstream could not be reached).
     pub(crate) fn cancel(&self, entry: &SessionEntry) {
         let mut inner = self.lock();
@@ -338,5 +358,31 @@ mod tests {
         // The old session's end does not touch the new one.
         registry.end(&entry, NotResumable::Closed);
         assert!(registry.find(&key("alice")).is_ok());
+    }
+
+    #[test]
+    fn an_idle_registry_forgets_ended_sessions_and_gives_their_room_back() {
+        let registry = Registry::default();
+        let key = |n: usize| SessionKey {
+            route: "/ws".into(),
+            tenant: String::new(),
+            user: format!("user-{n}"),
+            id: "s1".into(),
+        };
+        for n in 0..5_000 {
+            let entry = registry.begin(key(n), None).unwrap();
+            registry.end(&entry, NotResumable::Expired);
+        }
+        registry.sweep();
+        assert_eq!(registry.find(&key(7)).err(), Some(NotResumable::Expired));
+        // Ten minutes on, with no handshake meanwhile.
+        registry.sweep_at(Instant::now() + REMEMBER_ENDED + Duration::from_secs(1));
+        {
+            let inner = registry.lock();
+            assert!(inner.ended.is_empty() && inner.ended_order.is_empty());
+            assert!(inner.ended.capacity() < 100, "{}", inner.ended.capacity());
+            assert!(inner.ended_order.capacity() < 100);
+        }
+        assert_eq!(registry.find(&key(7)).err(), Some(NotResumable::Unknown));
     }
 }
