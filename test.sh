@@ -33,6 +33,8 @@ command -v npm >/dev/null || missing+=(npm)
 command -v ss >/dev/null || missing+=(iproute2)
 command -v pip3 >/dev/null || missing+=(python3-pip)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# jemalloc, the binary's allocator, is built from C source with its configure and make.
+command -v make >/dev/null || missing+=(make)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}" >&2
     as_root apt-get update

@@ -9,6 +9,22 @@ use tokio::signal::unix::SignalKind;
 use tokio_util::sync::CancellationToken;
 use wsedge::{Config, ConfigError, Edge, LogFormat, LogSettings, TokenRequest, systemd};
 
+/// The binary's allocator. Under long mixed load glibc's RSS kept rising, its arenas holding
+/// the pages freed by short requests beside long-lived sockets (BENCHMARKS.md, the soaks of
+/// 2026-12-03); jemalloc's background threads hand free pages back on a timer, on threads of
+/// their own, so a busy edge holds what it uses and an idle one shrinks without a request to
+/// prompt it.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, which it reads by this name as it starts (`_RJEM_MALLOC_CONF` in the
+/// environment still overrides them). Free pages go back after a second rather than ten: under
+/// steady churn the ten seconds' worth of freed pages it kept was more than the edge had in use.
+#[cfg(target_os = "linux")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static ALLOCATOR_SETTINGS: &[u8; 20] = b"dirty_decay_ms:1000\0";
+
 /// Exit status for a configuration that does not validate (EX_USAGE... sysexits' EX_DATAERR
 /// is 65, but 64 is what operators script against for "fix your input").
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -158,7 +174,6 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     systemd::ready(&status);
     let watchdog_stop = CancellationToken::new();
     systemd::spawn_watchdog(watchdog_stop.clone());
-    return_free_memory_now_and_then();
 
     loop {
         tokio::select! {
@@ -188,33 +203,6 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
-
-/// Under long mixed load glibc's allocator keeps the free memory of its arenas: the heap in
-/// use levels off, and RSS goes on rising (BENCHMARKS.md, the soak of 2026-12-03). Handing the
-/// free pages back once a minute keeps RSS to what the edge uses. A thread of its own: a trim
-/// walks the arenas under their locks for a moment, and no event loop should wait for it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_free_memory_now_and_then() {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-    let trimming = std::thread::Builder::new()
-        .name("wsedge-trim".into())
-        .stack_size(64 * 1024)
-        .spawn(|| {
-            loop {
-                std::thread::sleep(EVERY);
-                // SAFETY: malloc_trim has no preconditions; it takes the arenas' own locks.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            }
-        });
-    if let Err(error) = trimming {
-        tracing::warn!(%error, "cannot start the thread that returns free memory");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_free_memory_now_and_then() {}
 
 /// `serving on 127.0.0.1:8443, [::1]:8443 (admin on 127.0.0.1:9090)`.
 fn serving_status(listen: &[std::net::SocketAddr], admin: Option<std::net::SocketAddr>) -> String {
