@@ -13,7 +13,6 @@
 //! machinery was about a third of the edge's instructions per proxied GET.
 
 use std::cell::RefCell;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -35,9 +34,12 @@ use crate::ws::io::Io;
 /// Headers one request may have here (more: hyper judges it).
 const MAX_HEADERS: usize = 64;
 
-/// The end of a head, and the word every upgrade has: searchers made once, not per request.
+/// The end of a head (and of one with bare LF line ends), and the word every upgrade has:
+/// searchers made once, not per request.
 static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+static BARE_LF_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
 static UPGRADE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"pgrade"));
 
@@ -74,7 +76,7 @@ pub(crate) async fn read_head(
             return HeadRead::Whole(end + 4);
         }
         // Line ends of a bare LF, which hyper accepts: its to judge.
-        if memchr::memmem::find(input, b"\n\n").is_some() {
+        if !input.is_empty() && BARE_LF_END.find(input).is_some() {
             return HeadRead::TooLarge;
         }
         if input.len() > max_head {
@@ -174,15 +176,19 @@ pub(crate) async fn serve(
                 Watched::Gone => return Left::Closed,
             }
         };
-        // The edge's own answer may end the connection too (as hyper would, it says so), and
-        // so does the drain: the request in flight is answered, the ones behind it are not.
-        let close = close || says_close(response.headers()) || shared.shutdown.is_cancelled();
+        // The drain ends the connection too: the request in flight is answered, the ones
+        // behind it are not. (The edge's own answer may end it as well, as hyper would: it
+        // says so, and is read as it is written.)
+        let close = close || shared.shutdown.is_cancelled();
         let watching = Watching {
             input: &mut input,
             shared,
             drain_due,
         };
-        if write_response(io, watching, response, close).await.is_err() || close {
+        if !matches!(
+            write_response(io, watching, response, close).await,
+            Ok(false)
+        ) {
             let _ = io.shutdown().await;
             return Left::Closed;
         }
@@ -247,22 +253,24 @@ async fn watch<F: std::future::Future>(
     }
 }
 
-fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+/// Whether a `Connection` value names `close`.
+fn says_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
         .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// The request in `head` when it is a plain GET this reader serves, and whether it asks to
 /// close the connection after its response.
 fn parse(head: &Bytes) -> Option<(Request<ClientBody>, bool)> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
+    // Left uninitialised, as hyper leaves them: zeroing room for 64 cost more than parsing.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
     // A head that httparse ends elsewhere than the edge did (bare LF line ends) is hyper's:
     // the bytes between would otherwise be neither served nor passed on.
-    let Ok(httparse::Status::Complete(length)) = parsed.parse(head) else {
+    let Ok(httparse::Status::Complete(length)) =
+        parsed.parse_with_uninit_headers(head, &mut headers)
+    else {
         return None;
     };
     if length != head.len() {
@@ -341,24 +349,55 @@ enum Framing {
     Chunked,
 }
 
-/// Writes a response as hyper would; an error (the client went, the body broke, the body did
+/// Writes a response as hyper would, ending the connection after it when `close` or the
+/// response says so (true: it ends). An error (the client went, the body broke, the body did
 /// not match its length) means the connection must not carry another response.
 async fn write_response(
     io: &mut Io,
     mut watching: Watching<'_>,
     response: Response<EdgeBody>,
     close: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // One walk over the headers: what frames the body and ends the connection is learned on
+    // the way, not looked up.
+    let mut declared = None;
+    let mut dated = false;
+    let mut close = close;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            // The first valid length, where there is a body to frame; no other.
+            if !bodiless && declared.is_none() {
+                declared = value
+                    .to_str()
+                    .ok()
+                    .and_then(|value| value.parse::<u64>().ok());
+                if declared.is_some() {
+                    put_header(&mut out, name.as_str(), value.as_bytes());
+                }
+            }
+            continue;
+        }
+        if name == header::CONNECTION {
+            close |= says_close(value.as_bytes());
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        dated |= name == header::DATE;
+        put_header(&mut out, name.as_str(), value.as_bytes());
+    }
     let framing = if bodiless {
         Framing::None
     } else if let Some(length) = declared.or_else(|| body.size_hint().exact()) {
@@ -366,28 +405,14 @@ async fn write_response(
     } else {
         Framing::Chunked
     };
-    let mut out: Vec<u8> = Vec::with_capacity(512);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-            || (name == header::CONTENT_LENGTH && (bodiless || declared.is_none()))
-        {
-            continue;
-        }
-        put_header(&mut out, name.as_str(), value.as_bytes());
-    }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         put_header(&mut out, "date", date().as_bytes());
     }
     match framing {
         Framing::Length(length) if declared.is_none() => {
-            // Written in place: no string made per response.
-            let _ = write!(out, "content-length: {length}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_number(&mut out, length, 10);
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => put_header(&mut out, "transfer-encoding", b"chunked"),
         _ => {}
@@ -397,7 +422,7 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
     if framing == Framing::None {
-        return send(io, &mut out).await;
+        return send(io, &mut out).await.map(|()| close);
     }
     let mut written = 0u64;
     // What is at hand goes in one write: the head with the first frame (a whole body, for
@@ -440,7 +465,8 @@ async fn write_response(
                 return Err(std::io::Error::other("the body is longer than its length"));
             }
             Framing::Chunked => {
-                let _ = write!(out, "{:x}\r\n", data.len());
+                push_number(&mut out, data.len() as u64, 16);
+                out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
             }
@@ -454,10 +480,26 @@ async fn write_response(
         }
         Framing::Chunked => {
             out.extend_from_slice(b"0\r\n\r\n");
-            send(io, &mut out).await
+            send(io, &mut out).await.map(|()| close)
         }
-        _ => send(io, &mut out).await,
+        _ => send(io, &mut out).await.map(|()| close),
     }
+}
+
+/// `number` in `radix` (10 or 16, lowercase), written in place: `fmt` costs more than the
+/// rest of a small response's head.
+fn push_number(out: &mut Vec<u8>, mut number: u64, radix: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(number % radix) as usize];
+        number /= radix;
+        if number == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -473,4 +515,21 @@ async fn send(io: &mut Io, out: &mut Vec<u8>) -> std::io::Result<()> {
         out.clear();
     }
     io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_number;
+
+    #[test]
+    fn numbers_are_written_as_fmt_writes_them() {
+        for number in [0u64, 1, 9, 10, 15, 16, 255, 4096, 1_234_567_890, u64::MAX] {
+            let mut decimal = Vec::new();
+            push_number(&mut decimal, number, 10);
+            assert_eq!(decimal, number.to_string().as_bytes());
+            let mut hex = Vec::new();
+            push_number(&mut hex, number, 16);
+            assert_eq!(hex, format!("{number:x}").as_bytes());
+        }
+    }
 }

@@ -139,7 +139,7 @@ pub(crate) fn shape<B>(
             out.push((name.clone(), value));
         }
     }
-    out.push((X_FORWARDED_FOR, address_value(client.ip())));
+    out.push((X_FORWARDED_FOR, forwarded_for(client.ip())));
     out.push((
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -161,6 +161,28 @@ pub(crate) fn shape<B>(
         query: upstream_query(request.uri().query(), route, identity, sources),
         headers: out,
         subprotocols,
+    })
+}
+
+thread_local! {
+    /// The last client address a worker wrote, as a header value: a keep-alive connection's
+    /// requests come one after another from one address, and are served on one worker.
+    static LAST_ADDRESS: std::cell::RefCell<Option<(std::net::IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `X-Forwarded-For`'s value for a client address.
+fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
+    LAST_ADDRESS.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((seen, value)) if *seen == ip => value.clone(),
+            _ => {
+                let value = address_value(ip);
+                *last = Some((ip, value.clone()));
+                value
+            }
+        }
     })
 }
 
@@ -251,11 +273,13 @@ fn upstream_query(
 /// `name[]` and `name[x]` into `name` (Rack, PHP, Express's `qs`), and PHP reads `.` and
 /// spaces in a key as `_`.
 fn may_read_as(key: &str, name: &str) -> bool {
-    // ASCII on both sides (nearly every key): the same folding without Unicode's tables.
+    // ASCII on both sides (nearly every key): the same folding without Unicode's tables, in
+    // one walk (keys are short: a search call per key cost more than the comparison).
     if key.is_ascii() && name.is_ascii() {
         let base =
-            |text: &str| -> usize { memchr::memchr(b'[', text.as_bytes()).unwrap_or(text.len()) };
-        let (key, name) = (&key.as_bytes()[..base(key)], &name.as_bytes()[..base(name)]);
+            |text: &[u8]| -> usize { text.iter().position(|&b| b == b'[').unwrap_or(text.len()) };
+        let (key, name) = (key.as_bytes(), name.as_bytes());
+        let (key, name) = (&key[..base(key)], &name[..base(name)]);
         let fold = |b: u8| match b {
             b'.' | b' ' => b'_',
             other => other.to_ascii_lowercase(),

@@ -223,11 +223,12 @@ fn checks<'a, B>(
         .ok_or(Refusal::NoRoute)?;
     known.route = Some(route);
     path::check(path)?;
-    let websocket_key = match websocket_key(request.method(), request.version(), headers)? {
-        Some(key) => Some(key),
-        None if route.http.is_some() => None,
-        None => return Err(Refusal::UpgradeRequired),
-    };
+    let websocket_key =
+        match websocket_key(asks_upgrade, request.method(), request.version(), headers)? {
+            Some(key) => Some(key),
+            None if route.http.is_some() => None,
+            None => return Err(Refusal::UpgradeRequired),
+        };
     known.http = websocket_key.is_none();
     if !route.origin_allowed(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
         return Err(Refusal::OriginNotAllowed);
@@ -468,15 +469,14 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// The client's key when this is a WebSocket upgrade (RFC 6455 §4.2.1); `None` when it does
-/// not ask for one.
+/// not ask for one (`asks_upgrade`: Connection names `upgrade` and Upgrade `websocket`).
 fn websocket_key(
+    asks_upgrade: bool,
     method: &Method,
     version: http::Version,
     headers: &HeaderMap,
 ) -> Result<Option<String>, Refusal> {
-    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
-        && has_token(headers, header::UPGRADE, "websocket");
-    if !is_upgrade {
+    if !asks_upgrade {
         return Ok(None);
     }
     if method != Method::GET {

@@ -510,9 +510,16 @@ impl HttpConnection {
     /// Parses the response head if it has all arrived; skips informational (1xx) responses.
     fn parse_head(&mut self) -> Result<Option<ResponseHead>, H1Error> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut headers);
-            let length = match response.parse(&self.input) {
+            // Left uninitialised: zeroing room for every header cost more than parsing the few
+            // a response has.
+            let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                &self.input,
+                &mut headers,
+            );
+            let length = match parsed {
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(_) => return Err(H1Error::Malformed("unparsable response head")),
@@ -532,6 +539,9 @@ impl HttpConnection {
             } else {
                 Version::HTTP_10
             };
+            let no_body = self.head_request
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED;
             let mut map = HeaderMap::with_capacity(response.headers.len());
             let mut lengths = None::<u64>;
             // Whether a Transfer-Encoding was sent: only `chunked`, once, is passed on (another
@@ -554,6 +564,11 @@ impl HttpConnection {
                         return Err(H1Error::Malformed("conflicting Content-Length"));
                     }
                     lengths = Some(length);
+                    // The edge frames the body it passes on itself: a length stays only where
+                    // there is no body to frame (it then describes the representation).
+                    if !no_body {
+                        continue;
+                    }
                 } else if name == header::TRANSFER_ENCODING {
                     let mut codings = header
                         .value
@@ -568,6 +583,7 @@ impl HttpConnection {
                         return Err(H1Error::Malformed("a Transfer-Encoding other than chunked"));
                     }
                     chunked = true;
+                    continue;
                 } else if name == "keep-alive" {
                     self.keep_alive = keep_alive_timeout(header.value).or(self.keep_alive);
                 } else if name == header::CONNECTION {
@@ -579,9 +595,6 @@ impl HttpConnection {
                 map.append(name, value);
             }
             self.input.advance(length);
-            let no_body = self.head_request
-                || status == StatusCode::NO_CONTENT
-                || status == StatusCode::NOT_MODIFIED;
             self.inbound = if no_body {
                 Inbound::Done
             } else {
@@ -601,10 +614,6 @@ impl HttpConnection {
                 close = true;
             }
             self.closing |= close;
-            if !no_body {
-                map.remove(header::CONTENT_LENGTH);
-            }
-            map.remove(header::TRANSFER_ENCODING);
             return Ok(Some(ResponseHead {
                 status,
                 headers: map,
