@@ -9,11 +9,10 @@ use tokio::signal::unix::SignalKind;
 use tokio_util::sync::CancellationToken;
 use wsedge::{Config, ConfigError, Edge, LogFormat, LogSettings, TokenRequest, systemd};
 
-/// The binary's allocator. Under long mixed load glibc's RSS kept rising, its arenas holding
-/// the pages freed by short requests beside long-lived sockets (BENCHMARKS.md, the soaks of
+/// The binary's allocator. Under long mixed load glibc's arenas held more of the pages freed
+/// by short requests beside long-lived sockets than jemalloc does (BENCHMARKS.md, the soaks of
 /// 2026-12-03); jemalloc's background threads hand free pages back on a timer, on threads of
-/// their own, so a busy edge holds what it uses and an idle one shrinks without a request to
-/// prompt it.
+/// their own, so an idle edge shrinks without a request to prompt it.
 #[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -554,9 +554,6 @@ impl HttpConnection {
             for header in response.headers.iter() {
                 let name = HeaderName::from_bytes(header.name.as_bytes())
                     .map_err(|_| H1Error::Malformed("invalid header name"))?;
-                let at = header.value.as_ptr() as usize - start;
-                let value = HeaderValue::from_maybe_shared(raw.slice(at..at + header.value.len()))
-                    .map_err(|_| H1Error::Malformed("invalid header value"))?;
                 if name == header::CONTENT_LENGTH {
                     let length = parse_length(header.value)
                         .ok_or(H1Error::Malformed("invalid Content-Length"))?;
@@ -592,6 +589,10 @@ impl HttpConnection {
                         .split(|&b| b == b',')
                         .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
                 }
+                // Made only for what is passed on: the framing headers were read above.
+                let at = header.value.as_ptr() as usize - start;
+                let value = HeaderValue::from_maybe_shared(raw.slice(at..at + header.value.len()))
+                    .map_err(|_| H1Error::Malformed("invalid header value"))?;
                 map.append(name, value);
             }
             self.input.advance(length);
