@@ -157,8 +157,13 @@ pub(crate) struct Registry {
 #[derive(Default)]
 struct Inner {
     live: HashMap<Arc<SessionKey>, Arc<SessionEntry>>,
-    ended: HashMap<SessionKey, (NotResumable, Instant)>,
-    ended_order: VecDeque<(Instant, SessionKey)>,
+    /// Keyed by the session's own key, shared with the order below: an ended session costs
+    /// no copy of its names.
+    ended: HashMap<Arc<SessionKey>, (NotResumable, Instant)>,
+    ended_order: VecDeque<(Instant, Arc<SessionKey>)>,
+    /// Slots `ended` had when the edge last sized it (its capacity may read less since, as
+    /// freed slots wait to be tidied).
+    ended_room: usize,
     serial: u64,
 }
 
@@ -176,6 +181,20 @@ impl Inner {
                 self.ended.remove(&key);
             }
         }
+    }
+
+    fn remember_ended(&mut self, key: Arc<SessionKey>, why: NotResumable, now: Instant) {
+        // Room for twice what is remembered, taken as the count grows. Sessions end and are
+        // forgotten all the time, and a table more than half full when its freed slots run out
+        // doubles rather than tidying itself: the edge's memory stepped up minutes after the
+        // count had levelled off. At most half full, it tidies in place and keeps its size.
+        let wanted = 2 * (self.ended.len() + 1);
+        if self.ended_room < wanted {
+            self.ended.reserve(wanted - self.ended.len());
+            self.ended_room = self.ended.capacity();
+        }
+        self.ended.insert(key.clone(), (why, now));
+        self.ended_order.push_back((now, key));
     }
 }
 
@@ -240,10 +259,11 @@ impl Registry {
             .is_some_and(|live| live.serial == entry.serial)
         {
             inner.live.remove(&*entry.key);
-            inner.ended.insert((*entry.key).clone(), (why, now));
-            inner.ended_order.push_back((now, (*entry.key).clone()));
+            inner.forget_old(now);
+            inner.remember_ended(entry.key.clone(), why, now);
+        } else {
+            inner.forget_old(now);
         }
-        inner.forget_old(now);
     }
 
     /// Forgets the ended sessions past `REMEMBER_ENDED` when no handshake came to do it, and
@@ -256,10 +276,14 @@ impl Registry {
         let mut inner = self.lock();
         inner.forget_old(now);
         let Inner {
-            ended, ended_order, ..
+            ended,
+            ended_order,
+            ended_room,
+            ..
         } = &mut *inner;
-        if ended.len() < ended.capacity() / 4 {
+        if ended.len() < *ended_room / 4 {
             ended.shrink_to_fit();
+            *ended_room = ended.capacity();
         }
         if ended_order.len() < ended_order.capacity() / 4 {
             ended_order.shrink_to_fit();
@@ -358,6 +382,40 @@ mod tests {
         // The old session's end does not touch the new one.
         registry.end(&entry, NotResumable::Closed);
         assert!(registry.find(&key("alice")).is_ok());
+    }
+
+    #[test]
+    fn a_steady_churn_of_ended_sessions_keeps_the_room_it_took() {
+        // About 2,000 sessions remembered at any time, one ending and one forgotten at each
+        // step, for thirty times as long as one is remembered: the table's room (its capacity
+        // when no freed slot waits to be tidied, the most it reads) must level off with the
+        // count, not grow again later.
+        const REMEMBERED: u32 = 2_000;
+        let mut inner = Inner::default();
+        let start = Instant::now();
+        let (mut room_while_filling, mut room_after) = (0, 0);
+        for n in 0..30 * REMEMBERED {
+            let now = start + REMEMBER_ENDED / REMEMBERED * n;
+            inner.forget_old(now);
+            let key = Arc::new(SessionKey {
+                route: "/ws".into(),
+                tenant: String::new(),
+                user: format!("user-{n}"),
+                id: "s1".into(),
+            });
+            inner.remember_ended(key, NotResumable::Expired, now);
+            let room = if n < 2 * REMEMBERED {
+                &mut room_while_filling
+            } else {
+                &mut room_after
+            };
+            *room = (*room).max(inner.ended.capacity());
+        }
+        assert!(inner.ended.len() <= REMEMBERED as usize + 1);
+        assert!(
+            room_after <= room_while_filling,
+            "{room_while_filling} slots, then {room_after}"
+        );
     }
 
     #[test]
