@@ -31,6 +31,9 @@ use crate::passthrough::body::ClientBody;
 use crate::state::Shared;
 use crate::ws::io::Io;
 
+/// The most of a response gathered for one write.
+const WRITE_BATCH: usize = 64 * 1024;
+
 /// Headers one request may have here (more: hyper judges it).
 const MAX_HEADERS: usize = 64;
 
@@ -441,6 +444,11 @@ async fn write_response(
                     return Err(std::io::Error::from(std::io::ErrorKind::ConnectionAborted));
                 }
             }
+        } else if out.len() >= WRITE_BATCH {
+            // An upstream that always has more ready must not have its body gathered here:
+            // what is at hand goes out first, at the client's pace.
+            send(io, &mut out).await?;
+            continue;
         } else {
             match futures_util::FutureExt::now_or_never(body.frame()) {
                 Some(frame) => frame,
