@@ -253,16 +253,14 @@ impl Registry {
     pub(crate) fn end(&self, entry: &SessionEntry, why: NotResumable) {
         let mut inner = self.lock();
         let now = Instant::now();
+        inner.forget_old(now);
         if inner
             .live
             .get(&*entry.key)
             .is_some_and(|live| live.serial == entry.serial)
         {
             inner.live.remove(&*entry.key);
-            inner.forget_old(now);
             inner.remember_ended(entry.key.clone(), why, now);
-        } else {
-            inner.forget_old(now);
         }
     }
 
